@@ -1,0 +1,1 @@
+"""freezeft's Hydra configs, shipped inside the wheel as ``pkg://freezeft.conf``."""

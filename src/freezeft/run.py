@@ -1,0 +1,195 @@
+"""``python -m freezeft.run``: one Hydra-composed transfer-learning run.
+
+Stages:
+
+* ``stage=transfer`` (default): build the target corpus, load the source model
+  (``transfer.source``: ``auto`` pretrains one once and caches it, a path loads a
+  checkpoint, ``null`` trains from scratch), apply ``drop_source_layers``, train with the
+  chosen strategy, test the best checkpoint of this run, write ``results.json``.
+* ``stage=pretrain``: train and test a model on the source corpus (``source.data``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import pytorch_lightning as pl
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from freezeft.cache import cached_entry, config_key, default_cache_dir
+from freezeft.transfer import transfer_weights
+
+__all__ = ["main", "run", "pretrained_source"]
+
+log = logging.getLogger(__name__)
+
+#: Bump when pretraining would give another model for the same settings.
+PRETRAIN_VERSION = 1
+
+
+def _plain(cfg: Any) -> Any:
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+
+
+def fit_and_test(
+    cfg: DictConfig,
+    data_cfg: DictConfig,
+    output_dir: Path,
+    *,
+    max_epochs: int,
+    source: str | Path | None = None,
+    strategy: bool = True,
+) -> dict[str, Any]:
+    """Train a speech model on ``data_cfg`` and test its best checkpoint; returns the results."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    pl.seed_everything(cfg.seed, workers=True)
+    datamodule = instantiate(data_cfg, _convert_="all")
+    datamodule.prepare_data()
+    module = instantiate(cfg.model, labels=datamodule.alphabet.labels, _convert_="all")
+
+    report = None
+    if source is not None:
+        report = transfer_weights(module, source, cfg.transfer.drop_source_layers)
+        report.to_json(output_dir / "transfer.json")
+        log.info(report.summary())
+
+    callbacks = [instantiate(c, _convert_="all") for c in cfg.callbacks.values() if c]
+    if strategy:
+        callbacks += [instantiate(c, _convert_="all") for c in cfg.strategy.callbacks.values() if c]
+    checkpoint = pl.callbacks.ModelCheckpoint(
+        dirpath=output_dir / "checkpoints",
+        filename="epoch={epoch}-val_cer={val_cer:.4f}",
+        auto_insert_metric_name=False,
+        monitor="val_cer",
+        mode="min",
+        save_last=True,
+    )
+    logger = False
+    if cfg.logger:
+        logger = instantiate(cfg.logger, save_dir=str(output_dir), _convert_="all")
+    trainer: pl.Trainer = instantiate(
+        cfg.trainer,
+        max_epochs=max_epochs,
+        callbacks=[*callbacks, checkpoint],
+        logger=logger,
+        default_root_dir=str(output_dir),
+        _convert_="all",
+    )
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule)
+    train_seconds = time.perf_counter() - start
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    best = checkpoint.best_model_path or None
+    (test_metrics,) = trainer.test(module, datamodule=datamodule, ckpt_path=best or None)
+    best_epoch = torch.load(best, map_location="cpu", weights_only=False)["epoch"] if best else None
+
+    results = {
+        "wer": test_metrics["test_wer"],
+        "cer": test_metrics["test_cer"],
+        "loss": test_metrics["test_loss"],
+        "strategy": cfg.strategy.name if strategy else None,
+        "seed": cfg.seed,
+        "epochs": trainer.current_epoch,
+        "best_epoch": best_epoch,
+        "train_seconds": round(train_seconds, 2),
+        "trainable_params": trainable,
+        "total_params": sum(p.numel() for p in module.parameters()),
+        "dev_cer": float(checkpoint.best_model_score) if best else None,
+        "language": getattr(datamodule.corpus, "language", None),
+        "source": str(source) if source is not None else None,
+        "drop_source_layers": cfg.transfer.drop_source_layers if source is not None else None,
+        "best_checkpoint": best,
+        "samples": module.test_samples[:1] + module.test_samples[-1:],
+    }
+    (output_dir / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False))
+    return results
+
+
+def _source_settings(cfg: DictConfig) -> dict[str, Any]:
+    data = _plain(cfg.source.data)
+    data.pop("num_workers", None)
+    if isinstance(data.get("corpus"), dict):
+        data["corpus"].pop("cache_dir", None)
+    return {
+        "data": data,
+        "model": _plain(cfg.model),
+        "max_epochs": cfg.source.max_epochs,
+        "seed": cfg.source.seed,
+        "version": PRETRAIN_VERSION,
+    }
+
+
+def pretrained_source(cfg: DictConfig) -> Path:
+    """The source checkpoint for ``transfer.source=auto``: pretrained once, then cached.
+
+    Keyed by the source data, model and pretraining budget; parallel jobs of a sweep
+    wait for the one that trains it.
+    """
+    settings = _source_settings(cfg)
+    root = Path(cfg.paths.cache_dir) if cfg.paths.cache_dir else default_cache_dir()
+    entry = root / "source" / config_key(settings)
+
+    def build(folder: Path) -> None:
+        log.info(f"Pretraining the source model into {entry} (one-time, cached)...")
+        source_cfg = cfg.copy()
+        OmegaConf.update(source_cfg, "seed", cfg.source.seed)
+        results = fit_and_test(
+            source_cfg,
+            cfg.source.data,
+            folder / "run",
+            max_epochs=cfg.source.max_epochs,
+            strategy=False,
+        )
+        shutil.copy(results["best_checkpoint"], folder / "source.ckpt")
+        (folder / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False))
+        shutil.rmtree(folder / "run" / "checkpoints")
+        log.info(f"Source model: test WER {results['wer']:.4f}, CER {results['cer']:.4f}")
+
+    return cached_entry(entry, build, settings) / "source.ckpt"
+
+
+def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
+    """Run the configured stage into ``output_dir``; returns the results."""
+    if cfg.stage == "pretrain":
+        results = fit_and_test(
+            cfg, cfg.source.data, output_dir, max_epochs=cfg.source.max_epochs, strategy=False
+        )
+        results["stage"] = "pretrain"
+        return results
+    if cfg.stage != "transfer":
+        raise ValueError(f"Unknown `stage={cfg.stage}`; choose `transfer` or `pretrain`.")
+    source = cfg.transfer.source
+    if source == "auto":
+        source = pretrained_source(cfg)
+    results = fit_and_test(
+        cfg, cfg.data, output_dir, max_epochs=cfg.trainer.max_epochs, source=source
+    )
+    results["stage"] = "transfer"
+    return results
+
+
+@hydra.main(version_base="1.3", config_path="pkg://freezeft.conf", config_name="config")
+def main(cfg: DictConfig) -> float:
+    """Hydra entry point; returns the best dev CER (what a sweeper minimises, never test)."""
+    output_dir = Path(HydraConfig.get().runtime.output_dir)
+    results = run(cfg, output_dir)
+    print(
+        f"freezeft {results['stage']}: strategy={results['strategy']} seed={results['seed']} "
+        f"test WER {results['wer']:.4f} CER {results['cer']:.4f} "
+        f"({results['train_seconds']:.0f}s training) -> {output_dir / 'results.json'}",
+        flush=True,
+    )
+    return float(results["dev_cer"]) if results["dev_cer"] is not None else float("nan")
+
+
+if __name__ == "__main__":
+    main()

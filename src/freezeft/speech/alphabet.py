@@ -1,0 +1,118 @@
+"""DeepSpeech alphabet files: one output label per line.
+
+Format (as in DeepSpeech / Coqui STT): a line starting with ``#`` is a comment, ``\\#``
+stands for a literal ``#``, a line holding one space is the space label. The CTC blank
+is not in the file: models put it after the last label.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+__all__ = ["Alphabet"]
+
+
+class Alphabet:
+    """An ordered set of single-character labels.
+
+    Args:
+        labels: the labels in output order, one character each.
+
+    Raises:
+        ValueError: a label is empty, longer than one character, or repeated.
+
+    Example::
+
+        alphabet = Alphabet.from_file("data/alphabet.txt")
+        ids = alphabet.encode("hallo welt")
+        assert alphabet.decode(ids) == "hallo welt"
+    """
+
+    def __init__(self, labels: Sequence[str]) -> None:
+        seen: dict[str, int] = {}
+        for index, label in enumerate(labels):
+            if len(label) != 1:
+                raise ValueError(
+                    f"Expected every alphabet label to be one character, but label {index} "
+                    f"is {label!r}."
+                )
+            if label in seen:
+                raise ValueError(
+                    f"Alphabet label {label!r} appears twice (labels {seen[label]} and {index})."
+                )
+            seen[label] = index
+        if not seen:
+            raise ValueError("An alphabet needs at least one label, but got none.")
+        self.labels: list[str] = list(labels)
+        self._index = seen
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> Alphabet:
+        """Read a DeepSpeech ``alphabet.txt``; errors name the file and line."""
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise FileNotFoundError(f"Alphabet file {path} does not exist.") from None
+        except UnicodeDecodeError as err:
+            raise ValueError(f"Alphabet file {path} is not UTF-8 text ({err}).") from None
+        labels: list[str] = []
+        lines: list[int] = []
+        for number, raw in enumerate(text.split("\n"), start=1):
+            line = raw[:-1] if raw.endswith("\r") else raw
+            if line.startswith("\\#"):
+                line = "#" + line[2:]
+            elif line.startswith("#") or line == "":
+                continue
+            if len(line) != 1:
+                raise ValueError(
+                    f"{path}:{number}: expected one character per line, but got {line!r}."
+                )
+            if line in labels:
+                first = lines[labels.index(line)]
+                raise ValueError(f"{path}:{number}: label {line!r} already given on line {first}.")
+            labels.append(line)
+            lines.append(number)
+        if not labels:
+            raise ValueError(f"Alphabet file {path} has no labels (only comments or blank lines).")
+        return cls(labels)
+
+    def to_file(self, path: str | Path) -> None:
+        """Write the alphabet in DeepSpeech's format."""
+        lines = ["# Each line is one label; the CTC blank is implicit and comes last."]
+        lines += ["\\#" if label == "#" else label for label in self.labels]
+        Path(path).write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Alphabet) and self.labels == other.labels
+
+    def __hash__(self) -> int:
+        return hash(tuple(self.labels))
+
+    def __repr__(self) -> str:
+        return f"Alphabet({''.join(self.labels)!r})"
+
+    @property
+    def blank(self) -> int:
+        """Index of the CTC blank: one past the last label."""
+        return len(self.labels)
+
+    def missing(self, text: str) -> list[str]:
+        """Characters of ``text`` that are not labels, sorted, each once."""
+        return sorted({char for char in text if char not in self._index})
+
+    def encode(self, text: str) -> list[int]:
+        """Label ids of ``text``; raises ``ValueError`` listing characters not in the alphabet."""
+        missing = self.missing(text)
+        if missing:
+            raise ValueError(f"Characters {missing} of {text!r} are not in the alphabet.")
+        return [self._index[char] for char in text]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of label ids; the blank and out-of-range ids are dropped."""
+        n = len(self.labels)
+        return "".join(self.labels[i] for i in ids if 0 <= i < n)

@@ -1,0 +1,214 @@
+"""The embedded default data: spoken corpora synthesised with eSpeak NG, in DeepSpeech format.
+
+Phrases of real words (``wordfreq``'s most frequent words per language) are spoken by
+several eSpeak voice variants at varied rates and pitches, with low-level noise. Test
+and dev voices are held out of training. The result is a DeepSpeech data folder
+(``train.csv``, ``dev.csv``, ``test.csv``, WAVs, ``alphabet.txt``, and ``voices.csv``
+saying who spoke each file), built once per settings, cached and locked, and identical
+for identical settings.
+"""
+
+from __future__ import annotations
+
+import csv
+import multiprocessing
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import soundfile
+import torch
+import torchaudio
+from pytorch_lightning.utilities import rank_zero_info
+from tqdm import tqdm
+
+from freezeft.cache import cached_entry, config_key, default_cache_dir
+from freezeft.speech.alphabet import Alphabet
+from freezeft.speech.synth import Synthesizer, Voice
+
+__all__ = ["LANGUAGES", "SynthCorpus"]
+
+#: Bump when the generated audio or text would change for the same settings.
+GENERATOR_VERSION = 4
+
+_LATIN = "abcdefghijklmnopqrstuvwxyz"
+
+#: language code -> (eSpeak voice, alphabet labels without the space)
+LANGUAGES: dict[str, tuple[str, str]] = {
+    "en": ("en-us", _LATIN + "'"),
+    "de": ("de", _LATIN + "äöüß"),
+    "ru": ("ru", "абвгдеёжзийклмнопрстуфхцчшщъыьэюя"),
+}
+
+#: One-letter words of each language; other single letters in word lists are not words.
+_ONE_LETTER_WORDS: dict[str, str] = {"en": "ai", "de": "", "ru": "авикосуя"}
+
+
+@dataclass(frozen=True)
+class SynthCorpus:
+    """Settings of a synthesised corpus; :meth:`build` returns its (cached) folder.
+
+    Args:
+        language: one of :data:`LANGUAGES` (``en`` source, ``de`` and ``ru`` targets).
+        n_train: training utterances.
+        n_dev: validation utterances.
+        n_test: test utterances.
+        vocabulary: how many of the language's most frequent words phrases draw from.
+        max_words: words per phrase, 1 to ``max_words``.
+        train_variants: eSpeak voice variants for training.
+        heldout_variants: variants for dev and test, never used in training.
+        rate: (min, max) speaking rate in words per minute.
+        pitch: (min, max) eSpeak pitch, 0-99.
+        noise_db: white noise level relative to the speech RMS (``None`` for none).
+        sample_rate: output sample rate.
+        seed: the corpus' seed: the same settings give the same files.
+        cache_dir: where corpora are kept (default :func:`~freezeft.cache.default_cache_dir`).
+
+    Example::
+
+        data_dir = SynthCorpus(language="de", n_train=200).build()
+    """
+
+    language: str = "de"
+    n_train: int = 2000
+    n_dev: int = 200
+    n_test: int = 200
+    vocabulary: int = 2000
+    max_words: int = 3
+    train_variants: Sequence[str] = ("m1", "m2", "m3", "m4", "m6", "f1", "f2", "f3", "f5")
+    heldout_variants: Sequence[str] = ("m5", "m7", "f4")
+    rate: Sequence[int] = (130, 190)
+    pitch: Sequence[int] = (35, 65)
+    noise_db: float | None = -30.0
+    sample_rate: int = 16000
+    seed: int = 0
+    cache_dir: str | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.language not in LANGUAGES:
+            raise ValueError(
+                f"Unknown corpus language {self.language!r}; choose one of {sorted(LANGUAGES)}."
+            )
+        for name in ("n_train", "n_dev", "n_test", "vocabulary", "max_words"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"Expected `{name}` >= 1, but got {getattr(self, name)}.")
+        if not self.train_variants or not self.heldout_variants:
+            raise ValueError("Both `train_variants` and `heldout_variants` need a variant.")
+        overlap = set(self.train_variants) & set(self.heldout_variants)
+        if overlap:
+            raise ValueError(
+                f"Voice variants {sorted(overlap)} are both in training and held out; "
+                "held-out voices must not be trained on."
+            )
+        # Hydra hands lists over as ListConfig; keep plain tuples so settings hash and pickle.
+        for name in ("train_variants", "heldout_variants", "rate", "pitch"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+
+    @property
+    def alphabet(self) -> Alphabet:
+        """Space plus the language's letters."""
+        return Alphabet([" ", *LANGUAGES[self.language][1]])
+
+    def settings(self) -> dict:
+        """Everything that determines the corpus' content."""
+        settings = asdict(self)
+        settings.pop("cache_dir")
+        settings["generator_version"] = GENERATOR_VERSION
+        return settings
+
+    @property
+    def path(self) -> Path:
+        """Where the built corpus lives."""
+        root = Path(self.cache_dir) if self.cache_dir else default_cache_dir()
+        return root / "corpus" / f"{self.language}-{config_key(self.settings())}"
+
+    def build(self) -> Path:
+        """Synthesise the corpus unless it is cached; returns its folder."""
+        return cached_entry(self.path, self._write_in_fresh_process, self.settings())
+
+    def _write_in_fresh_process(self, folder: Path) -> None:
+        # eSpeak NG's output depends on what it synthesised before in the same process;
+        # a fresh process per corpus makes the files depend on the settings alone.
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+            pool.submit(self._write, folder).result()
+
+    def words(self) -> list[str]:
+        """The lexicon: frequent words spelled only with the alphabet's letters."""
+        import wordfreq
+
+        letters = set(LANGUAGES[self.language][1])
+        one_letter = _ONE_LETTER_WORDS.get(self.language, "")
+        words = []
+        for word in wordfreq.top_n_list(self.language, self.vocabulary * 3):
+            word = word.lower()
+            if len(word) == 1 and word not in one_letter:
+                continue
+            if word and set(word) <= letters and word.strip("'") == word:
+                words.append(word)
+            if len(words) == self.vocabulary:
+                break
+        return words
+
+    def _write(self, folder: Path) -> None:
+        rank_zero_info(f"Synthesising the {self.language} corpus into {self.path} (one-time)...")
+        words = self.words()
+        synth = Synthesizer()
+        espeak_voice = LANGUAGES[self.language][0]
+        splits = (
+            ("train", self.n_train, self.train_variants),
+            ("dev", self.n_dev, self.heldout_variants),
+            ("test", self.n_test, self.heldout_variants),
+        )
+        total = self.n_train + self.n_dev + self.n_test
+        voices = [["wav_filename", "voice", "rate", "pitch"]]
+        with tqdm(total=total, desc=f"Synthesising {self.language} corpus", unit="utt") as bar:
+            for split_index, (split, count, variants) in enumerate(splits):
+                (folder / split).mkdir()
+                rows = [["wav_filename", "wav_filesize", "transcript"]]
+                for i in range(count):
+                    rng = np.random.default_rng([self.seed, split_index, i])
+                    n_words = int(rng.integers(1, self.max_words + 1))
+                    text = " ".join(words[int(j)] for j in rng.integers(0, len(words), n_words))
+                    voice = Voice(
+                        espeak_voice,
+                        variants[int(rng.integers(0, len(variants)))],
+                        rate=int(rng.integers(self.rate[0], self.rate[1] + 1)),
+                        pitch=int(rng.integers(self.pitch[0], self.pitch[1] + 1)),
+                    )
+                    spoken = synth.speak(text, voice, seed=int(rng.integers(2**31)))
+                    audio = self._render(spoken, synth.sample_rate, rng)
+                    relative = f"{split}/{i:05d}.wav"
+                    soundfile.write(folder / relative, audio, self.sample_rate, subtype="PCM_16")
+                    size = (folder / relative).stat().st_size
+                    rows.append([relative, size, text])
+                    voices.append([relative, voice.name, voice.rate, voice.pitch])
+                    bar.update()
+                _write_csv(folder / f"{split}.csv", rows)
+        _write_csv(folder / "voices.csv", voices)
+        self.alphabet.to_file(folder / "alphabet.txt")
+
+    def _render(self, audio: np.ndarray, rate: int, rng: np.random.Generator) -> np.ndarray:
+        """Resample, add a little silence and noise, and set a random level."""
+        audio = torchaudio.functional.resample(torch.from_numpy(audio), rate, self.sample_rate)
+        audio = audio.numpy()
+        pad = rng.integers(0, self.sample_rate // 10, size=2)
+        audio = np.concatenate([np.zeros(pad[0]), audio, np.zeros(pad[1])]).astype(np.float32)
+        if self.noise_db is not None:
+            rms = float(np.sqrt(np.mean(audio**2))) if audio.size else 0.0
+            audio += (
+                rng.standard_normal(audio.size).astype(np.float32)
+                * rms
+                * 10 ** (self.noise_db / 20)
+            )
+        peak = float(np.abs(audio).max()) if audio.size else 0.0
+        if peak > 0:
+            audio *= float(rng.uniform(0.3, 0.9)) / peak
+        return audio
+
+
+def _write_csv(path: Path, rows: list[list]) -> None:
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        csv.writer(handle, lineterminator="\n").writerows(rows)

@@ -1,0 +1,363 @@
+"""DeepSpeech-format data: CSV manifests + alphabet, as a Lightning DataModule.
+
+A CSV has the columns ``wav_filename,wav_filesize,transcript``; relative WAV paths
+resolve against the CSV's folder. Batches hold utterances of similar length
+(DeepSpeech sorts by file size) so little time goes to padding.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pytorch_lightning as pl
+import soundfile
+import torch
+import torchaudio
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from freezeft.speech.alphabet import Alphabet
+
+__all__ = [
+    "Sample",
+    "read_csv",
+    "SpeechDataset",
+    "BucketBatchSampler",
+    "collate",
+    "SpeechDataModule",
+]
+
+CSV_COLUMNS = ("wav_filename", "wav_filesize", "transcript")
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One row of a DeepSpeech CSV, with its path resolved."""
+
+    path: Path
+    size: int
+    transcript: str
+    source: str  # "file.csv:row" for messages
+
+
+def read_csv(path: str | Path) -> list[Sample]:
+    """Read a DeepSpeech CSV; errors name the file, the row and what to fix."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"CSV file {path} does not exist.")
+    try:
+        with path.open(newline="", encoding="utf-8") as handle:
+            rows = list(csv.reader(handle))
+    except UnicodeDecodeError as err:
+        raise ValueError(f"CSV file {path} is not UTF-8 text ({err}).") from None
+    if not rows:
+        raise ValueError(f"CSV file {path} is empty; expected the header {','.join(CSV_COLUMNS)}.")
+    header = [column.strip() for column in rows[0]]
+    missing = [c for c in CSV_COLUMNS if c not in header]
+    if missing:
+        raise ValueError(
+            f"CSV file {path} lacks the column(s) {missing}; its header is {header}, "
+            f"expected {','.join(CSV_COLUMNS)} (DeepSpeech's format)."
+        )
+    col = {name: header.index(name) for name in CSV_COLUMNS}
+    samples = []
+    for number, row in enumerate(rows[1:], start=2):
+        if not row:
+            continue
+        where = f"{path}:{number}"
+        if len(row) < len(header):
+            raise ValueError(f"{where}: expected {len(header)} fields, but got {len(row)}: {row}.")
+        wav = Path(row[col["wav_filename"]])
+        if not wav.is_absolute():
+            wav = path.parent / wav
+        size_text = row[col["wav_filesize"]].strip()
+        try:
+            size = int(size_text) if size_text else 0
+        except ValueError:
+            raise ValueError(
+                f"{where}: wav_filesize must be an integer number of bytes, but got {size_text!r}."
+            ) from None
+        samples.append(Sample(wav, size, row[col["transcript"]], where))
+    return samples
+
+
+def load_audio(path: Path, sample_rate: int) -> np.ndarray:
+    """Mono float32 audio at ``sample_rate``; other rates are resampled, channels averaged."""
+    audio, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
+    audio = audio.mean(axis=1)
+    if rate != sample_rate:
+        audio = torchaudio.functional.resample(torch.from_numpy(audio), rate, sample_rate).numpy()
+    return audio
+
+
+class SpeechDataset(Dataset):
+    """Audio + label ids for DeepSpeech CSV rows.
+
+    Rows whose transcript is empty or has characters outside the alphabet are skipped
+    (``on_bad_sample="skip"``, counted and reported) or raise (``"error"``).
+    """
+
+    def __init__(
+        self,
+        csv_files: Sequence[str | Path],
+        alphabet: Alphabet,
+        sample_rate: int = 16000,
+        on_bad_sample: Literal["skip", "error"] = "skip",
+    ) -> None:
+        if on_bad_sample not in ("skip", "error"):
+            raise ValueError(
+                f"Expected `on_bad_sample` to be 'skip' or 'error', but got {on_bad_sample!r}."
+            )
+        self.alphabet = alphabet
+        self.sample_rate = sample_rate
+        self.samples: list[Sample] = []
+        self.skipped: list[tuple[str, str]] = []
+        for csv_file in csv_files:
+            for sample in read_csv(csv_file):
+                problem = self._check(sample)
+                if problem is None:
+                    self.samples.append(sample)
+                elif on_bad_sample == "error":
+                    raise ValueError(f"{sample.source}: {problem}")
+                else:
+                    self.skipped.append((sample.source, problem))
+        if self.skipped:
+            rank_zero_warn(
+                f"Skipped {len(self.skipped)} of {len(self.samples) + len(self.skipped)} rows "
+                f"of {', '.join(map(str, csv_files))}; first: {self.skipped[0][0]}: "
+                f"{self.skipped[0][1]}"
+            )
+
+    def _check(self, sample: Sample) -> str | None:
+        if not sample.transcript:
+            return "empty transcript"
+        missing = self.alphabet.missing(sample.transcript)
+        if missing:
+            return f"transcript has characters outside the alphabet: {missing}"
+        return None
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def sizes(self) -> list[int]:
+        """File sizes (bytes) for length bucketing; read from disk where the CSV gave 0."""
+        return [s.size or (os.path.getsize(s.path) if s.path.exists() else 0) for s in self.samples]
+
+    def __getitem__(self, index: int) -> dict:
+        sample = self.samples[index]
+        try:
+            audio = load_audio(sample.path, self.sample_rate)
+        except (OSError, RuntimeError, soundfile.LibsndfileError) as err:
+            raise RuntimeError(f"{sample.source}: cannot read {sample.path}: {err}") from None
+        return {
+            "audio": torch.from_numpy(audio),
+            "labels": torch.tensor(self.alphabet.encode(sample.transcript), dtype=torch.long),
+            "transcript": sample.transcript,
+            "path": str(sample.path),
+        }
+
+
+def collate(items: list[dict]) -> dict:
+    """Pad audio and labels of a list of dataset items into one batch."""
+    audio_lengths = torch.tensor([len(item["audio"]) for item in items], dtype=torch.long)
+    label_lengths = torch.tensor([len(item["labels"]) for item in items], dtype=torch.long)
+    audio = torch.zeros(len(items), int(audio_lengths.max()))
+    labels = torch.zeros(len(items), int(label_lengths.max()), dtype=torch.long)
+    for i, item in enumerate(items):
+        audio[i, : len(item["audio"])] = item["audio"]
+        labels[i, : len(item["labels"])] = item["labels"]
+    return {
+        "audio": audio,
+        "audio_lengths": audio_lengths,
+        "labels": labels,
+        "label_lengths": label_lengths,
+        "transcripts": [item["transcript"] for item in items],
+        "paths": [item["path"] for item in items],
+    }
+
+
+class BucketBatchSampler(Sampler[list[int]]):
+    """Batches of similar-length utterances; batch order shuffled per epoch (seeded).
+
+    In distributed runs each rank takes every ``num_replicas``-th batch; the batch list
+    is padded by wrapping around so every rank gets the same number of batches.
+
+    Args:
+        sizes: a length proxy per sample (file size in bytes).
+        batch_size: samples per batch.
+        shuffle: shuffle the batch order each epoch (call :meth:`set_epoch`).
+        seed: base seed of the shuffle.
+        num_replicas: number of ranks.
+        rank: this rank.
+    """
+
+    def __init__(
+        self,
+        sizes: Sequence[int],
+        batch_size: int,
+        shuffle: bool = True,
+        seed: int = 0,
+        num_replicas: int = 1,
+        rank: int = 0,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"Expected `batch_size` >= 1, but got {batch_size}.")
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"Expected 0 <= rank < num_replicas, but got {rank}, {num_replicas}.")
+        order = sorted(range(len(sizes)), key=lambda i: (sizes[i], i))
+        self.batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+        self.shuffle = shuffle
+        self.seed = seed
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the shuffle of ``epoch`` (Lightning calls this each epoch)."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.batches) / self.num_replicas)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = list(range(len(self.batches)))
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(len(order), generator=generator).tolist()
+        total = len(self) * self.num_replicas
+        order = (order * math.ceil(total / max(len(order), 1)))[:total] if order else []
+        for index in order[self.rank :: self.num_replicas]:
+            yield self.batches[index]
+
+
+class SpeechDataModule(pl.LightningDataModule):
+    """DeepSpeech CSVs + alphabet as train/dev/test dataloaders.
+
+    Give either ``data_dir`` (CSV and alphabet names resolve against it) or ``corpus``
+    (an object with a ``build() -> Path`` method, e.g. :class:`~freezeft.speech.corpus.SynthCorpus`,
+    built in :meth:`prepare_data`). CSV arguments may be one path or a list of paths.
+
+    Args:
+        data_dir: folder holding the CSVs and the alphabet.
+        corpus: a corpus to build (cached) instead of ``data_dir``.
+        train_csv: training CSV(s).
+        dev_csv: validation CSV(s).
+        test_csv: test CSV(s).
+        alphabet: alphabet file.
+        batch_size: utterances per batch.
+        num_workers: dataloader worker processes.
+        sample_rate: the model's sample rate; other rates are resampled.
+        on_bad_sample: ``"skip"`` (default) or ``"error"`` for rows that cannot be used.
+        seed: seed of the batch-order shuffle.
+
+    Example::
+
+        data = SpeechDataModule(data_dir="cv-de", train_csv="train.csv", batch_size=16)
+    """
+
+    def __init__(
+        self,
+        data_dir: str | Path | None = None,
+        corpus: object | None = None,
+        train_csv: str | Sequence[str] = "train.csv",
+        dev_csv: str | Sequence[str] = "dev.csv",
+        test_csv: str | Sequence[str] = "test.csv",
+        alphabet: str = "alphabet.txt",
+        batch_size: int = 32,
+        num_workers: int = 0,
+        sample_rate: int = 16000,
+        on_bad_sample: Literal["skip", "error"] = "skip",
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if (data_dir is None) == (corpus is None):
+            raise ValueError(
+                "Give exactly one of `data_dir` (DeepSpeech CSVs on disk) or `corpus` "
+                f"(a corpus to synthesise), but got data_dir={data_dir!r}, corpus={corpus!r}."
+            )
+        if batch_size < 1:
+            raise ValueError(f"Expected `batch_size` >= 1, but got {batch_size}.")
+        self.corpus = corpus
+        self._data_dir = Path(data_dir) if data_dir is not None else None
+        self.csvs = {"train": train_csv, "dev": dev_csv, "test": test_csv}
+        self.alphabet_file = alphabet
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.sample_rate = sample_rate
+        self.on_bad_sample = on_bad_sample
+        self.seed = seed
+        self._alphabet: Alphabet | None = None
+        self.datasets: dict[str, SpeechDataset] = {}
+
+    @property
+    def data_dir(self) -> Path:
+        """The folder holding the data (building the corpus first if one was given)."""
+        if self._data_dir is None:
+            self._data_dir = Path(self.corpus.build())
+        return self._data_dir
+
+    @property
+    def alphabet(self) -> Alphabet:
+        """The output alphabet."""
+        if self._alphabet is None:
+            self._alphabet = Alphabet.from_file(self.data_dir / self.alphabet_file)
+        return self._alphabet
+
+    def csv_paths(self, split: str) -> list[Path]:
+        """The CSV files of ``split`` ("train", "dev" or "test")."""
+        value = self.csvs[split]
+        names = [value] if isinstance(value, (str, Path)) else list(value)
+        return [self.data_dir / name for name in names]
+
+    def prepare_data(self) -> None:
+        _ = self.data_dir  # builds the corpus once (cached and locked across processes)
+
+    def dataset(self, split: str) -> SpeechDataset:
+        """The dataset of ``split``, read on first use."""
+        if split not in self.datasets:
+            self.datasets[split] = SpeechDataset(
+                self.csv_paths(split), self.alphabet, self.sample_rate, self.on_bad_sample
+            )
+            rank_zero_info(f"{split}: {len(self.datasets[split])} utterances")
+        return self.datasets[split]
+
+    def setup(self, stage: str) -> None:
+        splits = {"fit": ("train", "dev"), "validate": ("dev",), "test": ("test",)}.get(stage, ())
+        for split in splits:
+            self.dataset(split)
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        dataset = self.dataset(split)
+        trainer = self.trainer
+        sampler = BucketBatchSampler(
+            dataset.sizes(),
+            self.batch_size,
+            shuffle=shuffle,
+            seed=self.seed,
+            num_replicas=trainer.world_size if trainer else 1,
+            rank=trainer.global_rank if trainer else 0,
+        )
+        return DataLoader(
+            dataset,
+            batch_sampler=sampler,
+            collate_fn=collate,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=bool(trainer and type(trainer.accelerator).__name__ == "CUDAAccelerator"),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("dev", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)

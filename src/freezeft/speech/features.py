@@ -1,0 +1,91 @@
+"""DeepSpeech's input features: MFCCs with a context window, computed on the model's device."""
+
+from __future__ import annotations
+
+import torch
+import torchaudio
+from torch import Tensor, nn
+
+__all__ = ["MFCCFeatures"]
+
+
+class MFCCFeatures(nn.Module):
+    """Padded audio batch -> normalised MFCC frames with ``n_context`` frames on each side.
+
+    DeepSpeech's defaults: 16 kHz audio, 26 coefficients, 32 ms window, 20 ms step and
+    ±9 frames of context, so each output frame has ``26 * (2 * 9 + 1) = 494`` values.
+    Each utterance's coefficients are normalised to zero mean and unit variance over its
+    own frames (padding excluded).
+
+    Args:
+        sample_rate: audio sample rate in Hz.
+        n_mfcc: coefficients per frame.
+        n_context: frames of context on each side.
+        window_ms: analysis window length.
+        step_ms: frame step.
+        n_mels: mel filterbank size the coefficients are taken from.
+
+    Example::
+
+        features = MFCCFeatures()
+        frames, frame_lengths = features(audio, audio_lengths)  # (B, T, 494), (B,)
+    """
+
+    def __init__(
+        self,
+        sample_rate: int = 16000,
+        n_mfcc: int = 26,
+        n_context: int = 9,
+        window_ms: float = 32.0,
+        step_ms: float = 20.0,
+        n_mels: int = 40,
+    ) -> None:
+        super().__init__()
+        if n_context < 0:
+            raise ValueError(f"Expected `n_context` >= 0, but got {n_context}.")
+        win_length = round(sample_rate * window_ms / 1000)
+        self.hop_length = round(sample_rate * step_ms / 1000)
+        self.n_mfcc = n_mfcc
+        self.n_context = n_context
+        self.mfcc = torchaudio.transforms.MFCC(
+            sample_rate=sample_rate,
+            n_mfcc=n_mfcc,
+            melkwargs={
+                "n_fft": win_length,
+                "win_length": win_length,
+                "hop_length": self.hop_length,
+                "n_mels": n_mels,
+                "center": False,
+                "f_max": sample_rate / 2,
+            },
+        )
+        self.win_length = win_length
+
+    @property
+    def n_features(self) -> int:
+        """Values per output frame."""
+        return self.n_mfcc * (2 * self.n_context + 1)
+
+    def frame_lengths(self, audio_lengths: Tensor) -> Tensor:
+        """Number of frames for each audio length (in samples)."""
+        frames = (audio_lengths - self.win_length) // self.hop_length + 1
+        return frames.clamp(min=0)
+
+    def forward(self, audio: Tensor, audio_lengths: Tensor) -> tuple[Tensor, Tensor]:
+        """``audio`` (B, S) float, ``audio_lengths`` (B,) -> frames (B, T, F) and lengths (B,)."""
+        if audio.shape[-1] < self.win_length:
+            audio = nn.functional.pad(audio, (0, self.win_length - audio.shape[-1]))
+        with torch.autocast(device_type=audio.device.type, enabled=False):
+            coeffs = self.mfcc(audio.float()).transpose(1, 2)  # (B, T, n_mfcc)
+        lengths = self.frame_lengths(audio_lengths).clamp(max=coeffs.shape[1])
+        mask = torch.arange(coeffs.shape[1], device=audio.device)[None, :] < lengths[:, None]
+        mask = mask.unsqueeze(-1).to(coeffs.dtype)
+        count = mask.sum(dim=1, keepdim=True).clamp(min=1)
+        mean = (coeffs * mask).sum(dim=1, keepdim=True) / count
+        var = ((coeffs - mean) ** 2 * mask).sum(dim=1, keepdim=True) / count
+        coeffs = (coeffs - mean) / (var.sqrt() + 1e-5) * mask
+        if self.n_context:
+            c = self.n_context
+            padded = nn.functional.pad(coeffs, (0, 0, c, c))  # zero frames before and after
+            coeffs = padded.unfold(1, 2 * c + 1, 1).transpose(2, 3).flatten(2)
+        return coeffs, lengths

@@ -1,0 +1,35 @@
+"""Shared fixtures: a tiny real corpus synthesised once per test session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from freezeft.speech.corpus import SynthCorpus
+
+TINY = dict(n_train=32, n_dev=8, n_test=8, vocabulary=200, max_words=2)
+
+
+@pytest.fixture(scope="session")
+def tiny() -> dict:
+    """Settings of the tiny test corpora."""
+    return dict(TINY)
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One cache folder for the session, shared with subprocess runs."""
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="session")
+def german_corpus(cache_dir: Path) -> Path:
+    """A tiny German corpus (real eSpeak speech) in DeepSpeech format."""
+    return SynthCorpus(language="de", cache_dir=str(cache_dir), **TINY).build()
+
+
+@pytest.fixture(scope="session")
+def english_corpus(cache_dir: Path) -> Path:
+    """A tiny English corpus (real eSpeak speech) in DeepSpeech format."""
+    return SynthCorpus(language="en", cache_dir=str(cache_dir), **TINY).build()

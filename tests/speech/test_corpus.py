@@ -1,0 +1,67 @@
+import csv
+import hashlib
+
+import soundfile
+
+from freezeft.cache import cached_entry
+from freezeft.speech.alphabet import Alphabet
+from freezeft.speech.corpus import SynthCorpus
+from freezeft.speech.data import read_csv
+
+
+def digest(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_corpus_is_deepspeech_format_with_real_audio(german_corpus, tiny):
+    for split in ("train", "dev", "test"):
+        count = tiny[f"n_{split}"]
+        samples = read_csv(german_corpus / f"{split}.csv")
+        assert len(samples) == count
+        for sample in samples[:3]:
+            info = soundfile.info(str(sample.path))
+            assert info.samplerate == 16000 and info.channels == 1
+            assert info.frames > 1600  # at least 0.1 s of speech
+            assert sample.size == sample.path.stat().st_size
+    alphabet = Alphabet.from_file(german_corpus / "alphabet.txt")
+    assert {"ä", "ö", "ü", "ß", " "} <= set(alphabet.labels)
+
+
+def test_heldout_voices_never_speak_training_data(german_corpus):
+    with open(german_corpus / "voices.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    train = {r["voice"] for r in rows if r["wav_filename"].startswith("train/")}
+    test = {r["voice"] for r in rows if r["wav_filename"].startswith("test/")}
+    assert train and test and not train & test
+
+
+def test_same_settings_give_identical_files(tmp_path, german_corpus, tiny):
+    again = SynthCorpus(language="de", cache_dir=str(tmp_path), **tiny).build()
+    assert again != german_corpus
+    for name in ("train.csv", "test.csv", "alphabet.txt", "train/00003.wav", "test/00001.wav"):
+        assert digest(again / name) == digest(german_corpus / name)
+
+
+def test_russian_corpus_has_a_cyrillic_alphabet(tmp_path):
+    corpus = SynthCorpus(language="ru", n_train=4, n_dev=1, n_test=1, cache_dir=str(tmp_path))
+    folder = corpus.build()
+    labels = Alphabet.from_file(folder / "alphabet.txt").labels
+    assert "ж" in labels and "a" not in labels
+    assert all(set(s.transcript) <= set(labels) for s in read_csv(folder / "train.csv"))
+
+
+def test_half_built_cache_entry_is_rebuilt(tmp_path):
+    entry = tmp_path / "entry"
+    entry.mkdir()
+    (entry / "partial.bin").write_text("killed mid-build")  # no completion marker
+    calls = []
+
+    def build(folder):
+        calls.append(folder)
+        (folder / "data.txt").write_text("complete")
+
+    assert cached_entry(entry, build) == entry
+    assert (entry / "data.txt").read_text() == "complete"
+    assert not (entry / "partial.bin").exists()
+    cached_entry(entry, build)
+    assert len(calls) == 1  # the complete entry is reused

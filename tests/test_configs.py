@@ -1,0 +1,74 @@
+"""Every YAML composes, instantiates, and binds its keys against its target's signature."""
+
+import inspect
+from pathlib import Path
+
+import freezeft.conf
+import pytest
+from hydra import compose, initialize_config_module
+from hydra.utils import get_method, instantiate
+from omegaconf import DictConfig, OmegaConf
+
+CONF = Path(freezeft.conf.__file__).parent
+OPTIONS = sorted(
+    (path.parent.name, path.stem) for path in CONF.glob("*/*.yaml") if path.parent.name != "hydra"
+)
+SPECIAL = {"_target_", "_partial_", "_convert_", "_recursive_", "_args_"}
+
+
+def compose_with(*overrides: str) -> DictConfig:
+    with initialize_config_module(config_module="freezeft.conf", version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides), return_hydra_config=False)
+
+
+def target_blocks(node, where="cfg"):
+    if isinstance(node, DictConfig):
+        if "_target_" in node:
+            yield where, node
+        for key, value in node.items_ex(resolve=False):
+            yield from target_blocks(value, f"{where}.{key}")
+    elif OmegaConf.is_list(node):
+        for i, value in enumerate(node):
+            yield from target_blocks(value, f"{where}[{i}]")
+
+
+def test_every_config_option_is_found():
+    groups = {group for group, _ in OPTIONS}
+    assert {"data", "model", "strategy", "trainer", "logger", "experiment"} <= groups
+
+
+@pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
+def test_option_composes_and_binds_to_its_targets(group, option, tmp_path):
+    overrides = [f"{group}={option}", f"paths.cache_dir={tmp_path}"]
+    if option == "deepspeech_csv":
+        overrides.append(f"data.data_dir={tmp_path}")
+    cfg = compose_with(*overrides)
+    OmegaConf.resolve(cfg)
+    blocks = list(target_blocks(cfg))
+    assert blocks, "no _target_ block"
+    for where, block in blocks:
+        target = get_method(block._target_)
+        kwargs = {k: v for k, v in block.items() if k not in SPECIAL}
+        signature = inspect.signature(target)
+        try:
+            if block.get("_partial_"):
+                signature.bind_partial(**kwargs)
+            else:
+                signature.bind_partial(**kwargs)  # the run supplies e.g. `labels`, `callbacks`
+        except TypeError as err:
+            pytest.fail(f"{where} ({block._target_}) does not fit its signature: {err}")
+    instantiate(cfg.data, _convert_="all")
+    instantiate(cfg.model, labels=list(" ab"), _convert_="all")
+    for callback in cfg.strategy.callbacks.values():
+        instantiate(callback, _convert_="all")
+    instantiate(cfg.logger, save_dir=str(tmp_path), _convert_="all")
+    if cfg.trainer.accelerator == "cpu":
+        instantiate(cfg.trainer, _convert_="all")
+
+
+def test_unknown_key_in_a_config_fails_the_binding():
+    cfg = compose_with("+model.n_hiden=3")
+    target = get_method(cfg.model._target_)
+    kwargs = {k: v for k, v in cfg.model.items() if k not in SPECIAL}
+    with pytest.raises(TypeError, match="n_hiden"):
+        inspect.signature(target).bind_partial(**kwargs)
