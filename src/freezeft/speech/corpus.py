@@ -42,6 +42,16 @@ LANGUAGES: dict[str, tuple[str, str]] = {
     "ru": ("ru", "абвгдеёжзийклмнопрстуфхцчшщъыьэюя"),
 }
 
+#: Default training voices: eSpeak's numbered male/female variants and named speakers
+#: (robotic, whispering and croaking variants left out).
+TRAIN_VARIANTS: tuple[str, ...] = (
+    "m1", "m2", "m3", "m4", "m6", "m8", "f1", "f2", "f3", "f5", "klatt4", "adam", "aunty",
+    "belinda", "benjamin", "boris", "caleb", "david", "ed", "edward", "grandpa", "ian", "john",
+    "linda", "max", "norbert", "paul", "quincy", "rob", "robert",
+)  # fmt: skip
+#: Default held-out voices for dev and test.
+HELDOUT_VARIANTS: tuple[str, ...] = ("m5", "m7", "f4", "steph", "travis")
+
 #: One-letter words of each language; other single letters in word lists are not words.
 _ONE_LETTER_WORDS: dict[str, str] = {"en": "ai", "de": "", "ru": "авикосуя"}
 
@@ -77,8 +87,8 @@ class SynthCorpus:
     n_test: int = 200
     vocabulary: int = 2000
     max_words: int = 3
-    train_variants: Sequence[str] = ("m1", "m2", "m3", "m4", "m6", "f1", "f2", "f3", "f5")
-    heldout_variants: Sequence[str] = ("m5", "m7", "f4")
+    train_variants: Sequence[str] = TRAIN_VARIANTS
+    heldout_variants: Sequence[str] = HELDOUT_VARIANTS
     rate: Sequence[int] = (130, 190)
     pitch: Sequence[int] = (35, 65)
     noise_db: float | None = -30.0
