@@ -39,7 +39,8 @@ def test_every_config_option_is_found():
 
 @pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_option_composes_and_binds_to_its_targets(group, option, tmp_path):
-    overrides = [f"{group}={option}", f"paths.cache_dir={tmp_path}"]
+    choice = f"[{option}]" if group == "addons" else option  # a list-valued group
+    overrides = [f"{group}={choice}", f"paths.cache_dir={tmp_path}"]
     if option == "deepspeech_csv":
         overrides.append(f"data.data_dir={tmp_path}")
     cfg = compose_with(*overrides)
@@ -59,7 +60,7 @@ def test_option_composes_and_binds_to_its_targets(group, option, tmp_path):
             pytest.fail(f"{where} ({block._target_}) does not fit its signature: {err}")
     instantiate(cfg.data, _convert_="all")
     instantiate(cfg.model, labels=list(" ab"), _convert_="all")
-    for callback in cfg.strategy.callbacks.values():
+    for callback in {**cfg.strategy.callbacks, **cfg.strategy.get("addons", {})}.values():
         instantiate(callback, _convert_="all")
     instantiate(cfg.logger, save_dir=str(tmp_path), _convert_="all")
     if cfg.trainer.accelerator == "cpu":
@@ -72,3 +73,10 @@ def test_unknown_key_in_a_config_fails_the_binding():
     kwargs = {k: v for k, v in cfg.model.items() if k not in SPECIAL}
     with pytest.raises(TypeError, match="n_hiden"):
         inspect.signature(target).bind_partial(**kwargs)
+
+
+def test_strategies_combine_from_the_command_line():
+    cfg = compose_with("strategy=freeze_then_finetune", "addons=[discriminative_lr,warmup]")
+    chosen = {**cfg.strategy.callbacks, **cfg.strategy.addons}
+    targets = sorted(c._target_.rsplit(".", 1)[1] for c in chosen.values())
+    assert targets == ["DiscriminativeLR", "FreezeThenUnfreeze", "LRWarmup"]

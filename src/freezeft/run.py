@@ -64,7 +64,8 @@ def fit_and_test(
 
     callbacks = [instantiate(c, _convert_="all") for c in cfg.callbacks.values() if c]
     if strategy:
-        callbacks += [instantiate(c, _convert_="all") for c in cfg.strategy.callbacks.values() if c]
+        chosen = {**cfg.strategy.callbacks, **cfg.strategy.get("addons", {})}
+        callbacks += [instantiate(c, _convert_="all") for c in chosen.values() if c]
     checkpoint = pl.callbacks.ModelCheckpoint(
         dirpath=output_dir / "checkpoints",
         filename="epoch={epoch}-val_cer={val_cer:.4f}",
@@ -96,7 +97,7 @@ def fit_and_test(
         "wer": test_metrics["test_wer"],
         "cer": test_metrics["test_cer"],
         "loss": test_metrics["test_loss"],
-        "strategy": cfg.strategy.name if strategy else None,
+        "strategy": strategy_label(cfg) if strategy else None,
         "seed": cfg.seed,
         "epochs": trainer.current_epoch,
         "best_epoch": best_epoch,
@@ -112,6 +113,11 @@ def fit_and_test(
     }
     (output_dir / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False))
     return results
+
+
+def strategy_label(cfg: DictConfig) -> str:
+    """The strategy's name, with any add-ons: ``freeze_then_finetune+warmup``."""
+    return "+".join([cfg.strategy.name, *cfg.strategy.get("addons", {}).keys()])
 
 
 def _source_settings(cfg: DictConfig) -> dict[str, Any]:
@@ -142,6 +148,10 @@ def pretrained_source(cfg: DictConfig) -> Path:
         log.info(f"Pretraining the source model into {entry} (one-time, cached)...")
         source_cfg = cfg.copy()
         OmegaConf.update(source_cfg, "seed", cfg.source.seed)
+        # One process pretrains while the others wait on the cache lock, so it must not
+        # start a multi-process strategy (DDP ranks would wait for each other forever).
+        OmegaConf.update(source_cfg, "trainer.devices", 1)
+        OmegaConf.update(source_cfg, "trainer.strategy", "auto", force_add=True)
         results = fit_and_test(
             source_cfg,
             cfg.source.data,

@@ -1,30 +1,44 @@
-"""The common base of freezeft's strategy callbacks: layer groups resolved at fit start."""
+"""The common base of freezeft's strategies: intents per layer group, one plan applies them.
+
+Every strategy states what it wants per group (see the ``trainable``, ``lr_scale`` and
+``warmup_factor`` methods); the first strategy in ``trainer.callbacks`` leads: it resolves
+the groups, combines every strategy's intent into one :class:`~freezeft.plan.Plan` and
+applies it. That is why strategies compose in any order.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any, ClassVar
 
 import pytorch_lightning as pl
 from pytorch_lightning.utilities import rank_zero_info
 from typing_extensions import override
 
 from freezeft.groups import LayerGroup, format_group_table, resolve_groups
+from freezeft.plan import Plan
 
-__all__ = ["StrategyCallback"]
+__all__ = ["StrategyCallback", "HeadSpec"]
+
+HeadSpec = int | Sequence[str]
 
 
 class StrategyCallback(pl.Callback):
-    """Resolves the module's layer groups at fit start and logs the group table.
+    """Base class of the strategies; subclasses override the intent methods.
 
     Args:
-        groups: fnmatch patterns on qualified module names, input to output; ``None``
-            uses the module's ``layer_groups()`` or discovery (see :mod:`freezeft.groups`).
+        groups: fnmatch patterns on qualified module names, input to output; ``None`` uses
+            the module's ``layer_groups()`` or discovery (see :mod:`freezeft.groups`).
+        bn: ``"frozen"``: norm layers of frozen groups run in eval mode; ``"train"``: as usual.
+
+    Raises:
+        ValueError: ``groups`` is not a non-empty list of strings, or ``bn`` is unknown.
     """
 
-    #: How many of the last groups count as the head in the logged table.
-    head_size: int = 0
+    #: True for strategies that decide which groups train (at most one per run).
+    schedules_freezing: ClassVar[bool] = False
 
-    def __init__(self, groups: Sequence[str] | None = None) -> None:
+    def __init__(self, groups: Sequence[str] | None = None, bn: str = "frozen") -> None:
         if groups is not None:
             if isinstance(groups, str) or not all(isinstance(g, str) for g in groups):
                 raise ValueError(
@@ -32,17 +46,220 @@ class StrategyCallback(pl.Callback):
                 )
             if not groups:
                 raise ValueError("Expected `groups` to name at least one group, but got [].")
+        if bn not in ("frozen", "train"):
+            raise ValueError(f"Expected `bn` to be 'frozen' or 'train', but got {bn!r}.")
         self.patterns = list(groups) if groups is not None else None
+        self.bn = bn
         self.groups: list[LayerGroup] = []
+        self.plan: Plan | None = None
+        self._peers: list[StrategyCallback] = []
+        self._restored_trainable: dict[str, bool] | None = None
+
+    # -- intents: what a strategy wants; override these --------------------------------
+    def check(self, groups: Sequence[LayerGroup]) -> None:
+        """Validate arguments against the resolved groups (raise ``ValueError``)."""
+
+    def trainable(self, index: int, n_groups: int, epoch: int) -> bool | None:
+        """Whether group ``index`` trains in ``epoch``; ``None``: no opinion."""
+        return None
+
+    def lr_scale(self, index: int, n_groups: int) -> float:
+        """A fixed LR multiplier for group ``index``."""
+        return 1.0
+
+    def warmup_factor(self, index: int, step: int) -> float:
+        """An LR multiplier for group ``index`` at optimizer step ``step``."""
+        return 1.0
+
+    def on_groups_unfrozen(self, indices: Sequence[int], step: int) -> None:
+        """Told when groups start training mid-run (at optimizer step ``step``)."""
+
+    def head_size(self, n_groups: int) -> int:
+        """How many of the last groups form the head (for the logged table)."""
+        return 0
+
+    # -- the leader's machinery ---------------------------------------------------------
+    @property
+    def is_leader(self) -> bool:
+        """The first strategy in ``trainer.callbacks`` applies the combined plan."""
+        return bool(self._peers) and self._peers[0] is self
+
+    def _scheduler(self) -> StrategyCallback | None:
+        return next((p for p in self._peers if p.schedules_freezing), None)
+
+    def _flags(self, epoch: int) -> list[bool] | None:
+        scheduler = self._scheduler()
+        if scheduler is None:
+            return None
+        n = len(self.groups)
+        return [scheduler.trainable(i, n, epoch) is not False for i in range(n)]
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit":
-            self.groups = resolve_groups(pl_module, self.patterns)
+        if stage != "fit":
+            return
+        self._peers = [c for c in trainer.callbacks if isinstance(c, StrategyCallback)]
+        if not self.is_leader:
+            return
+        schedulers = [p for p in self._peers if p.schedules_freezing]
+        if len(schedulers) > 1:
+            names = ", ".join(type(p).__name__ for p in schedulers)
+            raise ValueError(
+                f"Two freezing schedules in one run ({names}): each decides which layer groups "
+                "train, so they conflict. Keep one of them; DiscriminativeLR and LRWarmup "
+                "combine with any of them."
+            )
+        patterns = {tuple(p.patterns) for p in self._peers if p.patterns is not None}
+        if len(patterns) > 1:
+            raise ValueError(
+                f"The strategies were given different `groups` ({sorted(patterns)}); give the "
+                "same list to each, or to one of them."
+            )
+        groups = resolve_groups(pl_module, list(patterns.pop()) if patterns else None)
+        bn = schedulers[0].bn if schedulers else "frozen"
+        plan = Plan(groups, bn=bn)
+        for peer in self._peers:
+            peer.groups, peer.plan = groups, plan
+            peer.check(groups)
+        flags = self._flags(0)
+        if flags is not None:
+            plan.set_trainable(flags)  # before DDP wraps the model: the reducer's params
+        else:
+            plan.trainable = [g.trainable for g in groups]
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.is_leader:
+            return
+        plan = self.plan
+        assert plan is not None
+        if trainer.world_size > 1:
+            plan.record_reducer_params(pl_module)
+        if self._restored_trainable is not None:  # resuming: the flags as they were saved
+            plan.set_trainable([self._restored_trainable.get(g.name, True) for g in self.groups])
+        n = len(self.groups)
+        scales = [self._product(lambda p, i=i: p.lr_scale(i, n)) for i in range(n)]
+        for optimizer in trainer.optimizers:
+            schedulers = [
+                c.scheduler
+                for c in trainer.lr_scheduler_configs
+                if getattr(c.scheduler, "optimizer", None) is optimizer
+            ]
+            plan.split_optimizer(optimizer, schedulers, scales)
+        plan.install_norm_hooks(pl_module)
+        head = max(p.head_size(n) for p in self._peers)
+        names = " + ".join(type(p).__name__ for p in self._peers)
+        rank_zero_info(f"{names}: layer groups\n{format_group_table(self.groups, head=head)}")
+
+    def _product(self, intent: Any) -> float:
+        result = 1.0
+        for peer in self._peers:
+            result *= intent(peer)
+        return result
+
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.is_leader:
+            return
+        flags = self._flags(trainer.current_epoch)
+        plan = self.plan
+        if flags is None or plan is None or flags == plan.trainable:
+            return
+        before = plan.trainable_params()
+        unfrozen = plan.set_trainable(flags)
+        if unfrozen:
+            for peer in self._peers:
+                peer.on_groups_unfrozen(unfrozen, trainer.global_step)
         rank_zero_info(
-            f"{type(self).__name__}: layer groups\n"
-            + format_group_table(self.groups, head=self.head_size)
+            f"{type(self._scheduler()).__name__}: epoch {trainer.current_epoch}: "
+            f"unfroze {[self.groups[i].name for i in unfrozen]}; trainable parameters "
+            f"{before:,} -> {plan.trainable_params():,}"
         )
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.is_leader and self.plan is not None:
+            pl_module.log("trainable_params", float(self.plan.trainable_params()))
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
+    ) -> None:
+        if not self.is_leader or self.plan is None:
+            return
+        step = trainer.global_step
+        factors = [
+            self._product(lambda p, i=i: p.warmup_factor(i, step)) for i in range(len(self.groups))
+        ]
+        self.plan.apply_warmup(optimizer, factors)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any, **kwargs: Any
+    ) -> None:
+        if self.is_leader and self.plan is not None:
+            self.plan.restore_lr()
+
+    @override
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.is_leader and self.plan is not None:
+            self.plan.sync_unowned_gradients()
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit" and self.is_leader and self.plan is not None:
+            self.plan.restore_lr()
+            self.plan.remove_norm_hooks()
+
+    # -- checkpoints: plain values, groups by name -------------------------------------
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        if not self.is_leader or self.plan is None:
+            return {}
+        return {
+            "trainable": {g.name: t for g, t in zip(self.groups, self.plan.trainable, strict=True)}
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._restored_trainable = (
+            dict(state_dict["trainable"]) if "trainable" in state_dict else None
+        )
+
+
+def head_indices(head: HeadSpec, groups: Sequence[LayerGroup], owner: str) -> list[int]:
+    """Indices of the head groups; validates ``head`` against the resolved groups."""
+    n = len(groups)
+    if isinstance(head, int):
+        if head >= n:
+            raise ValueError(
+                f"{owner}: `head={head}` leaves no encoder group to freeze: the module has "
+                f"{n} layer groups ({[g.name for g in groups]}); use a head smaller than {n}."
+            )
+        return list(range(n - head, n))
+    names = [g.name for g in groups]
+    unknown = [h for h in head if h not in names]
+    if unknown:
+        raise ValueError(
+            f"{owner}: head groups {unknown} are not layer groups; available: {names}."
+        )
+    if len(set(head)) >= n:
+        raise ValueError(
+            f"{owner}: `head` names every layer group; leave at least one encoder group."
+        )
+    return sorted(names.index(h) for h in head)
+
+
+def check_head(head: HeadSpec, owner: str) -> HeadSpec:
+    """Validate ``head`` in ``__init__``: a positive int or a non-empty list of names."""
+    if isinstance(head, bool) or not isinstance(head, (int, list, tuple)):
+        raise ValueError(
+            f"{owner}: expected `head` to be an int or a list of group names, but got {head!r}."
+        )
+    if isinstance(head, int):
+        if head < 1:
+            raise ValueError(f"{owner}: expected `head` >= 1, but got {head}.")
+        return head
+    if not head or not all(isinstance(h, str) for h in head):
+        raise ValueError(f"{owner}: expected `head` to list group names, but got {head!r}.")
+    return list(head)

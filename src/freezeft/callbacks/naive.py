@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import ClassVar
 
-import pytorch_lightning as pl
 from typing_extensions import override
 
 from freezeft.callbacks.base import StrategyCallback
@@ -15,24 +15,22 @@ __all__ = ["NaiveTransfer"]
 class NaiveTransfer(StrategyCallback):
     """Fine-tune everything: the baseline every other strategy is compared against.
 
-    Makes every parameter trainable at fit start and logs the layer-group table.
+    Makes every layer group trainable and logs the group table at fit start.
 
     Args:
         groups: layer-group patterns, input to output (``None``: the module's
-            ``layer_groups()`` or discovery); used for the logged table.
+            ``layer_groups()`` or discovery).
 
     Example::
 
         trainer = Trainer(callbacks=[NaiveTransfer()])
     """
 
+    schedules_freezing: ClassVar[bool] = True
+
     def __init__(self, groups: Sequence[str] | None = None) -> None:
         super().__init__(groups)
 
     @override
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
-        if stage == "fit":
-            for group in self.groups:
-                for param in group.params.values():
-                    param.requires_grad_(True)
+    def trainable(self, index: int, n_groups: int, epoch: int) -> bool | None:
+        return True

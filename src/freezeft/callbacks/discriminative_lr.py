@@ -1,0 +1,40 @@
+"""Discriminative learning rates: lower layers learn more slowly."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from typing_extensions import override
+
+from freezeft.callbacks.base import StrategyCallback
+
+__all__ = ["DiscriminativeLR"]
+
+
+class DiscriminativeLR(StrategyCallback):
+    """Group ``k`` from the top (the head is ``k = 0``) trains at ``lr * decay**k``.
+
+    Combines with any freezing schedule and with :class:`LRWarmup`; the scales go into the
+    optimizer's and schedulers' base LRs, so the user's scheduler shapes every group alike.
+
+    Args:
+        decay: the per-group factor, > 0 (usually below 1).
+        groups: layer-group patterns, input to output.
+
+    Raises:
+        ValueError: ``decay <= 0``.
+
+    Example::
+
+        trainer = Trainer(callbacks=[FreezeThenUnfreeze(), DiscriminativeLR(decay=0.5)])
+    """
+
+    def __init__(self, decay: float = 0.5, groups: Sequence[str] | None = None) -> None:
+        super().__init__(groups)
+        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not decay > 0:
+            raise ValueError(f"{type(self).__name__}: expected `decay` > 0, but got {decay!r}.")
+        self.decay = float(decay)
+
+    @override
+    def lr_scale(self, index: int, n_groups: int) -> float:
+        return self.decay ** (n_groups - 1 - index)

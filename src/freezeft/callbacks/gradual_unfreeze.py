@@ -1,0 +1,54 @@
+"""Gradual unfreezing (ULMFiT): one more group trains every few epochs, top down."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from typing_extensions import override
+
+from freezeft.callbacks.base import HeadSpec
+from freezeft.callbacks.frozen_encoder import FrozenEncoder
+
+__all__ = ["GradualUnfreeze"]
+
+
+class GradualUnfreeze(FrozenEncoder):
+    """Start with the head; every ``every_n_epochs`` epochs the next group down joins.
+
+    Args:
+        head: number of groups from the top, or a list of group names, trained from epoch 0.
+        every_n_epochs: epochs between two unfreezes.
+        groups: layer-group patterns, input to output.
+        bn: ``"frozen"`` keeps frozen groups' norm layers in eval mode; ``"train"`` does not.
+
+    Raises:
+        ValueError: ``every_n_epochs < 1`` or a bad ``head``.
+
+    Example::
+
+        trainer = Trainer(callbacks=[GradualUnfreeze(head=1, every_n_epochs=2)])
+    """
+
+    def __init__(
+        self,
+        head: HeadSpec = 1,
+        every_n_epochs: int = 1,
+        groups: Sequence[str] | None = None,
+        bn: str = "frozen",
+    ) -> None:
+        super().__init__(head, groups, bn)
+        if (
+            isinstance(every_n_epochs, bool)
+            or not isinstance(every_n_epochs, int)
+            or (every_n_epochs < 1)
+        ):
+            name = type(self).__name__
+            raise ValueError(f"{name}: expected `every_n_epochs` >= 1, but got {every_n_epochs!r}.")
+        self.every_n_epochs = every_n_epochs
+
+    @override
+    def trainable(self, index: int, n_groups: int, epoch: int) -> bool | None:
+        if index in self._head:
+            return True
+        encoder_top_down = [i for i in reversed(range(n_groups)) if i not in self._head]
+        return index in encoder_top_down[: epoch // self.every_n_epochs]

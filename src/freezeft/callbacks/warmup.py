@@ -1,0 +1,70 @@
+"""Learning-rate warmup, per layer group, on top of whatever the user's scheduler sets."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from typing_extensions import override
+
+from freezeft.callbacks.base import StrategyCallback
+
+__all__ = ["LRWarmup"]
+
+
+class LRWarmup(StrategyCallback):
+    """Ramp every group's LR linearly from ``start_factor`` to 1 over ``warmup_steps``
+    optimizer steps, multiplied onto the user's scheduler. Groups unfrozen later get their
+    own ramp from the step they start training (``rewarm_on_unfreeze``).
+
+    Args:
+        warmup_steps: optimizer steps of the ramp (0: no warmup).
+        start_factor: the LR multiplier at the first step, in (0, 1].
+        rewarm_on_unfreeze: ramp again for groups that start training mid-run.
+
+    Raises:
+        ValueError: ``warmup_steps < 0`` or ``start_factor`` outside (0, 1].
+
+    Example::
+
+        trainer = Trainer(callbacks=[FreezeThenUnfreeze(), LRWarmup(warmup_steps=100)])
+    """
+
+    def __init__(
+        self, warmup_steps: int = 100, start_factor: float = 0.01, rewarm_on_unfreeze: bool = True
+    ) -> None:
+        super().__init__(None)
+        name = type(self).__name__
+        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+            raise ValueError(f"{name}: expected `warmup_steps` >= 0, but got {warmup_steps!r}.")
+        if not 0 < start_factor <= 1:
+            raise ValueError(
+                f"{name}: expected `start_factor` in (0, 1], but got {start_factor!r}."
+            )
+        self.warmup_steps = warmup_steps
+        self.start_factor = float(start_factor)
+        self.rewarm_on_unfreeze = rewarm_on_unfreeze
+        self.start_steps: dict[str, int] = {}  # group name -> step its ramp started
+
+    @override
+    def warmup_factor(self, index: int, step: int) -> float:
+        if self.warmup_steps == 0:
+            return 1.0
+        start = self.start_steps.get(self.groups[index].name, 0)
+        progress = min(1.0, max(0, step - start) / self.warmup_steps)
+        return self.start_factor + (1.0 - self.start_factor) * progress
+
+    @override
+    def on_groups_unfrozen(self, indices: Sequence[int], step: int) -> None:
+        if self.rewarm_on_unfreeze:
+            for index in indices:
+                self.start_steps[self.groups[index].name] = step
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "start_steps": dict(self.start_steps)}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.start_steps = dict(state_dict.get("start_steps", {}))
