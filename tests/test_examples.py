@@ -1,0 +1,40 @@
+"""The examples run as users run them: a plain Lightning project and LightningCLI."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+EXAMPLES = Path(__file__).parents[1] / "examples"
+
+
+def run(*args: str) -> str:
+    proc = subprocess.run(
+        [sys.executable, *args], cwd=EXAMPLES, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout + proc.stderr
+
+
+def test_plain_lightning_project_transfers_with_the_callbacks():
+    out = run("shapes_classifier.py")
+    assert "FreezeThenUnfreeze: epoch 2: unfroze ['encoder.0', 'encoder.1', 'encoder.4'" in out
+    accuracy = float(out.rsplit("target accuracy after transfer: ", 1)[1].split()[0])
+    assert accuracy > 0.6  # chance is 1/3
+
+
+def test_lightning_cli_takes_the_callbacks_from_the_command_line():
+    out = run(
+        "cli.py",
+        "fit",
+        "--model.classes=3",
+        "--trainer.max_epochs=3",
+        "--trainer.logger=false",
+        "--trainer.enable_checkpointing=false",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.callbacks+=freezeft.callbacks.FreezeThenUnfreeze",
+        "--trainer.callbacks.unfreeze_at_epoch=1",
+        "--trainer.callbacks+=freezeft.callbacks.LRWarmup",
+        "--trainer.callbacks.warmup_steps=5",
+    )
+    assert "FreezeThenUnfreeze + LRWarmup: layer groups" in out
+    assert "FreezeThenUnfreeze: epoch 1: unfroze" in out
