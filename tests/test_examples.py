@@ -1,5 +1,6 @@
 """The examples run as users run them: a plain Lightning project and LightningCLI."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -7,16 +8,23 @@ from pathlib import Path
 EXAMPLES = Path(__file__).parents[1] / "examples"
 
 
-def run(*args: str) -> str:
+def run(tmp_path: Path, script: str, *args: str) -> str:
+    # From a temp dir: LightningCLI writes its config.yaml to the working directory.
+    env = {**os.environ, "PYTHONPATH": str(EXAMPLES)}
     proc = subprocess.run(
-        [sys.executable, *args], cwd=EXAMPLES, capture_output=True, text=True, timeout=300
+        [sys.executable, str(EXAMPLES / script), *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout + proc.stderr
 
 
-def test_plain_lightning_project_transfers_with_the_callbacks():
-    out = run("shapes_classifier.py")
+def test_plain_lightning_project_transfers_with_the_callbacks(tmp_path):
+    out = run(tmp_path, "shapes_classifier.py")
     assert "FreezeThenUnfreeze: epoch 2: unfroze ['encoder.0', 'encoder.1', 'encoder.4'" in out
     accuracy = float(out.rsplit("target accuracy after transfer: ", 1)[1].split()[0])
     assert accuracy > 0.6  # chance is 1/3
