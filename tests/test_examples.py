@@ -30,8 +30,9 @@ def test_plain_lightning_project_transfers_with_the_callbacks(tmp_path):
     assert accuracy > 0.6  # chance is 1/3
 
 
-def test_lightning_cli_takes_the_callbacks_from_the_command_line():
+def test_lightning_cli_takes_the_callbacks_from_the_command_line(tmp_path):
     out = run(
+        tmp_path,
         "cli.py",
         "fit",
         "--model.classes=3",
