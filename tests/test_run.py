@@ -29,6 +29,7 @@ def run(tmp_path: Path, cache_dir: Path, *overrides: str) -> tuple[Path, str]:
         timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (out / "stderr.txt").write_text(proc.stderr)  # Lightning's rank-zero messages go here
     return out, proc.stdout
 
 
@@ -102,3 +103,21 @@ def test_scratch_baseline_and_pretrain_stage(tmp_path, cache_dir, german_corpus,
     out, stdout = run(tmp_path / "p", cache_dir, "stage=pretrain")
     results = json.loads((out / "results.json").read_text())
     assert results["language"] == "en" and "freezeft pretrain:" in stdout.strip().splitlines()[-1]
+
+
+def test_combined_strategy_from_the_command_line(tmp_path, cache_dir, transfer_run):
+    out, _ = run(
+        tmp_path,
+        cache_dir,
+        "strategy=freeze_then_finetune",
+        "addons=[discriminative_lr,warmup]",
+        "strategy.callbacks.freeze_then_unfreeze.unfreeze_at_epoch=1",
+        "trainer.max_epochs=2",
+    )
+    results = json.loads((out / "results.json").read_text())
+    assert results["strategy"] == "freeze_then_finetune+discriminative_lr+warmup"
+    log = (out / "stderr.txt").read_text()
+    assert "FreezeThenUnfreeze + DiscriminativeLR + LRWarmup: layer groups" in log
+    assert "FreezeThenUnfreeze: epoch 1: unfroze ['model.layer_1'" in log
+    metrics = (out / "csv" / "version_0" / "metrics.csv").read_text()
+    assert "lr-AdamW/model.layer_1" in metrics and "trainable_params" in metrics
