@@ -302,3 +302,25 @@ def test_resume_at_any_epoch_matches_an_uninterrupted_run(tmp_path, stop_at):
     trainer.fit(resumed, data(), data(16), ckpt_path=tmp_path / "last.ckpt")
     for key, value in whole.state_dict().items():
         assert torch.equal(value, resumed.state_dict()[key]), key
+
+
+def test_metric_trigger_unfreezes_after_patience_validations_without_improvement():
+    class Frozen(Net):  # lr 0: val_loss never improves after the first validation
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    torch.manual_seed(0)
+    net = Frozen()
+    seen = []
+
+    class Watch(pl.Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            seen.append(net.net[0].linear.weight.requires_grad)
+
+    strategy = FreezeThenUnfreeze(head=1, monitor="val_loss", patience=1)
+    fit(net, [strategy, Watch()], epochs=4)
+    # epoch 0 sets the best, epoch 1 does not improve: phase 2 from epoch 2
+    assert strategy.triggered_epoch == 2
+    assert seen == [False, False, True, True]
+    with pytest.raises(ValueError, match=r"`monitor='val_cer'` was not logged.*val_loss"):
+        fit(make_net(), [FreezeThenUnfreeze(monitor="val_cer")], epochs=1)
