@@ -50,7 +50,6 @@ class Plan:
         self.groups = list(groups)
         self.bn = bn
         self.trainable = [True] * len(self.groups)
-        self.lr_scales = [1.0] * len(self.groups)
         self._param_group: dict[int, int] = {
             id(p): index for index, g in enumerate(self.groups) for p in g.params.values()
         }
@@ -114,7 +113,6 @@ class Plan:
         """Split each param group of ``optimizer`` by layer group, once, scaling LRs."""
         if any("freezeft_group" in g for g in optimizer.param_groups):
             return  # already split (a second fit with the same optimizer)
-        self.lr_scales = list(lr_scales)
         several = len(optimizer.param_groups) > 1
         new_groups: list[dict] = []
         origin: list[tuple[int, float]] = []
@@ -125,7 +123,7 @@ class Plan:
             for layer in sorted(by_layer):
                 group = {k: v for k, v in user_group.items() if k != "params"}
                 group["params"] = by_layer[layer]
-                scale = self.lr_scales[layer] if layer >= 0 else 1.0
+                scale = lr_scales[layer] if layer >= 0 else 1.0
                 for key in LR_KEYS:
                     if isinstance(group.get(key), (int, float)):
                         group[key] = group[key] * scale
