@@ -1,25 +1,20 @@
 """The examples run as users run them: a plain Lightning project and LightningCLI."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
+
+from pyrun import run_python
 
 EXAMPLES = Path(__file__).parents[1] / "examples"
 
 
 def run(tmp_path: Path, script: str, *args: str) -> str:
     # From a temp dir: LightningCLI writes its config.yaml to the working directory.
-    env = {**os.environ, "PYTHONPATH": str(EXAMPLES)}
-    proc = subprocess.run(
-        [sys.executable, str(EXAMPLES / script), *args],
+    proc = run_python(
+        [str(EXAMPLES / script), *args],
         cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
+        env={"PYTHONPATH": str(EXAMPLES)},
         timeout=300,
     )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout + proc.stderr
 
 

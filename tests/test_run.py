@@ -1,20 +1,16 @@
 """`python -m freezeft.run` end to end, as a user runs it: a subprocess from a temp dir."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from pyrun import run_python
 
 
 def run(tmp_path: Path, cache_dir: Path, *overrides: str) -> tuple[Path, str]:
     out = tmp_path / "run"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run(
+    proc = run_python(
         [
-            sys.executable,
             "-m",
             "freezeft.run",
             "experiment=tiny",
@@ -23,12 +19,8 @@ def run(tmp_path: Path, cache_dir: Path, *overrides: str) -> tuple[Path, str]:
             *overrides,
         ],
         cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
+        env={"PYTHONUNBUFFERED": "1"},
     )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (out / "stderr.txt").write_text(proc.stderr)  # Lightning's rank-zero messages go here
     return out, proc.stdout
 

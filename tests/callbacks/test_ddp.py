@@ -1,27 +1,21 @@
 """Under DDP, groups unfrozen mid-run stay in sync across ranks (Lightning #20340)."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
+from pyrun import run_python
 
 SCRIPT = Path(__file__).with_name("ddp_run.py")
 
 
 def test_unfrozen_groups_stay_identical_across_ranks_and_use_averaged_gradients(tmp_path):
-    env = {**os.environ, "PL_DISABLE_FORK": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
+    run_python(
+        [str(SCRIPT), str(tmp_path)],
         cwd=tmp_path,
+        env={"PL_DISABLE_FORK": "1", "OMP_NUM_THREADS": "1"},
+        timeout=300,
     )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     for key in rank0:
         assert torch.equal(rank0[key], rank1[key]), key  # no drift between the ranks
