@@ -80,3 +80,17 @@ def test_strategies_combine_from_the_command_line():
     chosen = {**cfg.strategy.callbacks, **cfg.strategy.addons}
     targets = sorted(c._target_.rsplit(".", 1)[1] for c in chosen.values())
     assert targets == ["DiscriminativeLR", "FreezeThenUnfreeze", "LRWarmup"]
+
+
+@pytest.mark.parametrize("search", sorted(p.stem for p in (CONF / "hparams_search").glob("*.yaml")))
+def test_hparams_search_tunes_keys_that_exist(search):
+    with initialize_config_module(config_module="freezeft.conf", version_base="1.3"):
+        cfg = compose(
+            config_name="config",
+            overrides=[f"hparams_search={search}"],
+            return_hydra_config=True,
+        )
+    assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper")
+    assert cfg.hydra.sweeper.direction == "minimize"
+    for key in cfg.hydra.sweeper.params:
+        assert OmegaConf.select(cfg, key) is not None, f"{search} tunes unknown key {key}"

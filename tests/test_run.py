@@ -6,6 +6,8 @@ from pathlib import Path
 import pytest
 from pyrun import run_python
 
+from freezeft.history import read_history, read_lr_schedule
+
 
 def run(tmp_path: Path, cache_dir: Path, *overrides: str) -> tuple[Path, str]:
     out = tmp_path / "run"
@@ -88,9 +90,10 @@ def test_evaluation_after_transfer_uses_the_transferred_weights(tmp_path, cache_
 
 
 def test_scratch_baseline_and_pretrain_stage(tmp_path, cache_dir, german_corpus, english_corpus):
-    out, _ = run(tmp_path, cache_dir, "transfer.source=null")
+    out, _ = run(tmp_path, cache_dir, "strategy=scratch")
     results = json.loads((out / "results.json").read_text())
     assert results["source"] is None and not (out / "transfer.json").exists()
+    assert results["strategy"] == "scratch"
     (tmp_path / "p").mkdir()
     out, stdout = run(tmp_path / "p", cache_dir, "stage=pretrain")
     results = json.loads((out / "results.json").read_text())
@@ -113,3 +116,14 @@ def test_combined_strategy_from_the_command_line(tmp_path, cache_dir, transfer_r
     assert "FreezeThenUnfreeze: epoch 1: unfroze ['model.layer_1'" in log
     metrics = (out / "csv" / "version_0" / "metrics.csv").read_text()
     assert "lr-AdamW/model.layer_1" in metrics and "trainable_params" in metrics
+
+    # what the sweep report plots: dev CER per epoch, each group's LR per step
+    epochs = read_history(out)
+    assert [e["epoch"] for e in epochs] == [0, 1] and all("val_cer" in e for e in epochs)
+    lr = read_lr_schedule(out)
+    phase1 = [i for i, epoch in enumerate(lr["epoch"]) if epoch == 0]
+    phase2 = [i for i, epoch in enumerate(lr["epoch"]) if epoch == 1]
+    assert phase1 and phase2
+    assert all(lr["model.layer_1"][i] == 0 for i in phase1)  # frozen: trains at LR 0
+    assert all(lr["model.layer_6"][i] > 0 for i in phase1)
+    assert all(0 < lr["model.layer_1"][i] < lr["model.layer_6"][i] for i in phase2)

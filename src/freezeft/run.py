@@ -7,14 +7,20 @@ Stages:
   checkpoint, ``null`` trains from scratch), apply ``drop_source_layers``, train with the
   chosen strategy, test the best checkpoint of this run, write ``results.json``.
 * ``stage=pretrain``: train and test a model on the source corpus (``source.data``).
+
+In a multirun (``-m``), a job that fails writes ``failure.json`` and the sweep goes on;
+``freezeft.report`` then summarises the sweep (see ``docs/sweeps.md``).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
+import os
 import shutil
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +28,16 @@ import hydra
 import pytorch_lightning as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from freezeft import machine
 from freezeft.cache import cached_entry, config_key, default_cache_dir
+from freezeft.history import History
 from freezeft.transfer import transfer_weights
 
-__all__ = ["main", "run", "pretrained_source"]
+__all__ = ["main", "run", "pretrained_source", "refuse_local_ddp"]
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +89,7 @@ def fit_and_test(
     trainer: pl.Trainer = instantiate(
         cfg.trainer,
         max_epochs=max_epochs,
-        callbacks=[*callbacks, checkpoint],
+        callbacks=[*callbacks, History(output_dir), checkpoint],
         logger=logger,
         default_root_dir=str(output_dir),
         _convert_="all",
@@ -110,8 +119,17 @@ def fit_and_test(
         "drop_source_layers": cfg.transfer.drop_source_layers if source is not None else None,
         "best_checkpoint": best,
         "samples": module.test_samples[:1] + module.test_samples[-1:],
+        "budget": {
+            "max_epochs": max_epochs,
+            "train_utterances": len(datamodule.dataset("train")),
+            "batch_size": datamodule.batch_size,
+            "n_hidden": cfg.model.get("n_hidden"),
+            "source_epochs": cfg.source.max_epochs if source is not None else None,
+        },
+        "machine": machine.describe(),
     }
-    (output_dir / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False))
+    if trainer.is_global_zero:
+        (output_dir / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False))
     return results
 
 
@@ -177,7 +195,7 @@ def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         return results
     if cfg.stage != "transfer":
         raise ValueError(f"Unknown `stage={cfg.stage}`; choose `transfer` or `pretrain`.")
-    source = cfg.transfer.source
+    source = None if cfg.strategy.get("from_scratch") else cfg.transfer.source
     if source == "auto":
         source = pretrained_source(cfg)
     results = fit_and_test(
@@ -187,18 +205,79 @@ def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     return results
 
 
+def refuse_local_ddp(cfg: DictConfig, launcher: str) -> None:
+    """Refuse a multi-process trainer in a sweep whose jobs all run on this machine.
+
+    Lightning starts DDP ranks by re-running the command line, which in a multirun would
+    start the whole sweep again in every rank. A cluster launcher (submitit) gives each
+    rank its own task instead.
+    """
+    strategy = str(cfg.trainer.get("strategy", "auto"))
+    devices = cfg.trainer.get("devices", 1)
+    several = "ddp" in strategy or (isinstance(devices, int) and devices > 1)
+    if several and "submitit" not in launcher:
+        raise ValueError(
+            f"`trainer.strategy={strategy}` with `trainer.devices={devices}` cannot run in a "
+            f"local multirun (launcher {launcher.rsplit('.', 1)[-1]}): Lightning starts DDP "
+            "ranks by re-running the command line, which would start the sweep again in "
+            "every rank. Sweep single-device jobs (trainer=cpu or trainer=gpu, in parallel "
+            "with hydra/launcher=joblib), run the DDP job on its own without -m, or sweep "
+            "on a cluster with hydra/launcher=submitit_slurm (one task per device; see "
+            "docs/sweeps.md)."
+        )
+
+
+def _threads_per_job(cfg: DictConfig, hydra_cfg: Any) -> int | None:
+    """``cpu_threads``, or the machine's cores shared among a joblib launcher's jobs."""
+    if cfg.get("cpu_threads"):
+        return int(cfg.cpu_threads)
+    if "joblib" not in hydra_cfg.launcher._target_:
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = cores or 1
+    n_jobs = int(hydra_cfg.launcher.get("n_jobs") or -1)
+    parallel = n_jobs if n_jobs > 0 else max(1, cores + 1 + n_jobs)  # joblib's -1: all cores
+    return max(1, cores // parallel)
+
+
 @hydra.main(version_base="1.3", config_path="pkg://freezeft.conf", config_name="config")
 def main(cfg: DictConfig) -> float:
-    """Hydra entry point; returns the best dev CER (what a sweeper minimises, never test)."""
-    output_dir = Path(HydraConfig.get().runtime.output_dir)
-    results = run(cfg, output_dir)
+    """Hydra entry point; returns the best dev CER (what a sweeper minimises, never test).
+
+    In a multirun a failing job is logged to ``failure.json`` in its dir and returns NaN
+    (Optuna counts the trial as failed), so the other jobs still run.
+    """
+    hydra_cfg = HydraConfig.get()
+    output_dir = Path(hydra_cfg.runtime.output_dir)
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    if multirun:
+        refuse_local_ddp(cfg, hydra_cfg.launcher._target_)
+    threads = _threads_per_job(cfg, hydra_cfg)
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        results = run(cfg, output_dir)
+    except Exception as err:
+        if not multirun:
+            raise
+        log.exception(f"Job {hydra_cfg.job.num} failed; the sweep goes on.")
+        failure = {
+            "job": hydra_cfg.job.num,
+            "overrides": list(hydra_cfg.overrides.task),
+            "error": f"{type(err).__name__}: {err}",
+            "traceback": traceback.format_exc(),
+        }
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "failure.json").write_text(json.dumps(failure, indent=2))
+        print(f"freezeft: job {hydra_cfg.job.num} failed: {failure['error']}", flush=True)
+        return math.nan
     print(
         f"freezeft {results['stage']}: strategy={results['strategy']} seed={results['seed']} "
         f"test WER {results['wer']:.4f} CER {results['cer']:.4f} "
         f"({results['train_seconds']:.0f}s training) -> {output_dir / 'results.json'}",
         flush=True,
     )
-    return float(results["dev_cer"]) if results["dev_cer"] is not None else float("nan")
+    return float(results["dev_cer"]) if results["dev_cer"] is not None else math.nan
 
 
 if __name__ == "__main__":

@@ -11,9 +11,10 @@ for identical settings.
 from __future__ import annotations
 
 import csv
-import multiprocessing
+import json
+import subprocess
+import sys
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -140,10 +141,15 @@ class SynthCorpus:
 
     def _write_in_fresh_process(self, folder: Path) -> None:
         # eSpeak NG's output depends on what it synthesised before in the same process;
-        # a fresh process per corpus makes the files depend on the settings alone.
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
-            pool.submit(self._write, folder).result()
+        # a fresh process per corpus makes the files depend on the settings alone. A plain
+        # subprocess (not multiprocessing) also works inside joblib/loky and daemon workers.
+        command = [sys.executable, "-m", "freezeft.speech.corpus", json.dumps(asdict(self))]
+        done = subprocess.run([*command, str(folder)])  # its progress bar shows
+        if done.returncode != 0:
+            raise RuntimeError(
+                f"Synthesising the {self.language} corpus into {folder} failed with exit code "
+                f"{done.returncode}; its traceback is printed above. Nothing was cached."
+            )
 
     def words(self) -> list[str]:
         """The lexicon: frequent words spelled only with the alphabet's letters."""
@@ -222,3 +228,7 @@ class SynthCorpus:
 def _write_csv(path: Path, rows: list[list]) -> None:
     with path.open("w", newline="", encoding="utf-8") as handle:
         csv.writer(handle, lineterminator="\n").writerows(rows)
+
+
+if __name__ == "__main__":  # the fresh process of SynthCorpus.build: <settings json> <folder>
+    SynthCorpus(**json.loads(sys.argv[1]))._write(Path(sys.argv[2]))

@@ -1,0 +1,107 @@
+"""What a run's report plots: dev metrics per epoch and each param group's LR per step.
+
+:class:`History` is a Lightning callback that writes, into its folder and after every
+validation and training epoch (so an interrupted run keeps what it had):
+
+* ``history.json``: ``{"epochs": [{"epoch": 0, "val_cer": ..., "train_loss": ...}, ...]}``;
+* ``lr_schedule.csv``: ``step,epoch,<group>,...``, the LR each param group trained at in
+  that optimizer step: after warmup factors, and 0 while the group is frozen.
+
+Place it after the strategies in ``trainer.callbacks`` so it sees their warmup.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+from typing_extensions import override
+
+__all__ = ["History", "read_history", "read_lr_schedule"]
+
+HISTORY_FILE = "history.json"
+LR_FILE = "lr_schedule.csv"
+
+
+class History(pl.Callback):
+    """Record per-epoch ``val_*``/``train_*`` metrics and per-step effective LRs.
+
+    Args:
+        folder: where ``history.json`` and ``lr_schedule.csv`` go (the run dir).
+    """
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        self.epochs: list[dict[str, float | int]] = []
+        self.lr_rows: list[dict[str, float | int]] = []
+        self.group_names: list[str] = []
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
+    ) -> None:
+        if not trainer.is_global_zero:
+            return
+        row: dict[str, float | int] = {"step": trainer.global_step, "epoch": trainer.current_epoch}
+        for index, group in enumerate(optimizer.param_groups):
+            name = str(group.get("name", f"pg{index + 1}"))
+            if name not in self.group_names:
+                self.group_names.append(name)
+            training = any(p.requires_grad for p in group["params"])
+            row[name] = float(group["lr"]) if training else 0.0
+        self.lr_rows.append(row)
+
+    @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._record(trainer, "val_")
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._record(trainer, "train_")
+
+    def _record(self, trainer: pl.Trainer, prefix: str) -> None:
+        if not trainer.is_global_zero:
+            return
+        metrics = {
+            key: float(value)
+            for key, value in trainer.callback_metrics.items()
+            if key.startswith(prefix) and not key.endswith("_step") and value.numel() == 1
+        }
+        if not self.epochs or self.epochs[-1]["epoch"] != trainer.current_epoch:
+            self.epochs.append({"epoch": trainer.current_epoch})
+        self.epochs[-1].update(metrics)
+        self.write()
+
+    def write(self) -> None:
+        """Write both files (called after every epoch)."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        (self.folder / HISTORY_FILE).write_text(json.dumps({"epochs": self.epochs}, indent=1))
+        with open(self.folder / LR_FILE, "w", newline="") as stream:
+            writer = csv.DictWriter(stream, ["step", "epoch", *self.group_names], restval="")
+            writer.writeheader()
+            writer.writerows(self.lr_rows)
+
+
+def read_history(run_dir: Path) -> list[dict[str, float]]:
+    """The per-epoch metrics a :class:`History` wrote in ``run_dir`` ([] if none)."""
+    path = Path(run_dir) / HISTORY_FILE
+    return json.loads(path.read_text())["epochs"] if path.exists() else []
+
+
+def read_lr_schedule(run_dir: Path) -> dict[str, list[float]]:
+    """``{"step": [...], "<group>": [...]}`` from ``lr_schedule.csv`` ({} if none)."""
+    path = Path(run_dir) / LR_FILE
+    if not path.exists():
+        return {}
+    with open(path, newline="") as stream:
+        rows = list(csv.DictReader(stream))
+    if not rows:
+        return {}
+    return {
+        key: [float(row[key]) if row[key] != "" else math.nan for row in rows] for key in rows[0]
+    }
