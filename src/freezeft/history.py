@@ -7,7 +7,8 @@ validation and training epoch (so an interrupted run keeps what it had):
 * ``lr_schedule.csv``: ``step,epoch,<group>,...``, the LR each param group trained at in
   that optimizer step: after warmup factors, and 0 while the group is frozen.
 
-Place it after the strategies in ``trainer.callbacks`` so it sees their warmup.
+Place it after the strategies in ``trainer.callbacks`` so it sees their warmup. Its
+records travel in checkpoints, so a resumed run's files cover the whole run.
 """
 
 from __future__ import annotations
@@ -76,6 +77,16 @@ class History(pl.Callback):
             self.epochs.append({"epoch": trainer.current_epoch})
         self.epochs[-1].update(metrics)
         self.write()
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"epochs": self.epochs, "lr_rows": self.lr_rows, "group_names": self.group_names}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.epochs = list(state_dict.get("epochs", []))
+        self.lr_rows = list(state_dict.get("lr_rows", []))
+        self.group_names = list(state_dict.get("group_names", []))
 
     def write(self) -> None:
         """Write both files (called after every epoch)."""

@@ -14,6 +14,7 @@ In a multirun (``-m``), a job that fails writes ``failure.json`` and the sweep g
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import math
@@ -21,6 +22,7 @@ import os
 import shutil
 import time
 import traceback
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +33,11 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from freezeft import machine
 from freezeft.cache import cached_entry, config_key, default_cache_dir
+from freezeft.checkpointing import AtomicCheckpointIO, InterruptCheckpoint, find_resume_checkpoint
 from freezeft.history import History
 from freezeft.transfer import transfer_weights
 
@@ -42,7 +46,7 @@ __all__ = ["main", "run", "pretrained_source", "refuse_local_ddp"]
 log = logging.getLogger(__name__)
 
 #: Bump when pretraining would give another model for the same settings.
-PRETRAIN_VERSION = 1
+PRETRAIN_VERSION = 2
 
 
 def _plain(cfg: Any) -> Any:
@@ -57,8 +61,13 @@ def fit_and_test(
     max_epochs: int,
     source: str | Path | None = None,
     strategy: bool = True,
+    resume_from: Path | None = None,
 ) -> dict[str, Any]:
-    """Train a speech model on ``data_cfg`` and test its best checkpoint; returns the results."""
+    """Train a speech model on ``data_cfg`` and test its best checkpoint; returns the results.
+
+    ``resume_from``: a checkpoint of this run (in ``output_dir``) to continue from.
+    On SIGINT/SIGTERM a resumable checkpoint is written and the process exits with 143.
+    """
     output_dir.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(data_cfg, _convert_="all")
@@ -66,7 +75,7 @@ def fit_and_test(
     module = instantiate(cfg.model, labels=datamodule.alphabet.labels, _convert_="all")
 
     report = None
-    if source is not None:
+    if source is not None and resume_from is None:  # a resumed run has its weights already
         report = transfer_weights(module, source, cfg.transfer.drop_source_layers)
         report.to_json(output_dir / "transfer.json")
         log.info(report.summary())
@@ -86,17 +95,28 @@ def fit_and_test(
     logger = False
     if cfg.logger:
         logger = instantiate(cfg.logger, save_dir=str(output_dir), _convert_="all")
+    interrupt = InterruptCheckpoint(output_dir / "checkpoints")
     trainer: pl.Trainer = instantiate(
         cfg.trainer,
         max_epochs=max_epochs,
-        callbacks=[*callbacks, History(output_dir), checkpoint],
+        callbacks=[*callbacks, History(output_dir), checkpoint, interrupt],
         logger=logger,
         default_root_dir=str(output_dir),
+        plugins=[AtomicCheckpointIO()],
         _convert_="all",
     )
     start = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
+    except SIGTERMException:
+        print(
+            f"freezeft: interrupted; resumable checkpoint: {interrupt.saved or 'none written'}. "
+            f"Continue with the same overrides and resume={output_dir}",
+            flush=True,
+        )
+        raise SystemExit(143) from None
     train_seconds = time.perf_counter() - start
+    _write_skipped(datamodule, output_dir)
     trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
     best = checkpoint.best_model_path or None
     (test_metrics,) = trainer.test(module, datamodule=datamodule, ckpt_path=best or None)
@@ -119,6 +139,10 @@ def fit_and_test(
         "drop_source_layers": cfg.transfer.drop_source_layers if source is not None else None,
         "best_checkpoint": best,
         "samples": module.test_samples[:1] + module.test_samples[-1:],
+        "skipped_rows": dict(Counter(row.kind for _, row in datamodule.skipped_rows())),
+        "skipped_batches": module.skipped_batches,
+        "resumed_from": str(resume_from) if resume_from is not None else None,
+        "run_dir": str(output_dir),
         "budget": {
             "max_epochs": max_epochs,
             "train_utterances": len(datamodule.dataset("train")),
@@ -131,6 +155,60 @@ def fit_and_test(
     if trainer.is_global_zero:
         (output_dir / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False))
     return results
+
+
+def _write_skipped(datamodule: Any, output_dir: Path) -> None:
+    """``skipped_samples.csv``: every row the data left out and why (rank zero)."""
+    rows = datamodule.skipped_rows() if hasattr(datamodule, "skipped_rows") else []
+    if not rows or int(os.environ.get("RANK", "0")) != 0:
+        return
+    with open(output_dir / "skipped_samples.csv", "w", newline="") as stream:
+        writer = csv.writer(stream)
+        writer.writerow(["split", "row", "wav_filename", "problem", "detail"])
+        writer.writerows([split, r.source, r.path, r.kind, r.detail] for split, r in rows)
+    kinds = Counter(row.kind for _, row in rows)
+    log.warning(
+        f"Skipped {len(rows)} rows ({', '.join(f'{n} {k}' for k, n in kinds.most_common())}); "
+        f"each one with its reason: {output_dir / 'skipped_samples.csv'}"
+    )
+
+
+#: Config sections a resumed run must share with the run it continues.
+RESUME_MUST_MATCH = ("stage", "seed", "model", "data", "strategy", "transfer", "source")
+
+
+def _check_resume_config(cfg: DictConfig, run_dir: Path) -> None:
+    saved_path = run_dir / ".hydra" / "config.yaml"
+    if not saved_path.exists():
+        log.warning(f"{run_dir} has no .hydra/config.yaml; cannot check the resumed config.")
+        return
+    saved = OmegaConf.load(saved_path)
+    differences = []
+    for section in RESUME_MUST_MATCH:
+        before, now = _flat(_plain(saved.get(section))), _flat(_plain(cfg.get(section)))
+        for key in sorted(set(before) | set(now)):
+            if before.get(key) != now.get(key):
+                differences.append(
+                    f"{section}{key}: {before.get(key)!r} then, {now.get(key)!r} now"
+                )
+    if differences:
+        raise ValueError(
+            f"resume={cfg.resume}: the config differs from the run being resumed "
+            f"({saved_path}): "
+            + "; ".join(differences[:8])
+            + ". Resume with the same overrides as the original run."
+        )
+
+
+def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict):
+        flat: dict[str, Any] = {}
+        for key, value in node.items():
+            if key in ("cache_dir", "num_workers"):  # where and how fast, not what
+                continue
+            flat.update(_flat(value, f"{prefix}.{key}"))
+        return flat
+    return {prefix: node}
 
 
 def strategy_label(cfg: DictConfig) -> str:
@@ -155,24 +233,25 @@ def _source_settings(cfg: DictConfig) -> dict[str, Any]:
 def pretrained_source(cfg: DictConfig) -> Path:
     """The source checkpoint for ``transfer.source=auto``: pretrained once, then cached.
 
-    Keyed by the source data, model and pretraining budget; parallel jobs of a sweep
-    wait for the one that trains it.
+    Keyed by the source data, model and pretraining budget, not by the run's own seed
+    (``${seed}`` in the source data resolves to ``source.seed``): every job of a sweep
+    over seeds shares one source model, and parallel jobs wait for the one that trains it.
     """
-    settings = _source_settings(cfg)
+    source_cfg = cfg.copy()
+    OmegaConf.update(source_cfg, "seed", cfg.source.seed)
+    settings = _source_settings(source_cfg)
     root = Path(cfg.paths.cache_dir) if cfg.paths.cache_dir else default_cache_dir()
     entry = root / "source" / config_key(settings)
 
     def build(folder: Path) -> None:
         log.info(f"Pretraining the source model into {entry} (one-time, cached)...")
-        source_cfg = cfg.copy()
-        OmegaConf.update(source_cfg, "seed", cfg.source.seed)
         # One process pretrains while the others wait on the cache lock, so it must not
         # start a multi-process strategy (DDP ranks would wait for each other forever).
         OmegaConf.update(source_cfg, "trainer.devices", 1)
         OmegaConf.update(source_cfg, "trainer.strategy", "auto", force_add=True)
         results = fit_and_test(
             source_cfg,
-            cfg.source.data,
+            source_cfg.source.data,
             folder / "run",
             max_epochs=cfg.source.max_epochs,
             strategy=False,
@@ -195,11 +274,21 @@ def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         return results
     if cfg.stage != "transfer":
         raise ValueError(f"Unknown `stage={cfg.stage}`; choose `transfer` or `pretrain`.")
+    resume_from = None
+    if cfg.get("resume"):
+        output_dir, resume_from = find_resume_checkpoint(cfg.resume)
+        _check_resume_config(cfg, output_dir)
+        log.info(f"Resuming {output_dir} from {resume_from}")
     source = None if cfg.strategy.get("from_scratch") else cfg.transfer.source
     if source == "auto":
         source = pretrained_source(cfg)
     results = fit_and_test(
-        cfg, cfg.data, output_dir, max_epochs=cfg.trainer.max_epochs, source=source
+        cfg,
+        cfg.data,
+        output_dir,
+        max_epochs=cfg.trainer.max_epochs,
+        source=source,
+        resume_from=resume_from,
     )
     results["stage"] = "transfer"
     return results
@@ -274,7 +363,7 @@ def main(cfg: DictConfig) -> float:
     print(
         f"freezeft {results['stage']}: strategy={results['strategy']} seed={results['seed']} "
         f"test WER {results['wer']:.4f} CER {results['cer']:.4f} "
-        f"({results['train_seconds']:.0f}s training) -> {output_dir / 'results.json'}",
+        f"({results['train_seconds']:.0f}s training) -> {results['run_dir']}/results.json",
         flush=True,
     )
     return float(results["dev_cer"]) if results["dev_cer"] is not None else math.nan

@@ -36,8 +36,8 @@ def test_rows_outside_the_alphabet_are_skipped_or_refused(tmp_path, german_corpu
     alphabet = Alphabet.from_file(german_corpus / "alphabet.txt")
     dataset = SpeechDataset([path], alphabet)
     assert len(dataset) == 1
-    assert [s for s, _ in dataset.skipped] == [f"{path}:3", f"{path}:4"]
-    assert "['!']" in dataset.skipped[0][1]
+    assert [s.source for s in dataset.skipped] == [f"{path}:3", f"{path}:4"]
+    assert "['!']" in dataset.skipped[0].detail
     with pytest.raises(ValueError, match=r"train.csv:3: transcript has characters outside"):
         SpeechDataset([path], alphabet, on_bad_sample="error")
 

@@ -10,8 +10,10 @@ from __future__ import annotations
 import csv
 import math
 import os
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 from typing import Literal
 
@@ -27,7 +29,10 @@ from freezeft.speech.alphabet import Alphabet
 
 __all__ = [
     "Sample",
+    "Skipped",
     "read_csv",
+    "load_audio",
+    "wav_truncation",
     "SpeechDataset",
     "BucketBatchSampler",
     "collate",
@@ -45,6 +50,7 @@ class Sample:
     size: int
     transcript: str
     source: str  # "file.csv:row" for messages
+    csv_dir: Path | None = None  # set when the CSV gave a relative path
 
 
 def read_csv(path: str | Path) -> list[Sample]:
@@ -56,7 +62,11 @@ def read_csv(path: str | Path) -> list[Sample]:
         with path.open(newline="", encoding="utf-8") as handle:
             rows = list(csv.reader(handle))
     except UnicodeDecodeError as err:
-        raise ValueError(f"CSV file {path} is not UTF-8 text ({err}).") from None
+        line = path.read_bytes()[: err.start].count(b"\n") + 1
+        raise ValueError(
+            f"CSV file {path} is not UTF-8 text: line {line} has the byte "
+            f"{err.object[err.start : err.start + 1]!r}; save the file as UTF-8."
+        ) from None
     if not rows:
         raise ValueError(f"CSV file {path} is empty; expected the header {','.join(CSV_COLUMNS)}.")
     header = [column.strip() for column in rows[0]]
@@ -75,7 +85,8 @@ def read_csv(path: str | Path) -> list[Sample]:
         if len(row) < len(header):
             raise ValueError(f"{where}: expected {len(header)} fields, but got {len(row)}: {row}.")
         wav = Path(row[col["wav_filename"]])
-        if not wav.is_absolute():
+        relative = not wav.is_absolute()
+        if relative:
             wav = path.parent / wav
         size_text = row[col["wav_filesize"]].strip()
         try:
@@ -84,12 +95,21 @@ def read_csv(path: str | Path) -> list[Sample]:
             raise ValueError(
                 f"{where}: wav_filesize must be an integer number of bytes, but got {size_text!r}."
             ) from None
-        samples.append(Sample(wav, size, row[col["transcript"]], where))
+        csv_dir = path.parent if relative else None
+        samples.append(Sample(wav, size, row[col["transcript"]], where, csv_dir))
+    if not samples:
+        raise ValueError(
+            f"CSV file {path} has a header but no rows; add rows "
+            f"({','.join(CSV_COLUMNS)}) or leave the file out of the split."
+        )
     return samples
 
 
 def load_audio(path: Path, sample_rate: int) -> np.ndarray:
-    """Mono float32 audio at ``sample_rate``; other rates are resampled, channels averaged."""
+    """Mono float32 audio at ``sample_rate``; other rates are resampled, channels averaged.
+
+    Any WAV/FLAC/OGG subtype libsndfile reads works (8-bit, 16/24/32-bit, float).
+    """
     audio, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
     audio = audio.mean(axis=1)
     if rate != sample_rate:
@@ -97,11 +117,56 @@ def load_audio(path: Path, sample_rate: int) -> np.ndarray:
     return audio
 
 
-class SpeechDataset(Dataset):
-    """Audio + label ids for DeepSpeech CSV rows.
+def wav_truncation(path: Path) -> tuple[int, int] | None:
+    """``(declared, present)`` data bytes if a RIFF WAV file is cut short, else ``None``.
 
-    Rows whose transcript is empty or has characters outside the alphabet are skipped
-    (``on_bad_sample="skip"``, counted and reported) or raise (``"error"``).
+    libsndfile reads a truncated WAV without complaint (just fewer samples), so the
+    RIFF chunks are walked here: the ``data`` chunk must hold the bytes it declares.
+    """
+    with open(path, "rb") as stream:
+        if stream.read(4) != b"RIFF":
+            return None
+        stream.seek(12)
+        size = os.fstat(stream.fileno()).st_size
+        while header := stream.read(8):
+            if len(header) < 8:
+                return None
+            declared = int.from_bytes(header[4:], "little")
+            if header[:4] == b"data":
+                present = size - stream.tell()
+                return (declared, present) if present < declared else None
+            stream.seek(declared + (declared & 1), os.SEEK_CUR)
+    return None
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A row left out of a dataset: where it is, its audio file, the kind of problem and why."""
+
+    source: str
+    path: str
+    kind: str
+    detail: str
+
+
+class SpeechDataset(Dataset):
+    """Audio + label ids for DeepSpeech CSV rows, checked before training starts.
+
+    Rows that cannot be trained on are skipped (``on_bad_sample="skip"``: counted in
+    :attr:`skipped`, summarised in a warning) or raise (``"error"``) with the CSV row:
+    empty transcript; characters outside the alphabet; a duplicate row; a relative path
+    that leaves the CSV's folder; missing, unreadable, truncated or empty audio; audio too
+    short for its transcript (CTC needs a frame per label plus one between repeated
+    labels: DeepSpeech's "Not enough time for target transition sequence"). Audio at
+    another sample rate is resampled and multi-channel audio downmixed, with a note.
+
+    Args:
+        csv_files: the split's CSVs.
+        alphabet: the output alphabet.
+        sample_rate: the model's sample rate.
+        on_bad_sample: ``"skip"`` or ``"error"``.
+        window_ms: the feature window, for the frames-per-transcript check.
+        step_ms: the feature step, for the same check.
     """
 
     def __init__(
@@ -110,6 +175,8 @@ class SpeechDataset(Dataset):
         alphabet: Alphabet,
         sample_rate: int = 16000,
         on_bad_sample: Literal["skip", "error"] = "skip",
+        window_ms: float = 32.0,
+        step_ms: float = 20.0,
     ) -> None:
         if on_bad_sample not in ("skip", "error"):
             raise ValueError(
@@ -117,30 +184,90 @@ class SpeechDataset(Dataset):
             )
         self.alphabet = alphabet
         self.sample_rate = sample_rate
+        self.window = round(sample_rate * window_ms / 1000)
+        self.step = round(sample_rate * step_ms / 1000)
         self.samples: list[Sample] = []
-        self.skipped: list[tuple[str, str]] = []
+        self.skipped: list[Skipped] = []
+        self.notes: Counter[str] = Counter()
+        seen: dict[tuple[Path, str], str] = {}
         for csv_file in csv_files:
             for sample in read_csv(csv_file):
-                problem = self._check(sample)
+                problem = self._check(sample, seen)
                 if problem is None:
                     self.samples.append(sample)
-                elif on_bad_sample == "error":
-                    raise ValueError(f"{sample.source}: {problem}")
-                else:
-                    self.skipped.append((sample.source, problem))
+                    continue
+                kind, detail = problem
+                if on_bad_sample == "error":
+                    raise ValueError(
+                        f"{sample.source}: {detail}. Fix or remove the row, or set "
+                        "`data.on_bad_sample=skip` to skip such rows."
+                    )
+                self.skipped.append(Skipped(sample.source, str(sample.path), kind, detail))
+        names = ", ".join(map(str, csv_files))
+        for note, count in sorted(self.notes.items()):
+            rank_zero_info(f"{names}: {count} file(s) {note}")
         if self.skipped:
+            kinds = Counter(s.kind for s in self.skipped)
             rank_zero_warn(
                 f"Skipped {len(self.skipped)} of {len(self.samples) + len(self.skipped)} rows "
-                f"of {', '.join(map(str, csv_files))}; first: {self.skipped[0][0]}: "
-                f"{self.skipped[0][1]}"
+                f"of {names} ({', '.join(f'{n} {k}' for k, n in kinds.most_common())}); "
+                f"first: {self.skipped[0].source}: {self.skipped[0].detail}"
             )
 
-    def _check(self, sample: Sample) -> str | None:
+    def _check(self, sample: Sample, seen: dict[tuple[Path, str], str]) -> tuple[str, str] | None:
+        """``(kind, detail)`` of what makes ``sample`` unusable, or ``None``."""
         if not sample.transcript:
-            return "empty transcript"
+            return "empty transcript", "empty transcript"
         missing = self.alphabet.missing(sample.transcript)
         if missing:
-            return f"transcript has characters outside the alphabet: {missing}"
+            return (
+                "outside alphabet",
+                f"transcript has characters outside the alphabet: {missing}",
+            )
+        key = (sample.path.resolve(), sample.transcript)
+        if key in seen:
+            return "duplicate", f"duplicate of {seen[key]}"
+        seen[key] = sample.source
+        if sample.csv_dir is not None and not key[0].is_relative_to(sample.csv_dir.resolve()):
+            return (
+                "outside CSV folder",
+                f"relative path {sample.path} leaves the CSV's folder {sample.csv_dir}; "
+                "give an absolute path or move the file under that folder",
+            )
+        return self._check_audio(sample)
+
+    def _check_audio(self, sample: Sample) -> tuple[str, str] | None:
+        if not sample.path.is_file():
+            return "missing audio", f"audio file {sample.path} does not exist"
+        try:
+            info = soundfile.info(str(sample.path))
+            cut = wav_truncation(sample.path)
+        except (OSError, RuntimeError, soundfile.LibsndfileError) as err:
+            return "unreadable audio", f"cannot read audio file {sample.path}: {err}"
+        if cut is not None:
+            return (
+                "truncated audio",
+                f"audio file {sample.path} is truncated: its header declares {cut[0]} "
+                f"data bytes, {cut[1]} are present",
+            )
+        if info.frames == 0:
+            return "empty audio", f"audio file {sample.path} has no samples"
+        if info.samplerate != self.sample_rate:
+            self.notes[f"resampled from {info.samplerate} Hz to {self.sample_rate} Hz"] += 1
+        if info.channels > 1:
+            self.notes[f"downmixed from {info.channels} channels to mono"] += 1
+        samples = info.frames * self.sample_rate // info.samplerate
+        frames = max(0, (samples - self.window) // self.step + 1)
+        labels = self.alphabet.encode(sample.transcript)
+        needed = len(labels) + sum(a == b for a, b in pairwise(labels))
+        if frames < needed:
+            return (
+                "too short for transcript",
+                f"audio too short for its transcript: {frames} frames "
+                f"({info.frames / info.samplerate:.2f} s) for {len(labels)} labels, CTC needs "
+                f"at least {needed} (DeepSpeech: 'Not enough time for target transition "
+                "sequence')",
+            )
         return None
 
     def __len__(self) -> int:
@@ -218,10 +345,15 @@ class BucketBatchSampler(Sampler[list[int]]):
         self.num_replicas = num_replicas
         self.rank = rank
         self.epoch = 0
+        self._skip = 0
 
     def set_epoch(self, epoch: int) -> None:
         """Choose the shuffle of ``epoch`` (Lightning calls this each epoch)."""
         self.epoch = epoch
+
+    def skip_batches(self, count: int) -> None:
+        """Leave out the first ``count`` batches of the next iteration only (mid-epoch resume)."""
+        self._skip = count
 
     def __len__(self) -> int:
         return math.ceil(len(self.batches) / self.num_replicas)
@@ -233,7 +365,8 @@ class BucketBatchSampler(Sampler[list[int]]):
             order = torch.randperm(len(order), generator=generator).tolist()
         total = len(self) * self.num_replicas
         order = (order * math.ceil(total / max(len(order), 1)))[:total] if order else []
-        for index in order[self.rank :: self.num_replicas]:
+        skip, self._skip = self._skip, 0
+        for index in order[self.rank :: self.num_replicas][skip:]:
             yield self.batches[index]
 
 
@@ -284,6 +417,12 @@ class SpeechDataModule(pl.LightningDataModule):
             )
         if batch_size < 1:
             raise ValueError(f"Expected `batch_size` >= 1, but got {batch_size}.")
+        if num_workers < 0:
+            raise ValueError(f"Expected `num_workers` >= 0, but got {num_workers}.")
+        if on_bad_sample not in ("skip", "error"):
+            raise ValueError(
+                f"Expected `on_bad_sample` to be 'skip' or 'error', but got {on_bad_sample!r}."
+            )
         self.corpus = corpus
         self._data_dir = Path(data_dir) if data_dir is not None else None
         self.csvs = {"train": train_csv, "dev": dev_csv, "test": test_csv}
@@ -322,11 +461,24 @@ class SpeechDataModule(pl.LightningDataModule):
     def dataset(self, split: str) -> SpeechDataset:
         """The dataset of ``split``, read on first use."""
         if split not in self.datasets:
-            self.datasets[split] = SpeechDataset(
+            dataset = SpeechDataset(
                 self.csv_paths(split), self.alphabet, self.sample_rate, self.on_bad_sample
             )
-            rank_zero_info(f"{split}: {len(self.datasets[split])} utterances")
+            if len(dataset) == 0:
+                kinds = Counter(s.kind for s in dataset.skipped)
+                csvs = [str(p) for p in self.csv_paths(split)]
+                raise ValueError(
+                    f"No usable row in the {split} CSV(s) {csvs}: all {len(dataset.skipped)} "
+                    f"were skipped ({dict(kinds)}); first: "
+                    f"{dataset.skipped[0].source}: {dataset.skipped[0].detail}"
+                )
+            rank_zero_info(f"{split}: {len(dataset)} utterances")
+            self.datasets[split] = dataset
         return self.datasets[split]
+
+    def skipped_rows(self) -> list[tuple[str, Skipped]]:
+        """``(split, row)`` for every row the datasets read so far left out."""
+        return [(split, row) for split, data in self.datasets.items() for row in data.skipped]
 
     def setup(self, stage: str) -> None:
         splits = {"fit": ("train", "dev"), "validate": ("dev",), "test": ("test",)}.get(stage, ())
@@ -344,12 +496,18 @@ class SpeechDataModule(pl.LightningDataModule):
             num_replicas=trainer.world_size if trainer else 1,
             rank=trainer.global_rank if trainer else 0,
         )
+        if split == "train" and trainer is not None and trainer.fit_loop.epoch_loop.restarting:
+            # resuming mid-epoch: the batches this epoch already trained on are not repeated
+            sampler.skip_batches(trainer.fit_loop.epoch_loop.batch_progress.current.completed)
         return DataLoader(
             dataset,
             batch_sampler=sampler,
             collate_fn=collate,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            # its own generator: creating an iterator does not draw from torch's global RNG,
+            # so a resumed run's dropout masks follow the same sequence as an uninterrupted one
+            generator=torch.Generator().manual_seed(self.seed),
             pin_memory=bool(trainer and type(trainer.accelerator).__name__ == "CUDAAccelerator"),
         )
 

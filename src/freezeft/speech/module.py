@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -14,6 +15,8 @@ from freezeft.speech.alphabet import Alphabet
 from freezeft.speech.decoding import error_counts, greedy_decode, sample_cer
 from freezeft.speech.features import MFCCFeatures
 from freezeft.speech.model import LAYER_NAMES, DeepSpeech
+
+log = logging.getLogger(__name__)
 
 __all__ = ["SpeechModule"]
 
@@ -73,6 +76,7 @@ class SpeechModule(pl.LightningModule):
         self.scheduler_factory = scheduler
         self.scheduler_monitor = scheduler_monitor
         self.test_samples: list[dict] = []
+        self.skipped_batches: list[dict] = []
         self._counts: Tensor | None = None
         self._samples: list[dict] = []
 
@@ -96,11 +100,33 @@ class SpeechModule(pl.LightningModule):
             zero_infinity=True,
         )
 
-    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor | None:
         logits, frame_lengths = self(batch["audio"], batch["audio_lengths"])
         loss = self._loss(logits, frame_lengths, batch)
+        if not torch.isfinite(loss):
+            return self._skip_batch(loss, batch, batch_idx)
         self.log("train_loss", loss, prog_bar=True, batch_size=len(batch["transcripts"]))
         return loss
+
+    def _skip_batch(self, loss: Tensor, batch: dict, batch_idx: int) -> Tensor | None:
+        """Report a batch whose loss is not finite and train on nothing from it (DeepSpeech's
+        way): its files are listed in the log and in :attr:`skipped_batches`."""
+        self.skipped_batches.append(
+            {
+                "epoch": self.current_epoch,
+                "batch": batch_idx,
+                "loss": float(loss),
+                "paths": batch["paths"],
+            }
+        )
+        log.warning(
+            f"Skipping batch {batch_idx} of epoch {self.current_epoch}: its loss is "
+            f"{float(loss)}. Its files: {', '.join(batch['paths'])}"
+        )
+        if self.trainer.world_size > 1:
+            # every rank must run backward under DDP: a zero loss gives zero gradients
+            return sum((p * 0).sum() for p in self.parameters() if p.requires_grad)
+        return None
 
     def _evaluate(self, batch: dict, stage: str) -> None:
         logits, frame_lengths = self(batch["audio"], batch["audio_lengths"])

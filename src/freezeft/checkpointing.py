@@ -1,0 +1,228 @@
+"""Checkpoints that survive being killed: atomic writes, a checkpoint on SIGINT/SIGTERM,
+and finding the newest intact checkpoint of a run to resume from.
+
+* :class:`AtomicCheckpointIO` (a Trainer plugin) writes each checkpoint to a temporary
+  file in the same folder and renames it into place, so a kill mid-write never leaves a
+  half-written ``last.ckpt`` behind.
+* :class:`InterruptCheckpoint` (a callback) turns Ctrl+C into Lightning's graceful stop:
+  after the running batch, ``interrupted.ckpt`` is written; a second Ctrl+C aborts at
+  once. Lightning itself stops the same way on SIGTERM.
+* :func:`find_resume_checkpoint` picks the newest checkpoint of a run dir that loads,
+  warning about any newer one that does not (a truncated file from an older writer).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import signal
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+from pytorch_lightning.trainer.states import TrainerFn
+from pytorch_lightning.utilities.exceptions import SIGTERMException
+from typing_extensions import override
+
+__all__ = [
+    "AtomicCheckpointIO",
+    "InterruptCheckpoint",
+    "INTERRUPTED_CHECKPOINT",
+    "find_resume_checkpoint",
+    "load_checkpoint",
+]
+
+log = logging.getLogger(__name__)
+
+INTERRUPTED_CHECKPOINT = "interrupted.ckpt"
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """``torch.save`` to a temporary sibling file, flushed to disk, then renamed into place."""
+
+    @override
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any | None = None
+    ) -> None:
+        if storage_options is not None:
+            raise TypeError(
+                "AtomicCheckpointIO does not take `storage_options`; "
+                f"got {storage_options!r} for {path}."
+            )
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(handle, "wb") as stream:
+                torch.save(checkpoint, stream)
+                stream.flush()
+                os.fsync(stream.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+class InterruptCheckpoint(pl.Callback):
+    """Write ``<dirpath>/interrupted.ckpt`` when training stops on SIGINT or SIGTERM.
+
+    The checkpoint is taken between batches (Lightning raises its ``SIGTERMException``
+    after a batch has finished), so resuming from it continues exactly where training
+    stopped. Ctrl+C (SIGINT) is routed to the same graceful stop while training runs.
+    Every checkpoint also carries the RNG states (torch, CUDA, NumPy, Python) of rank 0,
+    restored when training starts again, so dropout draws the masks it would have drawn.
+
+    Args:
+        dirpath: the run's checkpoint folder.
+    """
+
+    def __init__(self, dirpath: str | Path) -> None:
+        self.dirpath = Path(dirpath)
+        self.saved: Path | None = None
+        self._previous_sigint: Any = None
+        self._rng_to_restore: dict[str, Any] | None = None
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._rng_to_restore is not None:
+            _set_rng_states(self._rng_to_restore)
+            self._rng_to_restore = None
+        if _in_main_thread():
+            self._previous_sigint = signal.signal(signal.SIGINT, self._on_sigint)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"rng": _get_rng_states()}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._rng_to_restore = state_dict.get("rng")
+
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        # the first Ctrl+C stops after this batch (via Lightning's SIGTERM path); a second
+        # one restores the default handler's behaviour: stop now
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        log.warning("Ctrl+C: stopping after this batch with a checkpoint (Ctrl+C again: now).")
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._restore_sigint()
+
+    @override
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        self._restore_sigint()
+        if trainer.state.fn != TrainerFn.FITTING:
+            return
+        if not isinstance(exception, (SIGTERMException, KeyboardInterrupt)):
+            return
+        path = self.dirpath / INTERRUPTED_CHECKPOINT
+        trainer.save_checkpoint(path)
+        self.saved = path
+        log.warning(f"Interrupted: wrote a resumable checkpoint to {path}")
+
+    def _restore_sigint(self) -> None:
+        if self._previous_sigint is not None and _in_main_thread():
+            signal.signal(signal.SIGINT, self._previous_sigint)
+            self._previous_sigint = None
+
+
+def _get_rng_states() -> dict[str, Any]:
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    states: dict[str, Any] = {  # plain types and tensors: loadable with weights_only=True
+        "torch": torch.get_rng_state(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _set_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    kind, keys, pos, has_gauss, gauss = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    random.setstate(states["python"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def _in_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a Lightning checkpoint on the CPU; errors say what is wrong with which file.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: the file is not a (complete) checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"No checkpoint at {path}.")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:
+        raise ValueError(
+            f"{path} is not a readable checkpoint (truncated or not written by torch.save): "
+            f"{type(err).__name__}: {err}"
+        ) from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise ValueError(f"{path} is not a Lightning checkpoint (it has no `state_dict`).")
+    return checkpoint
+
+
+def find_resume_checkpoint(target: str | Path) -> tuple[Path, Path]:
+    """``(run dir, checkpoint)`` to resume ``target``: a run dir or a ``.ckpt`` in one.
+
+    For a run dir, its ``checkpoints/*.ckpt`` are tried newest first; one that does not
+    load is skipped with a warning, so a truncated last checkpoint falls back to the
+    previous good one.
+
+    Raises:
+        FileNotFoundError: ``target`` does not exist or holds no checkpoint.
+        ValueError: ``target`` is a file that is not a checkpoint, or none of the run's
+            checkpoints loads.
+    """
+    target = Path(target)
+    if target.is_file():
+        load_checkpoint(target)
+        run_dir = target.parent.parent if target.parent.name == "checkpoints" else target.parent
+        return run_dir, target
+    if not target.is_dir():
+        raise FileNotFoundError(
+            f"Cannot resume {target}: no such run dir or checkpoint. Pass `resume=` a run dir "
+            "(outputs/<date>/<time>) or a .ckpt file."
+        )
+    candidates = sorted(
+        (target / "checkpoints").glob("*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True
+    )
+    if not candidates:
+        raise FileNotFoundError(
+            f"Cannot resume {target}: {target / 'checkpoints'} holds no .ckpt file "
+            "(the run stopped before its first checkpoint; start it again instead)."
+        )
+    problems = []
+    for candidate in candidates:
+        try:
+            load_checkpoint(candidate)
+        except ValueError as err:
+            problems.append(str(err))
+            continue
+        for problem in problems:
+            warnings.warn(f"Skipping a bad checkpoint: {problem}; using {candidate}.", stacklevel=2)
+        return target, candidate
+    raise ValueError(f"No checkpoint of {target} loads: " + "; ".join(problems))

@@ -1,0 +1,193 @@
+"""Fault injection: every kind of bad DeepSpeech input, built on real files.
+
+Each case must end in an error that names the file and row and says what to do, or in
+a counted skip whose reason says the same; never a traceback from deep inside torch.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+
+from freezeft.speech.alphabet import Alphabet
+from freezeft.speech.data import SpeechDataModule, SpeechDataset, load_audio, read_csv
+
+HEADER = "wav_filename,wav_filesize,transcript\n"
+
+
+@pytest.fixture
+def speech(german_corpus) -> tuple[np.ndarray, str]:
+    """One real utterance (16 kHz float audio) and its transcript."""
+    wav = german_corpus / "train" / "00000.wav"
+    transcript = (german_corpus / "train.csv").read_text().splitlines()[1].split(",", 2)[2]
+    audio, rate = soundfile.read(wav, dtype="float32")
+    assert rate == 16000
+    return audio, transcript
+
+
+@pytest.fixture
+def alphabet(german_corpus) -> Alphabet:
+    return Alphabet.from_file(german_corpus / "alphabet.txt")
+
+
+def write_csv(path: Path, rows: list[tuple[str, str]]) -> Path:
+    path.write_text(HEADER + "".join(f"{wav},0,{text}\n" for wav, text in rows))
+    return path
+
+
+def only_skip(dataset: SpeechDataset):
+    assert len(dataset.skipped) == 1, dataset.skipped
+    return dataset.skipped[0]
+
+
+# -- CSV files ---------------------------------------------------------------------------
+
+
+def test_missing_csv_names_the_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"CSV file .*nope.csv does not exist"):
+        read_csv(tmp_path / "nope.csv")
+
+
+def test_wrong_header_names_the_columns(tmp_path):
+    path = tmp_path / "bad.csv"
+    path.write_text("file,size,text\nx.wav,1,hallo\n")
+    with pytest.raises(ValueError, match=r"bad.csv lacks the column\(s\).*its header is"):
+        read_csv(path)
+
+
+def test_empty_and_header_only_csv(tmp_path):
+    (tmp_path / "empty.csv").write_text("")
+    with pytest.raises(ValueError, match=r"empty.csv is empty; expected the header"):
+        read_csv(tmp_path / "empty.csv")
+    (tmp_path / "header.csv").write_text(HEADER)
+    with pytest.raises(ValueError, match=r"header.csv has a header but no rows"):
+        read_csv(tmp_path / "header.csv")
+
+
+def test_non_utf8_csv_names_the_line(tmp_path):
+    path = tmp_path / "latin1.csv"
+    path.write_bytes((HEADER + "a.wav,0,gut\nb.wav,0,schön\n").encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1.csv is not UTF-8 text: line 3 .*save the file"):
+        read_csv(path)
+
+
+def test_duplicate_rows_are_skipped(tmp_path, speech, alphabet):
+    audio, text = speech
+    soundfile.write(tmp_path / "a.wav", audio, 16000)
+    path = write_csv(tmp_path / "train.csv", [("a.wav", text), ("a.wav", text)])
+    dataset = SpeechDataset([path], alphabet)
+    skip = only_skip(dataset)
+    assert len(dataset) == 1 and skip.kind == "duplicate"
+    assert skip.source == f"{path}:3" and skip.detail == f"duplicate of {path}:2"
+
+
+def test_relative_path_outside_the_csv_folder(tmp_path, speech, alphabet):
+    audio, text = speech
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "lists").mkdir()
+    soundfile.write(tmp_path / "elsewhere" / "a.wav", audio, 16000)
+    soundfile.write(tmp_path / "lists" / "b.wav", audio, 16000)
+    path = write_csv(
+        tmp_path / "lists" / "train.csv", [("../elsewhere/a.wav", text), ("b.wav", text)]
+    )
+    skip = only_skip(SpeechDataset([path], alphabet))
+    assert skip.kind == "outside CSV folder" and "leaves the CSV's folder" in skip.detail
+    assert "give an absolute path" in skip.detail
+
+
+# -- audio -------------------------------------------------------------------------------
+
+
+def test_missing_unreadable_truncated_and_empty_audio(tmp_path, speech, alphabet):
+    audio, text = speech
+    soundfile.write(tmp_path / "good.wav", audio, 16000, subtype="PCM_16")
+    whole = (tmp_path / "good.wav").read_bytes()
+    (tmp_path / "truncated.wav").write_bytes(whole[: len(whole) // 2])
+    (tmp_path / "garbage.wav").write_bytes(b"this is not audio at all")
+    soundfile.write(tmp_path / "empty.wav", audio[:0], 16000)
+    rows = [
+        (name, text)
+        for name in ("good.wav", "missing.wav", "garbage.wav", "truncated.wav", "empty.wav")
+    ]
+    path = write_csv(tmp_path / "train.csv", rows)
+    dataset = SpeechDataset([path], alphabet)
+    assert len(dataset) == 1
+    kinds = {s.source.rsplit(":", 1)[1]: (s.kind, s.detail) for s in dataset.skipped}
+    assert kinds["3"][0] == "missing audio" and "missing.wav does not exist" in kinds["3"][1]
+    assert kinds["4"][0] == "unreadable audio" and "garbage.wav" in kinds["4"][1]
+    assert kinds["5"][0] == "truncated audio"
+    assert f"declares {len(whole) - 44} data bytes" in kinds["5"][1]
+    assert kinds["6"] == ("empty audio", f"audio file {tmp_path / 'empty.wav'} has no samples")
+    with pytest.raises(
+        ValueError,
+        match=r"train.csv:3: audio file .*missing.wav does not exist\. .*data.on_bad_sample=skip",
+    ):
+        SpeechDataset([path], alphabet, on_bad_sample="error")
+
+
+def test_other_rates_and_stereo_are_converted_with_a_note(tmp_path, speech, alphabet, caplog):
+    audio, text = speech
+    soundfile.write(tmp_path / "8k.wav", audio[::2], 8000)
+    soundfile.write(tmp_path / "stereo.wav", np.stack([audio, audio], axis=1), 16000)
+    path = write_csv(tmp_path / "train.csv", [("8k.wav", text), ("stereo.wav", text)])
+    dataset = SpeechDataset([path], alphabet)
+    assert len(dataset) == 2 and not dataset.skipped
+    assert dataset.notes == {
+        "resampled from 8000 Hz to 16000 Hz": 1,
+        "downmixed from 2 channels to mono": 1,
+    }
+    resampled, stereo = dataset[0]["audio"], dataset[1]["audio"]
+    assert abs(len(resampled) - len(audio)) <= 2
+    assert np.allclose(stereo.numpy(), audio, atol=1e-6)
+
+
+@pytest.mark.parametrize("subtype", ["PCM_U8", "PCM_16", "PCM_24", "FLOAT", "DOUBLE"])
+def test_8bit_and_float_wavs_load(tmp_path, speech, subtype):
+    audio, _ = speech
+    soundfile.write(tmp_path / "a.wav", audio, 16000, subtype=subtype)
+    loaded = load_audio(tmp_path / "a.wav", 16000)
+    assert loaded.dtype == np.float32 and len(loaded) == len(audio)
+    assert np.abs(loaded - audio).max() < (0.02 if subtype == "PCM_U8" else 1e-4)
+
+
+# -- transcripts -------------------------------------------------------------------------
+
+
+def test_empty_and_foreign_transcripts_are_listed_per_row(tmp_path, speech, alphabet):
+    audio, text = speech
+    soundfile.write(tmp_path / "a.wav", audio, 16000)
+    soundfile.write(tmp_path / "b.wav", audio, 16000)
+    soundfile.write(tmp_path / "c.wav", audio, 16000)
+    path = write_csv(tmp_path / "train.csv", [("a.wav", ""), ("b.wav", "café!"), ("c.wav", text)])
+    dataset = SpeechDataset([path], alphabet)
+    assert [(s.source, s.kind) for s in dataset.skipped] == [
+        (f"{path}:2", "empty transcript"),
+        (f"{path}:3", "outside alphabet"),
+    ]
+    assert "['!', 'é']" in dataset.skipped[1].detail
+
+
+def test_audio_too_short_for_its_transcript(tmp_path, speech, alphabet):
+    audio, text = speech
+    soundfile.write(tmp_path / "short.wav", audio[:1600], 16000)  # 0.1 s: 4 frames
+    path = write_csv(tmp_path / "train.csv", [("short.wav", "aa bb")])
+    skip = only_skip(SpeechDataset([path], alphabet))
+    assert skip.kind == "too short for transcript"
+    # 5 labels + 2 repeats (aa, bb) need 7 frames; 0.1 s gives (1600 - 512) // 320 + 1 = 4
+    assert "4 frames (0.10 s) for 5 labels, CTC needs at least 7" in skip.detail
+    assert "Not enough time for target transition sequence" in skip.detail
+
+
+def test_a_split_with_no_usable_row_is_an_error(tmp_path, alphabet, german_corpus):
+    shutil.copy(german_corpus / "alphabet.txt", tmp_path / "alphabet.txt")
+    for split in ("train", "dev", "test"):
+        write_csv(tmp_path / f"{split}.csv", [("gone.wav", "gut")])
+    data = SpeechDataModule(data_dir=tmp_path)
+    with pytest.raises(
+        ValueError, match=r"No usable row in the train CSV.*1 were skipped.*missing audio"
+    ):
+        data.setup("fit")

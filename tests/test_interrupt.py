@@ -1,0 +1,149 @@
+"""Interrupted work is never lost: a real run killed mid-epoch resumes to the same result."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from pyrun import run_python
+
+from freezeft.checkpointing import AtomicCheckpointIO, find_resume_checkpoint
+
+TESTS = Path(__file__).parent
+# 32 utterances in batches of 8: 4 steps per epoch; the encoder thaws at epoch 1
+OVERRIDES = [
+    "experiment=tiny",
+    "strategy=freeze_then_finetune",
+    "strategy.callbacks.freeze_then_unfreeze.unfreeze_at_epoch=1",
+    "trainer.max_epochs=3",
+]
+
+
+def run(tmp_path: Path, cache_dir: Path, name: str, *extra: str, check: bool = True):
+    out = tmp_path / name
+    proc = run_python(
+        [
+            "-m",
+            "freezeft.run",
+            *OVERRIDES,
+            f"paths.cache_dir={cache_dir}",
+            f"hydra.run.dir={out}",
+            *extra,
+        ],
+        cwd=tmp_path,
+        env={"PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"},
+        check=check,
+    )
+    return out, proc
+
+
+def final_weights(out: Path) -> dict[str, torch.Tensor]:
+    return torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)[
+        "state_dict"
+    ]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, cache_dir, german_corpus, english_corpus):
+    out, _ = run(tmp_path_factory.mktemp("whole"), cache_dir, "whole")
+    return out
+
+
+def interrupt_at_step_6(tmp_path: Path, cache_dir: Path, signal_name: str) -> Path:
+    """Epoch 1, batch 3 of 4: after the encoder thawed, in the middle of an epoch."""
+    out, proc = run(
+        tmp_path,
+        cache_dir,
+        "cut",
+        "+callbacks.stop._target_=signal_at_step.SignalAtStep",
+        "+callbacks.stop.step=6",
+        f"+callbacks.stop.name={signal_name}",
+        check=False,
+    )
+    assert proc.returncode == 143, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert f"resumable checkpoint: {out / 'checkpoints' / 'interrupted.ckpt'}" in proc.stdout
+    assert not (out / "results.json").exists()
+    state = torch.load(
+        out / "checkpoints" / "interrupted.ckpt", map_location="cpu", weights_only=False
+    )
+    assert state["global_step"] == 6 and state["epoch"] == 1
+    return out
+
+
+def assert_same_result(out: Path, uninterrupted: Path) -> None:
+    resumed, whole = final_weights(out), final_weights(uninterrupted)
+    assert resumed.keys() == whole.keys()
+    for name in whole:
+        assert torch.equal(resumed[name], whole[name]), name
+    a = json.loads((out / "results.json").read_text())
+    b = json.loads((uninterrupted / "results.json").read_text())
+    assert (a["cer"], a["wer"], a["best_epoch"]) == (b["cer"], b["wer"], b["best_epoch"])
+    lr_a = (out / "lr_schedule.csv").read_text()
+    assert lr_a == (uninterrupted / "lr_schedule.csv").read_text()  # phase and LRs continued
+
+
+def test_sigterm_mid_epoch_then_resume_equals_an_uninterrupted_run(
+    tmp_path, cache_dir, uninterrupted
+):
+    out = interrupt_at_step_6(tmp_path, cache_dir, "SIGTERM")
+    _, proc = run(tmp_path, cache_dir, "resumed", f"resume={out}")
+    assert f"-> {out}/results.json" in proc.stdout  # finished in the original run dir
+    assert json.loads((out / "results.json").read_text())["resumed_from"].endswith(
+        "interrupted.ckpt"
+    )
+    assert_same_result(out, uninterrupted)
+
+
+def test_ctrl_c_then_a_truncated_checkpoint_falls_back_to_the_previous_one(
+    tmp_path, cache_dir, uninterrupted
+):
+    out = interrupt_at_step_6(tmp_path, cache_dir, "SIGINT")
+    newest = out / "checkpoints" / "interrupted.ckpt"
+    newest.write_bytes(newest.read_bytes()[:5000])  # as if killed while writing
+    _, proc = run(tmp_path, cache_dir, "resumed", f"resume={out}")
+    assert (
+        "Skipping a bad checkpoint" in proc.stderr
+        and "interrupted.ckpt is not a readable" in proc.stderr
+    )
+    assert json.loads((out / "results.json").read_text())["resumed_from"].endswith("last.ckpt")
+    assert_same_result(out, uninterrupted)  # the end-of-epoch-0 checkpoint replays epoch 1
+
+
+def test_resume_with_other_overrides_is_refused(tmp_path, cache_dir, uninterrupted):
+    _, proc = run(tmp_path, cache_dir, "again", f"resume={uninterrupted}", "seed=1", check=False)
+    assert proc.returncode != 0
+    assert "the config differs from the run being resumed" in proc.stderr
+    assert "seed: 0 then, 1 now" in proc.stderr
+
+
+def test_resume_targets_are_checked(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such run dir or checkpoint"):
+        find_resume_checkpoint(tmp_path / "nope")
+    (tmp_path / "checkpoints").mkdir()
+    with pytest.raises(FileNotFoundError, match="holds no .ckpt file"):
+        find_resume_checkpoint(tmp_path)
+    (tmp_path / "checkpoints" / "last.ckpt").write_text("garbage")
+    with pytest.raises(
+        ValueError, match="No checkpoint of .* loads: .*last.ckpt is not a readable checkpoint"
+    ):
+        find_resume_checkpoint(tmp_path)
+
+
+def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
+    io = AtomicCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    io.save_checkpoint({"state_dict": {"w": torch.ones(3)}}, path)
+
+    def killed_mid_write(obj, stream):
+        stream.write(b"half a checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", killed_mid_write)
+    with pytest.raises(KeyboardInterrupt):
+        io.save_checkpoint({"state_dict": {"w": torch.zeros(3)}}, path)
+    monkeypatch.undo()
+    assert torch.equal(torch.load(path, weights_only=False)["state_dict"]["w"], torch.ones(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temporary file left
