@@ -15,6 +15,7 @@ import pytorch_lightning as pl
 from pytorch_lightning.utilities import rank_zero_info
 from typing_extensions import override
 
+from freezeft.frozen_cache import FrozenOutputCache, PrefixCachable
 from freezeft.groups import LayerGroup, format_group_table, resolve_groups
 from freezeft.plan import Plan
 
@@ -37,6 +38,9 @@ class StrategyCallback(pl.Callback):
 
     #: True for strategies that decide which groups train (at most one per run).
     schedules_freezing: ClassVar[bool] = False
+    #: Freezing strategies set this from their ``cache_frozen`` argument.
+    cache_frozen: bool = False
+    cache_memory_gb: float = 2.0
 
     def __init__(self, groups: Sequence[str] | None = None, bn: str = "frozen") -> None:
         if groups is not None:
@@ -54,6 +58,7 @@ class StrategyCallback(pl.Callback):
         self.plan: Plan | None = None
         self._peers: list[StrategyCallback] = []
         self._restored_trainable: dict[str, bool] | None = None
+        self.frozen_cache: FrozenOutputCache | None = None
 
     # -- intents: what a strategy wants; override these --------------------------------
     def check(self, groups: Sequence[LayerGroup]) -> None:
@@ -147,9 +152,41 @@ class StrategyCallback(pl.Callback):
             ]
             plan.split_optimizer(optimizer, schedulers, scales)
         plan.install_norm_hooks(pl_module)
+        scheduler = self._scheduler()
+        if scheduler is not None and scheduler.cache_frozen:
+            self._start_frozen_cache(pl_module, scheduler)
         head = max(p.head_size(n) for p in self._peers)
         names = " + ".join(type(p).__name__ for p in self._peers)
         rank_zero_info(f"{names}: layer groups\n{format_group_table(self.groups, head=head)}")
+
+    def _start_frozen_cache(self, pl_module: pl.LightningModule, owner: StrategyCallback) -> None:
+        if not isinstance(pl_module, PrefixCachable):
+            raise TypeError(
+                f"{type(owner).__name__}(cache_frozen=True) needs the LightningModule to "
+                "implement freezeft.frozen_cache.PrefixCachable (sample_keys, forward_prefix, "
+                "forward_from_prefix, prefix_is_deterministic) and to call "
+                f"cached_forward() in its training_step; {type(pl_module).__name__} does not. "
+                "Implement it, or set cache_frozen=False."
+            )
+        own = getattr(pl_module, "layer_groups", None)
+        if callable(own) and [g.name for g in self.groups] != list(own()):
+            raise ValueError(
+                f"{type(owner).__name__}(cache_frozen=True) counts frozen groups in the "
+                f"module's own layer_groups() {list(own())}, but the strategies use "
+                f"{[g.name for g in self.groups]}; drop `groups` or set cache_frozen=False."
+            )
+        self.frozen_cache = FrozenOutputCache(memory_gb=owner.cache_memory_gb)
+        pl_module._freezeft_frozen_cache = self.frozen_cache
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if not self.is_leader or self.frozen_cache is None or self.plan is None:
+            return
+        n_frozen = next((i for i, t in enumerate(self.plan.trainable) if t), len(self.groups))
+        prefix = [param for group in self.groups[:n_frozen] for param in group.params.values()]
+        self.frozen_cache.active = self.frozen_cache.prepare(pl_module, prefix, n_frozen)
 
     def _product(self, intent: Any) -> float:
         result = 1.0
@@ -210,6 +247,9 @@ class StrategyCallback(pl.Callback):
         if stage == "fit" and self.is_leader and self.plan is not None:
             self.plan.restore_lr()
             self.plan.remove_norm_hooks()
+        if stage == "fit" and self.frozen_cache is not None:
+            self.frozen_cache.clear()
+            pl_module._freezeft_frozen_cache = None
 
     # -- checkpoints: plain values, groups by name -------------------------------------
     @override

@@ -32,6 +32,9 @@ class FreezeThenUnfreeze(FrozenEncoder):
         monitor: a logged metric (e.g. ``"val_cer"``) that triggers phase 2 instead of the epoch.
         patience: validations without improvement before the metric trigger fires.
         mode: ``"min"`` or ``"max"``: which direction of ``monitor`` is better.
+        cache_frozen: train from cached outputs of the frozen layers in phase 1
+            (:mod:`freezeft.frozen_cache`); dropped when a group is unfrozen.
+        cache_memory_gb: cached outputs kept in memory; more go to temporary files.
 
     Raises:
         ValueError: ``unfreeze_at_epoch < 0``, ``encoder_lr_scale <= 0``, ``patience < 1``,
@@ -52,8 +55,10 @@ class FreezeThenUnfreeze(FrozenEncoder):
         monitor: str | None = None,
         patience: int = 1,
         mode: str = "min",
+        cache_frozen: bool = False,
+        cache_memory_gb: float = 2.0,
     ) -> None:
-        super().__init__(head, groups, bn)
+        super().__init__(head, groups, bn, cache_frozen, cache_memory_gb)
         name = type(self).__name__
         if (
             isinstance(unfreeze_at_epoch, bool)

@@ -23,6 +23,10 @@ class FrozenEncoder(StrategyCallback):
         head: number of groups from the top, or a list of group names, that train.
         groups: layer-group patterns, input to output (``None``: ``layer_groups()`` or discovery).
         bn: ``"frozen"`` keeps the encoder's norm layers in eval mode; ``"train"`` does not.
+        cache_frozen: compute the frozen prefix's outputs once per sample and train the head
+            from them (see :mod:`freezeft.frozen_cache`; the module must support it). The
+            frozen layers then run without dropout.
+        cache_memory_gb: cached outputs kept in memory; more go to temporary files.
 
     Raises:
         ValueError: ``head`` < 1 (in ``__init__``) or not smaller than the number of groups
@@ -36,10 +40,19 @@ class FrozenEncoder(StrategyCallback):
     schedules_freezing: ClassVar[bool] = True
 
     def __init__(
-        self, head: HeadSpec = 1, groups: Sequence[str] | None = None, bn: str = "frozen"
+        self,
+        head: HeadSpec = 1,
+        groups: Sequence[str] | None = None,
+        bn: str = "frozen",
+        cache_frozen: bool = False,
+        cache_memory_gb: float = 2.0,
     ) -> None:
         super().__init__(groups, bn)
         self.head = check_head(head, type(self).__name__)
+        if cache_memory_gb < 0:
+            raise ValueError(f"Expected `cache_memory_gb` >= 0, but got {cache_memory_gb}.")
+        self.cache_frozen = bool(cache_frozen)
+        self.cache_memory_gb = cache_memory_gb
         self._head: list[int] = []
 
     @override

@@ -20,6 +20,9 @@ class GradualUnfreeze(FrozenEncoder):
         every_n_epochs: epochs between two unfreezes.
         groups: layer-group patterns, input to output.
         bn: ``"frozen"`` keeps frozen groups' norm layers in eval mode; ``"train"`` does not.
+        cache_frozen: train from cached outputs of the frozen layers while groups are frozen
+            (:mod:`freezeft.frozen_cache`); dropped when a group is unfrozen.
+        cache_memory_gb: cached outputs kept in memory; more go to temporary files.
 
     Raises:
         ValueError: ``every_n_epochs < 1`` or a bad ``head``.
@@ -35,8 +38,10 @@ class GradualUnfreeze(FrozenEncoder):
         every_n_epochs: int = 1,
         groups: Sequence[str] | None = None,
         bn: str = "frozen",
+        cache_frozen: bool = False,
+        cache_memory_gb: float = 2.0,
     ) -> None:
-        super().__init__(head, groups, bn)
+        super().__init__(head, groups, bn, cache_frozen, cache_memory_gb)
         if (
             isinstance(every_n_epochs, bool)
             or not isinstance(every_n_epochs, int)

@@ -74,11 +74,23 @@ class DeepSpeech(nn.Module):
 
     def forward(self, frames: Tensor) -> Tensor:
         """``frames`` (B, T, n_features) -> logits (B, T, n_labels + 1)."""
-        x = self.dropout(self.activation(self.layer_1(frames)))
-        x = self.dropout(self.activation(self.layer_2(x)))
-        x = self.dropout(self.activation(self.layer_3(x)))
-        # Padding sits after each utterance's frames, so a unidirectional LSTM's outputs at
-        # real frames do not depend on it; no packing is needed.
-        x, _ = self.lstm(x)
-        x = self.dropout(self.activation(self.layer_5(x)))
-        return self.layer_6(x)
+        return self.forward_layers(frames, 0, len(LAYER_NAMES))
+
+    def forward_layers(self, x: Tensor, start: int, stop: int, dropout: bool = True) -> Tensor:
+        """Apply layers ``LAYER_NAMES[start:stop]`` to ``x`` (their activations included).
+
+        ``dropout=False`` skips dropout whatever the mode: what a cache of a frozen
+        prefix's outputs needs, since those must not change from one epoch to the next.
+        """
+        for name in LAYER_NAMES[start:stop]:
+            if name == "lstm":
+                # Padding sits after each utterance's frames, so a unidirectional LSTM's
+                # outputs at real frames do not depend on it; no packing is needed.
+                x, _ = self.lstm(x)
+            elif name == "layer_6":
+                x = self.layer_6(x)
+            else:
+                x = self.activation(getattr(self, name)(x))
+                if dropout:
+                    x = self.dropout(x)
+        return x

@@ -11,6 +11,7 @@ import torch
 from pytorch_lightning.utilities import rank_zero_info
 from torch import Tensor, nn
 
+from freezeft.frozen_cache import cached_forward
 from freezeft.speech.alphabet import Alphabet
 from freezeft.speech.decoding import error_counts, greedy_decode, sample_cer
 from freezeft.speech.features import MFCCFeatures
@@ -29,7 +30,9 @@ class SpeechModule(pl.LightningModule):
 
     Logs ``train_loss``, ``val_loss``, ``val_wer``, ``val_cer`` and the ``test_*``
     equivalents (corpus-level WER/CER computed with jiwer). Its :meth:`layer_groups`
-    are DeepSpeech's six layers, so every freezeft strategy works on it unchanged.
+    are DeepSpeech's six layers, so every freezeft strategy works on it unchanged; it
+    implements :class:`~freezeft.frozen_cache.PrefixCachable`, so ``cache_frozen=True``
+    strategies train its head from cached outputs of the frozen layers.
 
     Args:
         labels: the alphabet's labels (the CTC blank comes after them).
@@ -39,6 +42,8 @@ class SpeechModule(pl.LightningModule):
         sample_rate: audio sample rate.
         n_mfcc: MFCC coefficients per frame.
         n_context: context frames on each side.
+        noise_std: standard deviation of Gaussian noise added to the training audio
+            (augmentation; 0 disables it, and a frozen-output cache needs it off).
         optimizer: a factory ``params -> Optimizer`` (Hydra ``_partial_: true``);
             default AdamW(lr=1e-3).
         scheduler: an optional factory ``optimizer -> LR scheduler``, stepped each epoch.
@@ -59,6 +64,7 @@ class SpeechModule(pl.LightningModule):
         sample_rate: int = 16000,
         n_mfcc: int = 26,
         n_context: int = 9,
+        noise_std: float = 0.0,
         optimizer: OptimizerFactory | None = None,
         scheduler: SchedulerFactory | None = None,
         scheduler_monitor: str = "val_loss",
@@ -72,6 +78,9 @@ class SpeechModule(pl.LightningModule):
         self.model = DeepSpeech(
             self.features.n_features, len(labels), n_hidden, dropout=dropout, relu_clip=relu_clip
         )
+        if noise_std < 0:
+            raise ValueError(f"Expected `noise_std` >= 0, but got {noise_std}.")
+        self.noise_std = noise_std
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.scheduler_monitor = scheduler_monitor
@@ -100,8 +109,37 @@ class SpeechModule(pl.LightningModule):
             zero_infinity=True,
         )
 
+    # -- PrefixCachable: what a frozen-output cache needs ---------------------------------
+    def sample_keys(self, batch: dict) -> list[str]:
+        """Audio paths identify the samples."""
+        return batch["paths"]
+
+    def forward_prefix(self, batch: dict, n_groups: int) -> list[Tensor]:
+        """Features and the first ``n_groups`` layers without dropout, one tensor per sample."""
+        frames, lengths = self.features(batch["audio"], batch["audio_lengths"])
+        x = self.model.forward_layers(frames, 0, n_groups, dropout=False)
+        return [x[i, : int(n)] for i, n in enumerate(lengths)]
+
+    def forward_from_prefix(
+        self, outputs: Sequence[Tensor], batch: dict, n_groups: int
+    ) -> tuple[Tensor, Tensor]:
+        """Logits and frame counts from per-sample outputs of the first ``n_groups`` layers."""
+        lengths = torch.tensor([len(o) for o in outputs], device=outputs[0].device)
+        x = nn.utils.rnn.pad_sequence(list(outputs), batch_first=True)
+        return self.model.forward_layers(x, n_groups, len(LAYER_NAMES)), lengths
+
+    def prefix_is_deterministic(self) -> bool:
+        """True unless training audio is augmented with noise."""
+        return self.noise_std == 0
+
     def training_step(self, batch: dict, batch_idx: int) -> Tensor | None:
-        logits, frame_lengths = self(batch["audio"], batch["audio_lengths"])
+        output = cached_forward(self, batch)  # None unless a strategy caches frozen outputs
+        if output is None:
+            audio = batch["audio"]
+            if self.noise_std > 0:
+                audio = audio + self.noise_std * torch.randn_like(audio)
+            output = self(audio, batch["audio_lengths"])
+        logits, frame_lengths = output
         loss = self._loss(logits, frame_lengths, batch)
         if not torch.isfinite(loss):
             return self._skip_batch(loss, batch, batch_idx)

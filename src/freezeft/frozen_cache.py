@@ -1,0 +1,171 @@
+"""Compute a frozen prefix's outputs once per sample and train the head from them.
+
+When the first ``n`` layer groups are frozen and deterministic (dropout off in them, no
+augmentation), their output for a sample never changes, so every epoch after the first
+can skip them. ``FrozenEncoder``, ``FreezeThenUnfreeze`` and ``GradualUnfreeze`` do this
+with ``cache_frozen=True`` for a module that implements :class:`PrefixCachable`; the
+leading strategy keeps the cache valid and drops it when its assumptions break:
+
+* the frozen prefix changes (a group is unfrozen),
+* the module stops being deterministic (``prefix_is_deterministic()`` turns False,
+  e.g. augmentation switched on),
+* a frozen weight changes (loaded, or edited in place),
+* the device or dtype of the outputs changes.
+
+Outputs stay in memory up to ``memory_gb`` and go to files in a temporary folder past it.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from collections.abc import Hashable, Sequence
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["PrefixCachable", "FrozenOutputCache", "cached_forward"]
+
+log = logging.getLogger(__name__)
+
+
+@runtime_checkable
+class PrefixCachable(Protocol):
+    """What a LightningModule provides so the outputs of its frozen prefix can be cached.
+
+    Its ``training_step`` calls :func:`cached_forward` first and falls back to its usual
+    forward when that returns ``None`` (no cache this epoch).
+    """
+
+    def sample_keys(self, batch: Any) -> Sequence[Hashable]:
+        """One stable key per sample of ``batch`` (e.g. its audio path)."""
+
+    def forward_prefix(self, batch: Any, n_groups: int) -> list[Tensor]:
+        """Per-sample outputs of the first ``n_groups`` layer groups, deterministically."""
+
+    def forward_from_prefix(self, outputs: Sequence[Tensor], batch: Any, n_groups: int) -> Any:
+        """The rest of the forward pass from per-sample prefix outputs."""
+
+    def prefix_is_deterministic(self) -> bool:
+        """False while something random changes the prefix's output (augmentation)."""
+
+
+class FrozenOutputCache:
+    """Per-sample outputs of a frozen prefix, valid for one prefix and one set of weights.
+
+    Args:
+        memory_gb: outputs kept in memory (on their device) up to this size; more spill
+            to ``.pt`` files in a temporary folder under ``spill_dir``.
+        spill_dir: where that folder goes (``None``: the system's temporary folder).
+    """
+
+    def __init__(self, memory_gb: float = 2.0, spill_dir: str | Path | None = None) -> None:
+        if memory_gb < 0:
+            raise ValueError(f"Expected `memory_gb` >= 0, but got {memory_gb}.")
+        self.memory_bytes = int(memory_gb * 2**30)
+        self.spill_root = spill_dir
+        self.n_groups = 0
+        self.fingerprint: tuple | None = None
+        self.memory: dict[Hashable, Tensor] = {}
+        self.on_disk: dict[Hashable, Path] = {}
+        self.bytes_in_memory = 0
+        self.hits = 0
+        self.misses = 0
+        self.invalidations: list[str] = []
+        self.active = False  # set each batch by the leading strategy
+        self._spill: Path | None = None
+
+    def __len__(self) -> int:
+        return len(self.memory) + len(self.on_disk)
+
+    # -- validity ------------------------------------------------------------------------
+    def prepare(self, module: nn.Module, prefix: Sequence[nn.Parameter], n_groups: int) -> bool:
+        """Check the cache still fits ``n_groups`` frozen groups with these weights.
+
+        Returns whether it is usable now; drops stale outputs (with the reason logged).
+        """
+        if n_groups == 0:
+            self.clear(f"the frozen prefix changed from {self.n_groups} to 0 groups")
+            self.n_groups = 0
+            return False
+        if not module.prefix_is_deterministic():  # type: ignore[attr-defined]
+            self.clear("the frozen prefix is not deterministic (augmentation is on)")
+            return False
+        fingerprint = _fingerprint(prefix)
+        if n_groups != self.n_groups:
+            self.clear(f"the frozen prefix changed from {self.n_groups} to {n_groups} groups")
+        elif fingerprint != self.fingerprint:
+            self.clear("a frozen weight changed")
+        self.n_groups, self.fingerprint = n_groups, fingerprint
+        return True
+
+    def clear(self, reason: str = "") -> None:
+        """Forget every output (``reason`` is logged and kept in :attr:`invalidations`)."""
+        if reason and len(self):
+            log.info(f"Frozen-output cache cleared ({len(self)} samples): {reason}")
+            self.invalidations.append(reason)
+        self.memory.clear()
+        self.on_disk.clear()
+        self.bytes_in_memory = 0
+        if self._spill is not None:
+            shutil.rmtree(self._spill, ignore_errors=True)
+            self._spill = None
+
+    # -- storage -------------------------------------------------------------------------
+    def get(self, key: Hashable, device: torch.device) -> Tensor | None:
+        if key in self.memory:
+            return self.memory[key]
+        if key in self.on_disk:
+            return torch.load(self.on_disk[key], map_location=device, weights_only=True)
+        return None
+
+    def put(self, key: Hashable, output: Tensor) -> None:
+        output = output.detach()
+        size = output.numel() * output.element_size()
+        if self.bytes_in_memory + size <= self.memory_bytes:
+            self.memory[key] = output
+            self.bytes_in_memory += size
+            return
+        if self._spill is None:
+            self._spill = Path(tempfile.mkdtemp(prefix="freezeft-frozen-", dir=self.spill_root))
+        path = self._spill / f"{len(self.on_disk)}.pt"
+        torch.save(output.cpu().clone(), path)
+        self.on_disk[key] = path
+
+    def forward(self, module: Any, batch: Any) -> Any:
+        """The module's output for ``batch``, its prefix from the cache where it can."""
+        keys = list(module.sample_keys(batch))
+        device = module.device
+        outputs = [self.get(key, device) for key in keys]
+        missing = [i for i, out in enumerate(outputs) if out is None]
+        if missing:
+            with torch.no_grad():
+                fresh = module.forward_prefix(batch, self.n_groups)
+            for i in missing:
+                outputs[i] = fresh[i]
+                self.put(keys[i], fresh[i])
+        dtypes = {out.dtype for out in outputs} | {out.device.type for out in outputs}
+        if len(dtypes) > 2:  # outputs from another device or precision: start again
+            self.clear("the outputs' device or dtype changed")
+            with torch.no_grad():
+                outputs = module.forward_prefix(batch, self.n_groups)
+        self.hits += len(keys) - len(missing)
+        self.misses += len(missing)
+        return module.forward_from_prefix(outputs, batch, self.n_groups)
+
+
+def _fingerprint(params: Sequence[nn.Parameter]) -> tuple:
+    # in-place edits bump a tensor's version counter; loading new tensors changes the pointer
+    return tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
+
+
+def cached_forward(module: Any, batch: Any) -> Any | None:
+    """The module's forward through its frozen-output cache, or ``None`` when no strategy
+    caches this batch (the module then runs its usual forward)."""
+    cache: FrozenOutputCache | None = getattr(module, "_freezeft_frozen_cache", None)
+    if cache is None or not cache.active or not module.training:
+        return None
+    return cache.forward(module, batch)

@@ -1,0 +1,148 @@
+"""cache_frozen=True: the head trains from cached outputs of the frozen layers, and the cache
+is dropped whenever what it assumed (prefix, determinism, weights) stops being true."""
+
+from __future__ import annotations
+
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from freezeft.callbacks import FreezeThenUnfreeze, FrozenEncoder, GradualUnfreeze
+from freezeft.speech.data import SpeechDataModule
+from freezeft.speech.module import SpeechModule
+
+
+def fit(german_corpus, strategy, epochs=3, extra=(), dropout=0.0):
+    pl.seed_everything(0)
+    data = SpeechDataModule(data_dir=german_corpus, batch_size=8)
+    module = SpeechModule(labels=data.alphabet.labels, n_hidden=32, dropout=dropout)
+    trainer = pl.Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=[strategy, *extra],
+    )
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    trainer.fit(module, datamodule=data)
+    return module, before, len(data.dataset("train"))
+
+
+class Spy(pl.Callback):
+    """Per epoch: the cache's hit and miss counts so far, and its prefix length."""
+
+    def __init__(self, strategy):
+        self.strategy, self.seen = strategy, []
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        cache = self.strategy.frozen_cache
+        self.seen.append((cache.hits, cache.misses, cache.n_groups, len(cache.invalidations)))
+
+
+def test_head_trains_from_cached_outputs_after_the_first_epoch(german_corpus):
+    strategy = FrozenEncoder(head=1, cache_frozen=True)
+    spy = Spy(strategy)
+    module, before, n = fit(german_corpus, strategy, extra=[spy])
+    # epoch 0 computes every sample's layer_5 output once; epochs 1 and 2 only read them
+    assert spy.seen == [(0, n, 5, 0), (n, n, 5, 0), (2 * n, n, 5, 0)]
+    for name, tensor in module.state_dict().items():
+        if not name.startswith("model.layer_6"):
+            assert torch.equal(tensor, before[name]), name  # the encoder never changed
+    assert not torch.equal(module.model.layer_6.weight, before["model.layer_6.weight"])
+    assert module._freezeft_frozen_cache is None  # released at the end of fit
+
+    plain, _, _ = fit(german_corpus, FrozenEncoder(head=1))  # no cache, same (dropout-free) model
+    for name, tensor in plain.state_dict().items():
+        assert torch.allclose(module.state_dict()[name], tensor, atol=1e-5), name
+
+
+def test_outputs_past_the_memory_budget_go_to_disk(german_corpus):
+    on_disk = FrozenEncoder(head=1, cache_frozen=True, cache_memory_gb=0)
+    spy = Spy(on_disk)
+    module, _, n = fit(german_corpus, on_disk, epochs=2, extra=[spy])
+    assert spy.seen[-1][:2] == (n, n)
+    in_memory, _, _ = fit(german_corpus, FrozenEncoder(head=1, cache_frozen=True), epochs=2)
+    for name, tensor in in_memory.state_dict().items():
+        assert torch.equal(module.state_dict()[name], tensor), name
+
+
+def test_unfreezing_drops_the_cache(german_corpus):
+    strategy = FreezeThenUnfreeze(head=1, unfreeze_at_epoch=2, cache_frozen=True)
+    spy = Spy(strategy)
+    _, _, n = fit(german_corpus, strategy, extra=[spy])
+    assert spy.seen[:2] == [(0, n, 5, 0), (n, n, 5, 0)]
+    hits, misses, prefix, invalidations = spy.seen[2]
+    assert (hits, misses, prefix) == (n, n, 0)  # phase 2 trains everything, uncached
+    assert strategy.frozen_cache.invalidations == ["the frozen prefix changed from 5 to 0 groups"]
+
+
+def test_a_shrinking_prefix_is_recomputed(german_corpus):
+    strategy = GradualUnfreeze(head=1, every_n_epochs=1, cache_frozen=True)
+    spy = Spy(strategy)
+    _, _, n = fit(german_corpus, strategy, extra=[spy])
+    assert [prefix for *_, prefix, _ in spy.seen] == [5, 4, 3]
+    assert [misses for _, misses, *_ in spy.seen] == [n, 2 * n, 3 * n]
+    assert strategy.frozen_cache.invalidations == [
+        "the frozen prefix changed from 5 to 4 groups",
+        "the frozen prefix changed from 4 to 3 groups",
+    ]
+
+
+class AtEpoch(pl.Callback):
+    def __init__(self, epoch, action):
+        self.epoch, self.action = epoch, action
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == self.epoch:
+            self.action(pl_module)
+
+
+def test_augmentation_turns_the_cache_off(german_corpus):
+    strategy = FrozenEncoder(head=1, cache_frozen=True)
+    spy = Spy(strategy)
+    noise_on = AtEpoch(1, lambda m: setattr(m, "noise_std", 0.01))
+    _, _, n = fit(german_corpus, strategy, extra=[noise_on, spy])
+    assert [(h, m) for h, m, *_ in spy.seen] == [(0, n), (0, n), (0, n)]  # no hit once noisy
+    assert strategy.frozen_cache.invalidations == [
+        "the frozen prefix is not deterministic (augmentation is on)"
+    ]
+
+
+def test_changed_frozen_weights_invalidate_the_cache(german_corpus):
+    strategy = FrozenEncoder(head=1, cache_frozen=True)
+    spy = Spy(strategy)
+
+    def edit(module):
+        with torch.no_grad():
+            module.model.layer_2.weight.mul_(0.5)
+
+    _, _, n = fit(german_corpus, strategy, extra=[AtEpoch(1, edit), spy])
+    assert [(h, m) for h, m, *_ in spy.seen] == [(0, n), (0, 2 * n), (n, 2 * n)]
+    assert strategy.frozen_cache.invalidations == ["a frozen weight changed"]
+
+
+def test_a_module_without_the_protocol_is_told_what_to_implement(german_corpus):
+    class Plain(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
+
+        def training_step(self, batch, batch_idx):
+            return self.net(batch[0]).sum()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(4, 2)))
+    trainer = pl.Trainer(
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        callbacks=[FrozenEncoder(head=1, cache_frozen=True)],
+    )
+    with pytest.raises(TypeError, match=r"implement freezeft.frozen_cache.PrefixCachable"):
+        trainer.fit(Plain(), data)
