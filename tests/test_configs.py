@@ -1,6 +1,7 @@
 """Every YAML composes, instantiates, and binds its keys against its target's signature."""
 
 import inspect
+import re
 from pathlib import Path
 
 import freezeft.conf
@@ -8,6 +9,8 @@ import pytest
 from hydra import compose, initialize_config_module
 from hydra.utils import get_method, instantiate
 from omegaconf import DictConfig, OmegaConf
+
+from freezeft.run import check_config
 
 CONF = Path(freezeft.conf.__file__).parent
 OPTIONS = sorted(
@@ -94,3 +97,45 @@ def test_hparams_search_tunes_keys_that_exist(search):
     assert cfg.hydra.sweeper.direction == "minimize"
     for key in cfg.hydra.sweeper.params:
         assert OmegaConf.select(cfg, key) is not None, f"{search} tunes unknown key {key}"
+
+
+def test_unknown_option_lists_the_allowed_ones():
+    with pytest.raises(
+        Exception, match=r"(?s)Could not find 'strategy/nope'.*freeze_then_finetune"
+    ):
+        compose_with("strategy=nope")
+
+
+def test_unknown_key_is_named():
+    with pytest.raises(Exception, match=r"Could not override 'trainer.max_epoch'") as error:
+        compose_with("trainer.max_epoch=3")
+    assert "Key 'max_epoch' is not in struct" in str(error.value.__cause__)  # printed below it
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("trainer.max_epochs=abc", "`trainer.max_epochs='abc'`: expected an integer >= 1"),
+        ("data.batch_size=0", "`data.batch_size=0`: expected an integer >= 1"),
+        (
+            "transfer.drop_source_layers=7",
+            "`transfer.drop_source_layers=7`: expected an integer in 0..5",
+        ),
+        ("stage=train", "`stage='train'`: expected 'transfer' or 'pretrain'"),
+        ("data.on_bad_sample=ignore", "`data.on_bad_sample='ignore'`: expected 'skip' or 'error'"),
+    ],
+)
+def test_wrong_types_and_ranges_name_the_key_and_the_allowed_values(override, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        check_config(compose_with(override))
+
+
+def test_a_strategy_argument_out_of_range_names_its_config_key():
+    cfg = compose_with(
+        "strategy=freeze_then_finetune",
+        "strategy.callbacks.freeze_then_unfreeze.unfreeze_at_epoch=-1",
+    )
+    with pytest.raises(
+        Exception, match=r"(?s)`unfreeze_at_epoch` >= 0.*full_key: strategy.callbacks"
+    ):
+        check_config(cfg)

@@ -264,8 +264,44 @@ def pretrained_source(cfg: DictConfig) -> Path:
     return cached_entry(entry, build, settings) / "source.ckpt"
 
 
+#: Keys checked before any work starts: (allowed types, test, what is allowed).
+CHECKS: dict[str, tuple[tuple[type, ...], Any, str]] = {
+    "stage": ((str,), lambda v: v in ("transfer", "pretrain"), "'transfer' or 'pretrain'"),
+    "seed": ((int,), lambda v: v >= 0, "an integer >= 0"),
+    "cpu_threads": ((int, type(None)), lambda v: v is None or v >= 1, "null or an integer >= 1"),
+    "trainer.max_epochs": ((int,), lambda v: v >= 1, "an integer >= 1"),
+    "source.max_epochs": ((int,), lambda v: v >= 1, "an integer >= 1"),
+    "transfer.drop_source_layers": ((int,), lambda v: 0 <= v <= 5, "an integer in 0..5"),
+    "data.batch_size": ((int,), lambda v: v >= 1, "an integer >= 1"),
+    "model.n_hidden": ((int,), lambda v: v >= 1, "an integer >= 1"),
+    "data.on_bad_sample": ((str,), lambda v: v in ("skip", "error"), "'skip' or 'error'"),
+}
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Fail before any work on a value of the wrong type or out of range, naming the key.
+
+    Also builds the strategy's callbacks, whose own checks name their arguments.
+    """
+    problems = []
+    for key, (types, test, allowed) in CHECKS.items():
+        value = OmegaConf.select(cfg, key, default="<absent>")
+        if value == "<absent>":
+            continue
+        ok = isinstance(value, types) and not isinstance(value, bool) and test(value)
+        if not ok:
+            problems.append(f"`{key}={value!r}`: expected {allowed}")
+    if problems:
+        raise ValueError("Invalid config value(s): " + "; ".join(problems) + ".")
+    chosen = {**cfg.strategy.callbacks, **cfg.strategy.get("addons", {})}
+    for callback in chosen.values():
+        if callback:
+            instantiate(callback, _convert_="all")
+
+
 def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     """Run the configured stage into ``output_dir``; returns the results."""
+    check_config(cfg)
     if cfg.stage == "pretrain":
         results = fit_and_test(
             cfg, cfg.source.data, output_dir, max_epochs=cfg.source.max_epochs, strategy=False

@@ -385,7 +385,8 @@ class SpeechDataModule(pl.LightningDataModule):
         test_csv: test CSV(s).
         alphabet: alphabet file.
         batch_size: utterances per batch.
-        num_workers: dataloader worker processes.
+        num_workers: dataloader worker processes; ``"auto"``: none when training on the CPU
+            (the training threads use the cores), else the cores per GPU minus one, at most 8.
         sample_rate: the model's sample rate; other rates are resampled.
         on_bad_sample: ``"skip"`` (default) or ``"error"`` for rows that cannot be used.
         seed: seed of the batch-order shuffle.
@@ -404,7 +405,7 @@ class SpeechDataModule(pl.LightningDataModule):
         test_csv: str | Sequence[str] = "test.csv",
         alphabet: str = "alphabet.txt",
         batch_size: int = 32,
-        num_workers: int = 0,
+        num_workers: int | Literal["auto"] = "auto",
         sample_rate: int = 16000,
         on_bad_sample: Literal["skip", "error"] = "skip",
         seed: int = 0,
@@ -417,8 +418,8 @@ class SpeechDataModule(pl.LightningDataModule):
             )
         if batch_size < 1:
             raise ValueError(f"Expected `batch_size` >= 1, but got {batch_size}.")
-        if num_workers < 0:
-            raise ValueError(f"Expected `num_workers` >= 0, but got {num_workers}.")
+        if num_workers != "auto" and (not isinstance(num_workers, int) or num_workers < 0):
+            raise ValueError(f"Expected `num_workers` >= 0 or 'auto', but got {num_workers!r}.")
         if on_bad_sample not in ("skip", "error"):
             raise ValueError(
                 f"Expected `on_bad_sample` to be 'skip' or 'error', but got {on_bad_sample!r}."
@@ -485,6 +486,16 @@ class SpeechDataModule(pl.LightningDataModule):
         for split in splits:
             self.dataset(split)
 
+    def workers(self) -> int:
+        """Dataloader workers for this run (``num_workers``, or what ``"auto"`` picks)."""
+        if self.num_workers != "auto":
+            return int(self.num_workers)
+        trainer = self.trainer
+        if trainer is None or type(trainer.accelerator).__name__ != "CUDAAccelerator":
+            return 0
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        return max(0, min(8, (cores or 1) // max(1, trainer.num_devices) - 1))
+
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         dataset = self.dataset(split)
         trainer = self.trainer
@@ -503,8 +514,8 @@ class SpeechDataModule(pl.LightningDataModule):
             dataset,
             batch_sampler=sampler,
             collate_fn=collate,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
+            num_workers=self.workers(),
+            persistent_workers=self.workers() > 0,
             # its own generator: creating an iterator does not draw from torch's global RNG,
             # so a resumed run's dropout masks follow the same sequence as an uninterrupted one
             generator=torch.Generator().manual_seed(self.seed),
