@@ -190,6 +190,7 @@ def main() -> None:
     parser.add_argument("--data-dir", type=Path, help="DeepSpeech folder (default: the corpus)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--only", help=argparse.SUPPRESS)
+    parser.add_argument("--profile", metavar="VARIANT", help="print a torch profile of one")
     args = parser.parse_args()
     args.precision = args.precision or ("bf16-mixed" if args.accelerator == "gpu" else "32-true")
     if args.data_dir is None:
@@ -220,6 +221,12 @@ def main() -> None:
             WithBackbone,
         ),
     }
+    if args.profile:  # where a variant's time goes, by torch operator
+        callbacks, cls = variants[args.profile]()
+        with torch.profiler.profile() as prof:
+            measure(args.profile, callbacks, data, args, cls)
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18))
+        return
     if args.only:  # a child process measuring one variant's peak memory (see below)
         callbacks, cls = variants[args.only]()
         result = measure(args.only, callbacks, data, args, cls)

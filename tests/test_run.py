@@ -1,9 +1,13 @@
 """`python -m freezeft.run` end to end, as a user runs it: a subprocess from a temp dir."""
 
+import csv
 import json
+import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
+import soundfile
 from pyrun import run_python
 
 from freezeft.history import read_history, read_lr_schedule
@@ -127,3 +131,51 @@ def test_combined_strategy_from_the_command_line(tmp_path, cache_dir, transfer_r
     assert all(lr["model.layer_1"][i] == 0 for i in phase1)  # frozen: trains at LR 0
     assert all(lr["model.layer_6"][i] > 0 for i in phase1)
     assert all(0 < lr["model.layer_1"][i] < lr["model.layer_6"][i] for i in phase2)
+
+
+def test_bad_rows_and_a_nan_batch_are_skipped_and_reported(tmp_path, german_corpus):
+    data = tmp_path / "data"
+    shutil.copytree(german_corpus, data, ignore=shutil.ignore_patterns("COMPLETE", "*.json"))
+    good = data / "train" / "00000.wav"
+    audio, rate = soundfile.read(good, dtype="float32")
+    (data / "truncated.wav").write_bytes(good.read_bytes()[:2000])
+    soundfile.write(data / "nan.wav", np.full_like(audio, np.nan), rate, subtype="FLOAT")
+    with open(data / "train.csv", "a") as stream:
+        stream.write(
+            "missing.wav,0,gut\ntruncated.wav,0,gut\ntrain/00001.wav,0,ok!\nnan.wav,0,gut\n"
+        )
+    out = tmp_path / "run"
+    proc = run_python(
+        [
+            "-m",
+            "freezeft.run",
+            "data=deepspeech_csv",
+            f"data.data_dir={data}",
+            "data.num_workers=0",
+            "data.batch_size=8",
+            "strategy=scratch",
+            "model.n_hidden=32",
+            "trainer.max_epochs=1",
+            f"hydra.run.dir={out}",
+        ],
+        cwd=tmp_path,
+    )
+    with open(out / "skipped_samples.csv", newline="") as stream:
+        rows = list(csv.DictReader(stream))
+    assert [(r["split"], r["row"].rsplit(":", 1)[1], r["problem"]) for r in rows] == [
+        ("train", "34", "missing audio"),
+        ("train", "35", "truncated audio"),
+        ("train", "36", "outside alphabet"),
+    ]
+    assert "['!']" in rows[2]["detail"]
+    results = json.loads((out / "results.json").read_text())
+    assert results["skipped_rows"] == {
+        "missing audio": 1,
+        "truncated audio": 1,
+        "outside alphabet": 1,
+    }
+    (nan_batch,) = results["skipped_batches"]  # the run went on past it
+    assert str(data / "nan.wav") in nan_batch["paths"] and nan_batch["loss"] != nan_batch["loss"]
+    output = proc.stdout + proc.stderr  # Hydra logs to stdout, Lightning warns on stderr
+    assert "Skipping batch" in output and "nan.wav" in output.split("Its files: ", 1)[1]
+    assert "Skipped 3 rows (" in output and "skipped_samples.csv" in output

@@ -62,6 +62,7 @@ def fit_and_test(
     source: str | Path | None = None,
     strategy: bool = True,
     resume_from: Path | None = None,
+    resumable: bool = True,
 ) -> dict[str, Any]:
     """Train a speech model on ``data_cfg`` and test its best checkpoint; returns the results.
 
@@ -109,11 +110,14 @@ def fit_and_test(
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
     except SIGTERMException:
-        print(
-            f"freezeft: interrupted; resumable checkpoint: {interrupt.saved or 'none written'}. "
-            f"Continue with the same overrides and resume={output_dir}",
-            flush=True,
-        )
+        if resumable:
+            print(
+                f"freezeft: interrupted; resumable checkpoint: {interrupt.saved or 'none'}. "
+                f"Continue with the same overrides and resume={output_dir}",
+                flush=True,
+            )
+        else:  # pretraining into a cache entry, which is discarded unfinished
+            print("freezeft: interrupted while pretraining; nothing was cached.", flush=True)
         raise SystemExit(143) from None
     train_seconds = time.perf_counter() - start
     _write_skipped(datamodule, output_dir)
@@ -255,6 +259,7 @@ def pretrained_source(cfg: DictConfig) -> Path:
             folder / "run",
             max_epochs=cfg.source.max_epochs,
             strategy=False,
+            resumable=False,
         )
         shutil.copy(results["best_checkpoint"], folder / "source.ckpt")
         (folder / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False))
@@ -302,19 +307,22 @@ def check_config(cfg: DictConfig) -> None:
 def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     """Run the configured stage into ``output_dir``; returns the results."""
     check_config(cfg)
-    if cfg.stage == "pretrain":
-        results = fit_and_test(
-            cfg, cfg.source.data, output_dir, max_epochs=cfg.source.max_epochs, strategy=False
-        )
-        results["stage"] = "pretrain"
-        return results
-    if cfg.stage != "transfer":
-        raise ValueError(f"Unknown `stage={cfg.stage}`; choose `transfer` or `pretrain`.")
     resume_from = None
     if cfg.get("resume"):
         output_dir, resume_from = find_resume_checkpoint(cfg.resume)
         _check_resume_config(cfg, output_dir)
         log.info(f"Resuming {output_dir} from {resume_from}")
+    if cfg.stage == "pretrain":
+        results = fit_and_test(
+            cfg,
+            cfg.source.data,
+            output_dir,
+            max_epochs=cfg.source.max_epochs,
+            strategy=False,
+            resume_from=resume_from,
+        )
+        results["stage"] = "pretrain"
+        return results
     source = None if cfg.strategy.get("from_scratch") else cfg.transfer.source
     if source == "auto":
         source = pretrained_source(cfg)

@@ -50,3 +50,42 @@ def test_module_forward_gives_logits_and_frame_lengths():
     logits, lengths = module(torch.randn(2, 16000), torch.tensor([16000, 12000]))
     assert logits.shape == (2, 49, 5)
     assert lengths.tolist() == [49, 36]
+
+
+def test_bf16_mixed_precision_trains_with_a_float32_ctc_loss(german_corpus):
+    """trainer=gpu's precision, run on the CPU's bf16 autocast: MFCCs, LSTM and CTC all work."""
+    import pytorch_lightning as pl
+
+    from freezeft.speech.data import SpeechDataModule
+
+    pl.seed_everything(0)
+    data = SpeechDataModule(data_dir=german_corpus, batch_size=8)
+    module = SpeechModule(labels=data.alphabet.labels, n_hidden=32)
+    losses = []
+
+    class Spy(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            losses.append(outputs["loss"])
+
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        precision="bf16-mixed",
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        callbacks=[Spy()],
+    )
+    trainer.fit(module, datamodule=data)
+    assert losses and all(loss.dtype == torch.float32 and torch.isfinite(loss) for loss in losses)
+    assert trainer.callback_metrics["val_cer"] >= 0
+
+
+def test_forward_layers_split_anywhere_equals_the_whole_forward():
+    torch.manual_seed(0)
+    model = DeepSpeech(n_features=494, n_labels=5, n_hidden=16).eval()
+    frames = torch.randn(2, 7, 494)
+    whole = model(frames)
+    for cut in range(len(LAYER_NAMES) + 1):
+        prefix = model.forward_layers(frames, 0, cut, dropout=False)
+        assert torch.allclose(model.forward_layers(prefix, cut, len(LAYER_NAMES)), whole, atol=1e-6)
