@@ -13,11 +13,16 @@ batch 32) for every variant:
   DiscriminativeLR.
 
 Step time is the median over the steps of epochs 1 and later (epoch 0 fills the
-frozen-output cache and warms up); memory is the peak CUDA allocation, or on the CPU the
-peak resident memory of a fresh process that trains only that variant; optimizer state is
-counted in bytes, for frozen parameters separately. On a GPU also utterances per second
-and the GPU's utilisation (NVML, sampled every 50 ms). ``--rounds`` repeats the whole set
-in alternation and keeps each variant's fastest median, against drift in shared machines.
+frozen-output cache and warms up); memory is the peak CUDA allocation, or on the CPU
+what training adds to the resident memory at its peak (``ru_maxrss`` of a fresh process
+that trains only that variant, less its resident memory before ``fit``; the whole
+process's peak, torch's libraries included, is reported beside it); optimizer state is
+counted in bytes, for frozen parameters separately. Activation memory is counted
+exactly: the largest per-step total of the tensors autograd saves for backward (in epoch
+0). The callbacks' own cost is timed directly too: the time spent in their hooks
+(Lightning's SimpleProfiler), per step. On a GPU also utterances per second and the
+GPU's utilisation (NVML, sampled every 50 ms). ``--rounds`` repeats the whole set in
+alternation and keeps each variant's fastest median, against drift in shared machines.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -37,6 +42,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import BackboneFinetuning
+from pytorch_lightning.profilers import SimpleProfiler
 from torch import nn
 
 from freezeft.callbacks import DiscriminativeLR, FreezeThenUnfreeze, FrozenEncoder, NaiveTransfer
@@ -55,16 +61,22 @@ class WithBackbone(SpeechModule):
 
 
 class Probe(pl.Callback):
-    """Step times per epoch, resident memory, GPU utilisation."""
+    """Step times per epoch, activations kept for backward, GPU utilisation.
+
+    In epoch 0 (left out of the step times) it counts the bytes of the tensors autograd
+    saves for the backward pass of each step, parameters left out: the memory an
+    autograd graph through the frozen layers would cost.
+    """
 
     def __init__(self, cuda: bool) -> None:
         self.cuda = cuda
         self.times: dict[int, list[float]] = {}
-        self.rss_peak = 0
         self.util: list[float] = []
+        self.saved_bytes: list[int] = []
         self._stop = threading.Event()
 
     def on_train_start(self, trainer, pl_module):
+        self._params = {p.untyped_storage().data_ptr() for p in pl_module.parameters()}
         if self.cuda:
             threading.Thread(target=self._sample_gpu, daemon=True).start()
 
@@ -82,7 +94,18 @@ class Probe(pl.Callback):
     def on_train_end(self, trainer, pl_module):
         self._stop.set()
 
+    def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in self._params:
+            self._saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._hooks = None
+        if trainer.current_epoch == 0:
+            self._saved: dict[int, int] = {}
+            self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+            self._hooks.__enter__()
         if self.cuda:
             torch.cuda.synchronize()
         self.start = time.perf_counter()
@@ -91,7 +114,9 @@ class Probe(pl.Callback):
         if self.cuda:
             torch.cuda.synchronize()
         self.times.setdefault(trainer.current_epoch, []).append(time.perf_counter() - self.start)
-        self.rss_peak = max(self.rss_peak, rss_bytes())
+        if self._hooks is not None:
+            self._hooks.__exit__(None, None, None)
+            self.saved_bytes.append(sum(self._saved.values()))
 
 
 def rss_bytes() -> int:
@@ -119,7 +144,9 @@ def measure(name, callbacks, data, args, module_cls=SpeechModule) -> dict:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     rss_before = rss_bytes()
+    profiler = SimpleProfiler()
     trainer = pl.Trainer(
+        profiler=profiler,
         accelerator=args.accelerator,
         devices=1,
         precision=args.precision,
@@ -135,15 +162,26 @@ def measure(name, callbacks, data, args, module_cls=SpeechModule) -> dict:
     trainer.fit(module, datamodule=data)
     steps = [t for epoch, times in probe.times.items() if epoch >= 1 for t in times]
     step = statistics.median(steps)
+    # every call of the strategy callbacks' hooks, one-time ones included, per step
+    prefixes = tuple(f"[Callback]{c.state_key}." for c in callbacks)
+    hooks = sum(
+        sum(durations)
+        for action, durations in profiler.recorded_durations.items()
+        if prefixes and action.startswith(prefixes)
+    )
     total_state, frozen_state = optimizer_state_bytes(trainer.optimizers[0])
     return {
         "variant": name,
         "step_ms": step * 1000,
         "epoch0_step_ms": statistics.median(probe.times[0]) * 1000,
+        "callback_ms_per_step": hooks / trainer.global_step * 1000,
+        # on the CPU only meaningful in a fresh process (see peak_memory_of_child)
         "peak_memory_mb": (
-            torch.cuda.max_memory_allocated() if cuda else probe.rss_peak - rss_before
+            torch.cuda.max_memory_allocated() if cuda else max_rss_bytes() - rss_before
         )
         / 2**20,
+        "process_peak_mb": None if cuda else max_rss_bytes() / 2**20,
+        "saved_for_backward_mb": max(probe.saved_bytes) / 2**20,
         "optimizer_state_mb": total_state / 2**20,
         "frozen_optimizer_state_bytes": frozen_state,
         "trainable_params": sum(p.numel() for p in module.parameters() if p.requires_grad),
@@ -152,16 +190,25 @@ def measure(name, callbacks, data, args, module_cls=SpeechModule) -> dict:
     }
 
 
-def peak_rss_of_child(name: str, args: argparse.Namespace) -> int:
-    """Peak resident memory (bytes) of a fresh process that trains variant ``name``."""
+def max_rss_bytes() -> int:
+    """The peak resident memory of this process so far."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
+
+
+def peak_memory_of_child(name: str, args: argparse.Namespace) -> dict:
+    """``peak_memory_mb`` and ``process_peak_mb`` of a fresh process training ``name``."""
     command = [sys.executable, __file__, "--only", name, "--rounds", "1"]
     command += ["--epochs", str(args.epochs), "--utterances", str(args.utterances)]
     command += ["--n-hidden", str(args.n_hidden), "--data-dir", str(args.data_dir)]
-    child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _, status, usage = os.wait4(child.pid, 0)
-    if status != 0:
-        raise RuntimeError(f"measuring {name!r} in a child process failed ({status})")
-    return usage.ru_maxrss * 1024  # kilobytes on Linux
+    child = subprocess.run(command, capture_output=True, text=True)
+    results = [line for line in child.stdout.splitlines() if line.startswith("RESULT ")]
+    if child.returncode != 0 or not results:
+        raise RuntimeError(
+            f"measuring {name!r} in a child process failed (exit {child.returncode}):\n"
+            + child.stderr[-2000:]
+        )
+    result = json.loads(results[-1].removeprefix("RESULT "))
+    return {key: result[key] for key in ("peak_memory_mb", "process_peak_mb")}
 
 
 def subset(data_dir: Path, utterances: int, folder: Path) -> Path:
@@ -240,10 +287,10 @@ def main() -> None:
             if name not in best or result["step_ms"] < best[name]["step_ms"]:
                 best[name] = result
     if args.accelerator == "cpu":
-        # freed memory is reused within a process, so each variant's peak resident memory
-        # is read from a fresh process of its own (its whole peak, imports included)
+        # a process's peak resident memory never goes down, so each variant's is read
+        # from a fresh process of its own
         for name in variants:
-            best[name]["peak_memory_mb"] = peak_rss_of_child(name, args) / 2**20
+            best[name].update(peak_memory_of_child(name, args))
     base = best["NaiveTransfer (full fine-tuning)"]
     plain = best["plain Lightning, no callback"]
     machine = describe()
@@ -253,25 +300,35 @@ def main() -> None:
         f"{args.epochs} epochs x {args.rounds} rounds; step time = median over epochs >= 1\n"
     )
     header = (
-        "| variant | step (ms) | vs full | peak memory (MB) | vs full "
-        "| optimizer state (MB) | of it frozen (bytes) | utt/s |"
+        "| variant | step (ms) | vs full | saved for backward (MB) | vs full "
+        "| peak memory (MB) | vs full | optimizer state (MB) | of it frozen (bytes) | utt/s "
+        "| in strategy hooks (ms/step) |"
     )
-    if args.accelerator == "gpu":
-        header += " GPU util % |"
+    header += " GPU util % |" if args.accelerator == "gpu" else " process peak (MB) |"
     print(header)
     print("|" + " --- |" * (header.count("|") - 1))
     for name, r in best.items():
         row = (
             f"| {name} | {r['step_ms']:.1f} | {r['step_ms'] / base['step_ms']:.2f}x | "
+            f"{r['saved_for_backward_mb']:.1f} | "
+            f"{r['saved_for_backward_mb'] / base['saved_for_backward_mb']:.2f}x | "
             f"{r['peak_memory_mb']:.0f} | {r['peak_memory_mb'] / base['peak_memory_mb']:.2f}x | "
             f"{r['optimizer_state_mb']:.2f} | {r['frozen_optimizer_state_bytes']} | "
-            f"{r['utterances_per_s']:.0f} |"
+            f"{r['utterances_per_s']:.0f} | {r['callback_ms_per_step']:.3f} |"
         )
         if args.accelerator == "gpu":
             row += f" {r['gpu_util']:.0f} |" if r["gpu_util"] is not None else " – |"
+        else:
+            row += f" {r['process_peak_mb']:.0f} |"
         print(row)
-    overhead = base["step_ms"] / plain["step_ms"] - 1
-    print(f"\nfreezeft callback overhead (NaiveTransfer vs no callback): {overhead:+.1%}")
+    print()
+    for name in ("NaiveTransfer (full fine-tuning)", "NaiveTransfer + DiscriminativeLR(0.7)"):
+        overhead = best[name]["step_ms"] / plain["step_ms"] - 1
+        hooks = best[name]["callback_ms_per_step"] / best[name]["step_ms"]
+        print(
+            f"{name}: step time vs no callback {overhead:+.1%}; "
+            f"time inside its callbacks' hooks {hooks:.2%} of a step"
+        )
     if args.json:
         payload = {"machine": machine, "args": {k: str(v) for k, v in vars(args).items()}}
         args.json.write_text(json.dumps({**payload, "results": best}, indent=2))
