@@ -147,8 +147,8 @@ class FrozenOutputCache:
             for i in missing:
                 outputs[i] = fresh[i]
                 self.put(keys[i], fresh[i])
-        dtypes = {out.dtype for out in outputs} | {out.device.type for out in outputs}
-        if len(dtypes) > 2:  # outputs from another device or precision: start again
+        if len({(out.dtype, out.device.type) for out in outputs}) > 1:
+            # cached outputs from another device or precision than the fresh ones: start again
             self.clear("the outputs' device or dtype changed")
             with torch.no_grad():
                 outputs = module.forward_prefix(batch, self.n_groups)

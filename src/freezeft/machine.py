@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["describe", "summary"]
+__all__ = ["describe", "summary", "usable_cores"]
 
 
 def _cpu_model() -> str:
@@ -22,12 +22,18 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def describe() -> dict[str, Any]:
     """CPU model and usable cores, torch threads, GPU (or None), torch version and OS."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {
         "cpu": _cpu_model(),
-        "cores": cores,
+        "cores": usable_cores(),
         "torch_threads": torch.get_num_threads(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "torch": torch.__version__,

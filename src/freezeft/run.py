@@ -18,13 +18,12 @@ import csv
 import json
 import logging
 import math
-import os
 import shutil
 import time
 import traceback
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import hydra
 import pytorch_lightning as pl
@@ -40,6 +39,9 @@ from freezeft.cache import cached_entry, config_key, default_cache_dir
 from freezeft.checkpointing import AtomicCheckpointIO, InterruptCheckpoint, find_resume_checkpoint
 from freezeft.history import History
 from freezeft.transfer import transfer_weights
+
+if TYPE_CHECKING:
+    from freezeft.speech.data import Skipped
 
 __all__ = ["main", "run", "pretrained_source", "refuse_local_ddp"]
 
@@ -120,7 +122,9 @@ def fit_and_test(
             print("freezeft: interrupted while pretraining; nothing was cached.", flush=True)
         raise SystemExit(143) from None
     train_seconds = time.perf_counter() - start
-    _write_skipped(datamodule, output_dir)
+    skipped = datamodule.skipped_rows()
+    if trainer.is_global_zero:
+        _write_skipped(skipped, output_dir)
     trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
     best = checkpoint.best_model_path or None
     (test_metrics,) = trainer.test(module, datamodule=datamodule, ckpt_path=best or None)
@@ -143,7 +147,7 @@ def fit_and_test(
         "drop_source_layers": cfg.transfer.drop_source_layers if source is not None else None,
         "best_checkpoint": best,
         "samples": module.test_samples[:1] + module.test_samples[-1:],
-        "skipped_rows": dict(Counter(row.kind for _, row in datamodule.skipped_rows())),
+        "skipped_rows": dict(Counter(row.kind for _, row in skipped)),
         "skipped_batches": module.skipped_batches,
         "resumed_from": str(resume_from) if resume_from is not None else None,
         "run_dir": str(output_dir),
@@ -161,10 +165,9 @@ def fit_and_test(
     return results
 
 
-def _write_skipped(datamodule: Any, output_dir: Path) -> None:
-    """``skipped_samples.csv``: every row the data left out and why (rank zero)."""
-    rows = datamodule.skipped_rows() if hasattr(datamodule, "skipped_rows") else []
-    if not rows or int(os.environ.get("RANK", "0")) != 0:
+def _write_skipped(rows: list[tuple[str, Skipped]], output_dir: Path) -> None:
+    """``skipped_samples.csv``: every row the data left out and why, with a summary."""
+    if not rows:
         return
     with open(output_dir / "skipped_samples.csv", "w", newline="") as stream:
         writer = csv.writer(stream)
@@ -366,8 +369,7 @@ def _threads_per_job(cfg: DictConfig, hydra_cfg: Any) -> int | None:
         return int(cfg.cpu_threads)
     if "joblib" not in hydra_cfg.launcher._target_:
         return None
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    cores = cores or 1
+    cores = machine.usable_cores()
     n_jobs = int(hydra_cfg.launcher.get("n_jobs") or -1)
     parallel = n_jobs if n_jobs > 0 else max(1, cores + 1 + n_jobs)  # joblib's -1: all cores
     return max(1, cores // parallel)

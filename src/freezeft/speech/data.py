@@ -25,6 +25,7 @@ import torchaudio
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from freezeft.machine import usable_cores
 from freezeft.speech.alphabet import Alphabet
 
 __all__ = [
@@ -490,11 +491,14 @@ class SpeechDataModule(pl.LightningDataModule):
         """Dataloader workers for this run (``num_workers``, or what ``"auto"`` picks)."""
         if self.num_workers != "auto":
             return int(self.num_workers)
-        trainer = self.trainer
-        if trainer is None or type(trainer.accelerator).__name__ != "CUDAAccelerator":
+        if not self._on_cuda():
             return 0
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        return max(0, min(8, (cores or 1) // max(1, trainer.num_devices) - 1))
+        return max(0, min(8, usable_cores() // max(1, self.trainer.num_devices) - 1))
+
+    def _on_cuda(self) -> bool:
+        """Whether the attached trainer trains on CUDA GPUs (workers, pinned memory)."""
+        trainer = self.trainer
+        return trainer is not None and type(trainer.accelerator).__name__ == "CUDAAccelerator"
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         dataset = self.dataset(split)
@@ -510,16 +514,17 @@ class SpeechDataModule(pl.LightningDataModule):
         if split == "train" and trainer is not None and trainer.fit_loop.epoch_loop.restarting:
             # resuming mid-epoch: the batches this epoch already trained on are not repeated
             sampler.skip_batches(trainer.fit_loop.epoch_loop.batch_progress.current.completed)
+        workers = self.workers()
         return DataLoader(
             dataset,
             batch_sampler=sampler,
             collate_fn=collate,
-            num_workers=self.workers(),
-            persistent_workers=self.workers() > 0,
+            num_workers=workers,
+            persistent_workers=workers > 0,
             # its own generator: creating an iterator does not draw from torch's global RNG,
             # so a resumed run's dropout masks follow the same sequence as an uninterrupted one
             generator=torch.Generator().manual_seed(self.seed),
-            pin_memory=bool(trainer and type(trainer.accelerator).__name__ == "CUDAAccelerator"),
+            pin_memory=self._on_cuda(),
         )
 
     def train_dataloader(self) -> DataLoader:
