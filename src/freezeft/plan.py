@@ -7,11 +7,15 @@ multiply) and applies the result:
 
 * ``requires_grad`` and ``grad = None`` for frozen parameters, so optimizers allocate no
   state for them and never touch them, and autograd builds no graph through a frozen prefix;
+  parameters the user froze before fit (a LoRA base model) are never thawed;
 * the user's optimizer param groups are split once per layer group at fit start, keeping
   every other hyperparameter; LR scales go into the groups' and schedulers' base LRs, so
   the groups never change shape and torch schedulers and checkpoints keep working;
-* warmup factors multiply the LR around each optimizer step only, so schedulers never see
-  (and never compound) them;
+  parameters the user left out of the optimizer (a ``requires_grad`` filter) join it then
+  as new groups that the user's schedulers drive like the others;
+* warmup factors multiply the LR inside each optimizer step only (torch's step pre- and
+  post-hooks), so the step uses the scheduler's LR times the factor and schedulers never
+  see (or compound) the factor;
 * norm layers of frozen groups run in eval mode whatever ``model.train()`` did;
 * under DDP, gradients of parameters unfrozen after the model was wrapped (which DDP's
   reducer does not own) are averaged across ranks by hand.
@@ -19,7 +23,7 @@ multiply) and applies the result:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -41,6 +45,9 @@ SCHEDULER_PER_GROUP = ("min_lrs", "lr_lambdas", "base_momentums", "max_momentums
 class Plan:
     """Applies the combined intent of strategies to a module and its optimizers.
 
+    Parameters that do not require gradients when the plan is made (frozen by the user,
+    e.g. a LoRA base model) are never trained: the plan freezes and thaws only the others.
+
     Args:
         groups: the resolved layer groups, input to output.
         bn: ``"frozen"`` keeps norm layers of frozen groups in eval mode, ``"train"`` not.
@@ -50,42 +57,76 @@ class Plan:
         self.groups = list(groups)
         self.bn = bn
         self.trainable = [True] * len(self.groups)
+        #: Names of the parameters the user froze before fit: never trained, never thawed.
+        self.user_frozen: set[str] = {
+            name for g in self.groups for name, p in g.params.items() if not p.requires_grad
+        }
+        #: Called at every optimizer step: each layer group's warmup factor.
+        self.warmup_factors: Callable[[], Sequence[float]] | None = None
         self._param_group: dict[int, int] = {
             id(p): index for index, g in enumerate(self.groups) for p in g.params.values()
         }
         self._stash: list[tuple[dict, float]] = []
         self._reducer_owned: set[int] | None = None
-        self._norm_hooks: list[Any] = []
+        self._hooks: list[Any] = []
+        self._norm_modes: list[tuple[nn.Module, bool]] = []
+
+    def _own_params(self, index: int) -> list[nn.Parameter]:
+        """The parameters of group ``index`` that the plan may freeze and thaw."""
+        group = self.groups[index]
+        return [p for name, p in group.params.items() if name not in self.user_frozen]
 
     # -- trainable flags ---------------------------------------------------------------
     def set_trainable(self, flags: Sequence[bool]) -> list[int]:
-        """Make group ``i`` trainable iff ``flags[i]``; returns the groups newly unfrozen."""
+        """Make group ``i`` trainable iff ``flags[i]`` (parameters the user froze stay
+        frozen); returns the groups newly unfrozen."""
         unfrozen = [i for i, f in enumerate(flags) if f and not self.trainable[i]]
         self.trainable = list(flags)
-        for group, flag in zip(self.groups, self.trainable, strict=True):
-            for param in group.params.values():
+        for index, flag in enumerate(self.trainable):
+            for param in self._own_params(index):
                 param.requires_grad_(flag)
                 if not flag:
                     param.grad = None
         return unfrozen
 
+    def trains(self, index: int) -> bool:
+        """Whether group ``index`` has parameters that train now."""
+        return self.trainable[index] and bool(self._own_params(index))
+
     def trainable_params(self) -> int:
         """Number of scalar parameters that train now."""
-        return sum(g.num_params for g, t in zip(self.groups, self.trainable, strict=True) if t)
+        return sum(
+            p.numel() for i, t in enumerate(self.trainable) if t for p in self._own_params(i)
+        )
+
+    def release(self) -> None:
+        """At fit end: thaw what the plan froze, undo warmup, remove every hook and give
+        norm layers their modes back, so the module leaves fit with the ``requires_grad``
+        flags and modes it came with (its weights trained)."""
+        self.set_trainable([True] * len(self.groups))
+        self.restore_lr()
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+        for module, training in self._norm_modes:
+            module.train(training)
+        self._norm_modes = []
 
     # -- norm layers -------------------------------------------------------------------
     def install_norm_hooks(self, root: nn.Module) -> None:
         """Keep norm layers of frozen groups in eval mode (and of trainable ones in train
         mode while the model trains), checked at every forward."""
-        self.remove_norm_hooks()
         if self.bn != "frozen":
             return
         for index, group in enumerate(self.groups):
             for name in group.modules:
+                if name in group.params:
+                    continue  # a parameter named directly, not a module
                 for module in root.get_submodule(name).modules():
                     if isinstance(module, _NormBase):
                         hook = module.register_forward_pre_hook(self._norm_hook(root, index))
-                        self._norm_hooks.append(hook)
+                        self._hooks.append(hook)
+                        self._norm_modes.append((module, module.training))
 
     def _norm_hook(self, root: nn.Module, index: int):
         # While the model trains, a norm layer trains iff its group does: frozen groups keep
@@ -97,22 +138,100 @@ class Plan:
 
         return hook
 
-    def remove_norm_hooks(self) -> None:
-        """Remove the norm-layer hooks (at fit end)."""
-        for handle in self._norm_hooks:
-            handle.remove()
-        self._norm_hooks = []
-
     # -- optimizers and schedulers -----------------------------------------------------
+    def attach(
+        self,
+        optimizers: Sequence[tuple[torch.optim.Optimizer, Sequence[Any]]],
+        lr_scales: Sequence[float],
+    ) -> list[str]:
+        """Take over the user's optimizers (each with its LR schedulers), once per fit.
+
+        Parameters that no optimizer holds (the user passed only ``requires_grad`` ones)
+        and that the plan may thaw are added to the optimizer holding the head, with that
+        param group's hyperparameters; then every param group is split by layer group with
+        its LR scaled (schedulers follow); then warmup is applied around every optimizer
+        step. Returns the names of the parameters added.
+
+        Raises:
+            ValueError: an optimizer cannot be split or take new param groups.
+        """
+        for optimizer, _ in optimizers:
+            if isinstance(optimizer, torch.optim.LBFGS):
+                raise ValueError(
+                    "freezeft cannot use torch.optim.LBFGS: it supports a single param group, "
+                    "and freezing strategies need one per layer group (each with its own LR "
+                    "and frozen state). Use another optimizer with freezeft's callbacks."
+                )
+        held = {id(p) for opt, _ in optimizers for g in opt.param_groups for p in g["params"]}
+        missing = [
+            (name, p)
+            for i in range(len(self.groups))
+            for name, p in self.groups[i].params.items()
+            if name not in self.user_frozen and id(p) not in held
+        ]
+        home = self._home_for_missing(optimizers) if missing else None
+        for optimizer, schedulers in optimizers:
+            extra = None
+            if home is not None and home[0] is optimizer:
+                extra = (home[1], [p for _, p in missing])
+            self.split_optimizer(optimizer, schedulers, lr_scales, extra)
+            self._hooks.append(optimizer.register_step_pre_hook(self._warm))
+            self._hooks.append(optimizer.register_step_post_hook(self._cool))
+        return [name for name, _ in missing]
+
+    def _home_for_missing(
+        self, optimizers: Sequence[tuple[torch.optim.Optimizer, Sequence[Any]]]
+    ) -> tuple[torch.optim.Optimizer, int]:
+        """The optimizer and param group holding most of the head (else the nearest group
+        below it): parameters no optimizer holds join it."""
+        for index in reversed(range(len(self.groups))):
+            ids = {id(p) for p in self.groups[index].params.values()}
+            best: tuple[int, torch.optim.Optimizer, int] | None = None
+            for optimizer, _ in optimizers:
+                for user_index, group in enumerate(optimizer.param_groups):
+                    count = sum(1 for p in group["params"] if id(p) in ids)
+                    if count and (best is None or count > best[0]):
+                        best = (count, optimizer, user_index)
+            if best is not None:
+                return best[1], best[2]
+        raise ValueError(
+            "freezeft: no optimizer holds any parameter of the layer groups "
+            f"{[g.name for g in self.groups]}, so there is no optimizer to add the ones a "
+            "strategy thaws to. Return an optimizer over the model's parameters from "
+            "configure_optimizers."
+        )
+
     def split_optimizer(
         self,
         optimizer: torch.optim.Optimizer,
         schedulers: Sequence[Any],
         lr_scales: Sequence[float],
+        extra: tuple[int, list[nn.Parameter]] | None = None,
     ) -> None:
-        """Split each param group of ``optimizer`` by layer group, once, scaling LRs."""
+        """Split each param group of ``optimizer`` by layer group, once, scaling LRs.
+
+        ``extra`` is ``(user group index, parameters)``: parameters in no optimizer, added
+        as a new param group with that group's hyperparameters, driven by its schedulers.
+        """
         if any("freezeft_group" in g for g in optimizer.param_groups):
             return  # already split (a second fit with the same optimizer)
+        n_user = len(optimizer.param_groups)
+        source = list(range(n_user))  # the user group each param group's LRs come from
+        if extra is not None:
+            template = {
+                k: v for k, v in optimizer.param_groups[extra[0]].items() if k not in ("params",)
+            }
+            template.pop("name", None)
+            try:
+                optimizer.add_param_group({**template, "params": extra[1], "name": "added"})
+            except Exception as error:
+                raise ValueError(
+                    f"freezeft: {type(optimizer).__name__} cannot take the parameters a "
+                    "strategy thaws but configure_optimizers left out (a `requires_grad` "
+                    f"filter): add_param_group failed with {error!r}. Give the optimizer "
+                    "all the model's parameters; frozen ones get no state and no update."
+                ) from error
+            source.append(extra[0])
         several = len(optimizer.param_groups) > 1
         new_groups: list[dict] = []
         origin: list[tuple[int, float]] = []
@@ -132,13 +251,22 @@ class Plan:
                 group["name"] = f"{name}/{base}" if several else name
                 group["freezeft_group"] = layer
                 new_groups.append(group)
-                origin.append((user_index, scale))
+                origin.append((source[user_index], scale))
         optimizer.param_groups[:] = new_groups
         for scheduler in schedulers:
-            _remap_scheduler(scheduler, origin)
+            _remap_scheduler(scheduler, origin, n_user)
+
+    def _warm(self, optimizer: torch.optim.Optimizer, *_: Any) -> None:
+        if self.warmup_factors is not None:
+            self.apply_warmup(optimizer, self.warmup_factors())
+
+    def _cool(self, optimizer: torch.optim.Optimizer, *_: Any) -> None:
+        self.restore_lr()
 
     def apply_warmup(self, optimizer: torch.optim.Optimizer, factors: Sequence[float]) -> None:
-        """Multiply each group's LR by its layer group's warmup factor until :meth:`restore_lr`."""
+        """Multiply each group's LR by its layer group's warmup factor until :meth:`restore_lr`
+        (the plan does both around every optimizer step, so the step uses the scheduler's
+        LR times the factor, and schedulers only ever see their own LRs)."""
         self.restore_lr()
         for group in optimizer.param_groups:
             layer = group.get("freezeft_group", -1)
@@ -148,7 +276,7 @@ class Plan:
                 group["lr"] = group["lr"] * factor
 
     def restore_lr(self) -> None:
-        """Undo :meth:`apply_warmup` so schedulers see their own LRs."""
+        """Undo :meth:`apply_warmup`."""
         for group, lr in self._stash:
             group["lr"] = lr
         self._stash = []
@@ -180,11 +308,10 @@ class Plan:
             offset += grad.numel()
 
 
-def _remap_scheduler(scheduler: Any, origin: list[tuple[int, float]]) -> None:
+def _remap_scheduler(scheduler: Any, origin: list[tuple[int, float]], n_old: int) -> None:
     """Give a scheduler one entry per new param group, LR lists scaled like the groups."""
-    n_old = max(i for i, _ in origin) + 1
     for child in getattr(scheduler, "_schedulers", []):  # SequentialLR, ChainedScheduler
-        _remap_scheduler(child, origin)
+        _remap_scheduler(child, origin, n_old)
     for attr in SCHEDULER_LR_LISTS + SCHEDULER_PER_GROUP:
         value = getattr(scheduler, attr, None)
         if not isinstance(value, list) or len(value) != n_old:

@@ -8,15 +8,17 @@ applies it. That is why strategies compose in any order.
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import pytorch_lightning as pl
-from pytorch_lightning.utilities import rank_zero_info
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor
 from typing_extensions import override
 
 from freezeft.frozen_cache import FrozenOutputCache, PrefixCachable
-from freezeft.groups import LayerGroup, format_group_table, resolve_groups
+from freezeft.groups import GroupSpec, LayerGroup, format_group_table, resolve_groups
 from freezeft.plan import Plan
 
 __all__ = ["StrategyCallback", "HeadSpec"]
@@ -24,12 +26,31 @@ __all__ = ["StrategyCallback", "HeadSpec"]
 HeadSpec = int | Sequence[str]
 
 
-class StrategyCallback(pl.Callback):
+def _callback_bases() -> tuple[type, ...]:
+    """``pytorch_lightning.Callback``, and ``lightning.pytorch.Callback`` where the unified
+    ``lightning`` package is installed: the strategies are callbacks of both, so both
+    Trainers and both LightningCLIs take them."""
+    if importlib.util.find_spec("lightning") is None:
+        return (pl.Callback,)
+    try:
+        from lightning.pytorch import Callback as UnifiedCallback
+    except ImportError:  # a broken or partial install: pytorch_lightning alone
+        return (pl.Callback,)
+    return (pl.Callback, UnifiedCallback)
+
+
+def _canonical(name: str) -> str:
+    """A group name without ``torch.compile``'s ``_orig_mod`` (same layers, compiled or not)."""
+    return ".".join(part for part in name.split(".") if part != "_orig_mod")
+
+
+class StrategyCallback(*_callback_bases()):  # type: ignore[misc]
     """Base class of the strategies; subclasses override the intent methods.
 
     Args:
-        groups: fnmatch patterns on qualified module names, input to output; ``None`` uses
-            the module's ``layer_groups()`` or discovery (see :mod:`freezeft.groups`).
+        groups: the layer groups, input to output: fnmatch patterns on qualified module or
+            parameter names, or lists of them (one list per group); ``None`` uses the
+            module's ``layer_groups()`` or discovery (see :mod:`freezeft.groups`).
         bn: ``"frozen"``: norm layers of frozen groups run in eval mode; ``"train"``: as usual.
 
     Raises:
@@ -42,17 +63,20 @@ class StrategyCallback(pl.Callback):
     cache_frozen: bool = False
     cache_memory_gb: float = 2.0
 
-    def __init__(self, groups: Sequence[str] | None = None, bn: str = "frozen") -> None:
+    def __init__(self, groups: Sequence[GroupSpec] | None = None, bn: str = "frozen") -> None:
         if groups is not None:
-            if isinstance(groups, str) or not all(isinstance(g, str) for g in groups):
+            if isinstance(groups, str) or not all(_is_group_spec(g) for g in groups):
                 raise ValueError(
-                    f"Expected `groups` to be a list of module-name patterns, but got {groups!r}."
+                    "Expected `groups` to be a list of module-name patterns (or of lists of "
+                    f"them, one list per group), but got {groups!r}."
                 )
             if not groups:
                 raise ValueError("Expected `groups` to name at least one group, but got [].")
         if bn not in ("frozen", "train"):
             raise ValueError(f"Expected `bn` to be 'frozen' or 'train', but got {bn!r}.")
-        self.patterns = list(groups) if groups is not None else None
+        self.patterns = (
+            [g if isinstance(g, str) else list(g) for g in groups] if groups is not None else None
+        )
         self.bn = bn
         self.groups: list[LayerGroup] = []
         self.plan: Plan | None = None
@@ -114,13 +138,13 @@ class StrategyCallback(pl.Callback):
                 "train, so they conflict. Keep one of them; DiscriminativeLR and LRWarmup "
                 "combine with any of them."
             )
-        patterns = {tuple(p.patterns) for p in self._peers if p.patterns is not None}
+        patterns = {repr(p.patterns): p.patterns for p in self._peers if p.patterns is not None}
         if len(patterns) > 1:
             raise ValueError(
                 f"The strategies were given different `groups` ({sorted(patterns)}); give the "
                 "same list to each, or to one of them."
             )
-        groups = resolve_groups(pl_module, list(patterns.pop()) if patterns else None)
+        groups = resolve_groups(pl_module, next(iter(patterns.values())) if patterns else None)
         bn = schedulers[0].bn if schedulers else "frozen"
         plan = Plan(groups, bn=bn)
         for peer in self._peers:
@@ -141,23 +165,54 @@ class StrategyCallback(pl.Callback):
         if trainer.world_size > 1:
             plan.record_reducer_params(pl_module)
         if self._restored_trainable is not None:  # resuming: the flags as they were saved
-            plan.set_trainable([self._restored_trainable.get(g.name, True) for g in self.groups])
+            plan.set_trainable(self._restored_flags())
         n = len(self.groups)
         scales = [self._product(lambda p, i=i: p.lr_scale(i, n)) for i in range(n)]
-        for optimizer in trainer.optimizers:
-            schedulers = [
-                c.scheduler
-                for c in trainer.lr_scheduler_configs
-                if getattr(c.scheduler, "optimizer", None) is optimizer
-            ]
-            plan.split_optimizer(optimizer, schedulers, scales)
+        optimizers = [
+            (
+                optimizer,
+                [
+                    c.scheduler
+                    for c in trainer.lr_scheduler_configs
+                    if getattr(c.scheduler, "optimizer", None) is optimizer
+                ],
+            )
+            for optimizer in trainer.optimizers
+        ]
+        added = plan.attach(optimizers, scales)
+        if added:
+            rank_zero_info(
+                f"freezeft: {len(added)} parameters that configure_optimizers left out (in "
+                f"groups {sorted({g.name for g in self.groups for a in added if a in g.params})})"
+                " joined the optimizer, frozen until a strategy thaws them."
+            )
+        plan.warmup_factors = lambda: [
+            self._product(lambda p, i=i: p.warmup_factor(i, trainer.global_step)) for i in range(n)
+        ]
         plan.install_norm_hooks(pl_module)
         scheduler = self._scheduler()
         if scheduler is not None and scheduler.cache_frozen:
             self._start_frozen_cache(pl_module, scheduler)
         head = max(p.head_size(n) for p in self._peers)
         names = " + ".join(type(p).__name__ for p in self._peers)
-        rank_zero_info(f"{names}: layer groups\n{format_group_table(self.groups, head=head)}")
+        table = format_group_table(self.groups, head=head, user_frozen=plan.user_frozen)
+        rank_zero_info(f"{names}: layer groups\n{table}")
+
+    def _restored_flags(self) -> list[bool]:
+        """The saved trainable flags, matched to today's groups by name (``_orig_mod`` of
+        ``torch.compile`` ignored); a warning names groups that do not match."""
+        assert self._restored_trainable is not None
+        saved = {_canonical(k): v for k, v in self._restored_trainable.items()}
+        names = [_canonical(g.name) for g in self.groups]
+        if set(saved) != set(names):
+            rank_zero_warn(
+                "freezeft: the checkpoint's layer groups do not match this run's: saved "
+                f"{sorted(set(saved) - set(names))} are not groups now, and "
+                f"{sorted(set(names) - set(saved))} were not saved (trained as at epoch 0 "
+                "of the schedule). Resume with the same model and `groups`."
+            )
+        current = self._flags(0) or [True] * len(names)
+        return [saved.get(name, flag) for name, flag in zip(names, current, strict=True)]
 
     def _start_frozen_cache(self, pl_module: pl.LightningModule, owner: StrategyCallback) -> None:
         if not isinstance(pl_module, PrefixCachable):
@@ -184,7 +239,9 @@ class StrategyCallback(pl.Callback):
     ) -> None:
         if not self.is_leader or self.frozen_cache is None or self.plan is None:
             return
-        n_frozen = next((i for i, t in enumerate(self.plan.trainable) if t), len(self.groups))
+        n_frozen = next(
+            (i for i in range(len(self.groups)) if self.plan.trains(i)), len(self.groups)
+        )
         prefix = [param for group in self.groups[:n_frozen] for param in group.params.values()]
         self.frozen_cache.active = self.frozen_cache.prepare(pl_module, prefix, n_frozen)
 
@@ -219,23 +276,24 @@ class StrategyCallback(pl.Callback):
             pl_module.log("trainable_params", float(self.plan.trainable_params()))
 
     @override
-    def on_before_optimizer_step(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
+    def on_before_backward(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor
     ) -> None:
-        if not self.is_leader or self.plan is None:
+        if not self.is_leader or self.plan is None or loss.requires_grad:
             return
-        step = trainer.global_step
-        factors = [
-            self._product(lambda p, i=i: p.warmup_factor(i, step)) for i in range(len(self.groups))
-        ]
-        self.plan.apply_warmup(optimizer, factors)
-
-    @override
-    def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any, **kwargs: Any
-    ) -> None:
-        if self.is_leader and self.plan is not None:
-            self.plan.restore_lr()
+        plan = self.plan
+        frozen = [g.name for i, g in enumerate(self.groups) if not plan.trains(i)]
+        if not frozen:
+            return  # nothing freezeft froze: not ours to explain
+        training = [g.name for i, g in enumerate(self.groups) if plan.trains(i)]
+        raise RuntimeError(
+            f"freezeft: the loss passed to backward does not depend on any trainable "
+            f"parameter at epoch {trainer.current_epoch}. Frozen now: {frozen}; training: "
+            f"{training}. With manual optimization and toggle_optimizer(), an optimizer "
+            "whose parameters are all in frozen groups has nothing to train: skip its "
+            "backward and step while they are frozen (e.g. `if loss.requires_grad:`), or "
+            "give the strategy other `head` groups."
+        )
 
     @override
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -245,8 +303,7 @@ class StrategyCallback(pl.Callback):
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit" and self.is_leader and self.plan is not None:
-            self.plan.restore_lr()
-            self.plan.remove_norm_hooks()
+            self.plan.release()
         if stage == "fit" and self.frozen_cache is not None:
             self.frozen_cache.clear()
             pl_module._freezeft_frozen_cache = None
@@ -270,6 +327,12 @@ class StrategyCallback(pl.Callback):
 def head_indices(head: HeadSpec, groups: Sequence[LayerGroup], owner: str) -> list[int]:
     """Indices of the head groups; validates ``head`` against the resolved groups."""
     n = len(groups)
+    if n < 2:
+        raise ValueError(
+            f"{owner}: the module has a single layer group ({[g.name for g in groups]}), so "
+            "there is no encoder to freeze. Pass at least two groups, input to output, as "
+            "`groups=[...]`, or define `layer_groups()` on the LightningModule."
+        )
     if isinstance(head, int):
         if head >= n:
             raise ValueError(
@@ -303,3 +366,13 @@ def check_head(head: HeadSpec, owner: str) -> HeadSpec:
     if not head or not all(isinstance(h, str) for h in head):
         raise ValueError(f"{owner}: expected `head` to list group names, but got {head!r}.")
     return list(head)
+
+
+def _is_group_spec(spec: Any) -> bool:
+    if isinstance(spec, str):
+        return bool(spec)
+    return (
+        isinstance(spec, (list, tuple))
+        and bool(spec)
+        and all(isinstance(p, str) and p for p in spec)
+    )

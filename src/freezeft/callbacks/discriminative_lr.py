@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing_extensions import override
 
 from freezeft.callbacks.base import StrategyCallback
+from freezeft.groups import GroupSpec
 
 __all__ = ["DiscriminativeLR"]
 
@@ -29,7 +30,7 @@ class DiscriminativeLR(StrategyCallback):
         trainer = Trainer(callbacks=[FreezeThenUnfreeze(), DiscriminativeLR(decay=0.5)])
     """
 
-    def __init__(self, decay: float = 0.5, groups: Sequence[str] | None = None) -> None:
+    def __init__(self, decay: float = 0.5, groups: Sequence[GroupSpec] | None = None) -> None:
         super().__init__(groups)
         if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not decay > 0:
             raise ValueError(f"{type(self).__name__}: expected `decay` > 0, but got {decay!r}.")

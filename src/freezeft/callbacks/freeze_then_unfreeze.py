@@ -12,6 +12,7 @@ from typing_extensions import override
 
 from freezeft.callbacks.base import HeadSpec
 from freezeft.callbacks.frozen_encoder import FrozenEncoder
+from freezeft.groups import GroupSpec
 
 __all__ = ["FreezeThenUnfreeze"]
 
@@ -50,7 +51,7 @@ class FreezeThenUnfreeze(FrozenEncoder):
         head: HeadSpec = 1,
         unfreeze_at_epoch: int = 3,
         encoder_lr_scale: float = 0.1,
-        groups: Sequence[str] | None = None,
+        groups: Sequence[GroupSpec] | None = None,
         bn: str = "frozen",
         monitor: str | None = None,
         patience: int = 1,

@@ -8,7 +8,7 @@ from typing import ClassVar
 from typing_extensions import override
 
 from freezeft.callbacks.base import HeadSpec, StrategyCallback, check_head, head_indices
-from freezeft.groups import LayerGroup
+from freezeft.groups import GroupSpec, LayerGroup
 
 __all__ = ["FrozenEncoder"]
 
@@ -42,7 +42,7 @@ class FrozenEncoder(StrategyCallback):
     def __init__(
         self,
         head: HeadSpec = 1,
-        groups: Sequence[str] | None = None,
+        groups: Sequence[GroupSpec] | None = None,
         bn: str = "frozen",
         cache_frozen: bool = False,
         cache_memory_gb: float = 2.0,

@@ -8,6 +8,7 @@ from typing_extensions import override
 
 from freezeft.callbacks.base import HeadSpec
 from freezeft.callbacks.frozen_encoder import FrozenEncoder
+from freezeft.groups import GroupSpec
 
 __all__ = ["GradualUnfreeze"]
 
@@ -36,7 +37,7 @@ class GradualUnfreeze(FrozenEncoder):
         self,
         head: HeadSpec = 1,
         every_n_epochs: int = 1,
-        groups: Sequence[str] | None = None,
+        groups: Sequence[GroupSpec] | None = None,
         bn: str = "frozen",
         cache_frozen: bool = False,
         cache_memory_gb: float = 2.0,

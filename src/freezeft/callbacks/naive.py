@@ -8,6 +8,7 @@ from typing import ClassVar
 from typing_extensions import override
 
 from freezeft.callbacks.base import StrategyCallback
+from freezeft.groups import GroupSpec
 
 __all__ = ["NaiveTransfer"]
 
@@ -28,7 +29,7 @@ class NaiveTransfer(StrategyCallback):
 
     schedules_freezing: ClassVar[bool] = True
 
-    def __init__(self, groups: Sequence[str] | None = None) -> None:
+    def __init__(self, groups: Sequence[GroupSpec] | None = None) -> None:
         super().__init__(groups)
 
     @override

@@ -1,0 +1,202 @@
+"""The user's own choices hold: parameters they froze are never trained, optimizers over
+``requires_grad`` parameters only still train what a strategy thaws, toggle_optimizer on a
+frozen group says what is wrong, and resumed runs find their groups by name."""
+
+from __future__ import annotations
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
+from tiny_models import LRRecorder, Task, changed, fit, snapshot
+from torch.optim import lr_scheduler
+
+from freezeft.callbacks import (
+    DiscriminativeLR,
+    FreezeThenUnfreeze,
+    FrozenEncoder,
+    GradualUnfreeze,
+    LRWarmup,
+    NaiveTransfer,
+)
+
+
+def test_naive_transfer_never_trains_a_parameter_the_user_froze():
+    task = Task("sequential")
+    task.model[2].bias.requires_grad_(False)
+    before = snapshot(task)
+    fit(task, [NaiveTransfer()])
+    assert changed(before, task) == {n for n in before if n != "model.2.bias"}
+    assert not task.model[2].bias.requires_grad
+
+
+def test_frozen_encoder_trains_the_head_but_not_its_user_frozen_bias():
+    task = Task("sequential")
+    task.model[4].bias.requires_grad_(False)
+    before = snapshot(task)
+    fit(task, [FreezeThenUnfreeze(head=1, unfreeze_at_epoch=5)])
+    assert changed(before, task) == {"model.4.weight"}
+    flags = {n: p.requires_grad for n, p in task.named_parameters()}
+    assert flags == {n: n != "model.4.bias" for n in flags}  # as before fit
+
+
+def test_group_table_shows_user_frozen_parameters(caplog):
+    task = Task("sequential")
+    task.model[0].requires_grad_(False)
+    with caplog.at_level("INFO"):
+        fit(task, [FrozenEncoder(head=1)], epochs=1)
+    table = next(r.getMessage() for r in caplog.records if "layer groups" in r.getMessage())
+    assert "user-frozen" in table
+    assert "84 frozen by you before fit, never trained" in table
+
+
+@pytest.mark.parametrize("strategy", ["freeze_then_unfreeze", "gradual_unfreeze"])
+def test_optimizer_over_requires_grad_params_trains_what_is_thawed_like_a_full_one(strategy):
+    def strategies():
+        thaw = (
+            FreezeThenUnfreeze(head=1, unfreeze_at_epoch=1, encoder_lr_scale=0.5)
+            if strategy == "freeze_then_unfreeze"
+            else GradualUnfreeze(head=1, every_n_epochs=1)
+        )
+        return [thaw, DiscriminativeLR(decay=0.5), LRWarmup(warmup_steps=3)]
+
+    def schedule(optimizer):
+        return lr_scheduler.LambdaLR(optimizer, lambda s: 0.9**s)
+
+    runs = {}
+    for filtered in (False, True):
+        task, recorder = Task("sequential", filtered=filtered, scheduler=schedule), LRRecorder()
+        before = snapshot(task)
+        trainer = fit(task, [*strategies(), recorder], epochs=3)
+        runs[filtered] = (task.state_dict(), recorder.steps)
+        assert changed(before, task) == set(before)  # the encoder trained after the thaw
+    full, filtered = runs[False], runs[True]
+    for key, value in full[0].items():
+        assert torch.equal(value, filtered[0][key]), key  # bit-identical to the full optimizer
+    # the added groups are driven by the user's scheduler like the head's group
+    for ours, theirs in zip(filtered[1], full[1], strict=True):
+        assert {k.split("/")[0]: v for k, v in ours.items()} == theirs
+    names = [g["name"] for g in trainer.optimizers[0].param_groups]
+    assert names == ["model.4/pg1", "model.0/added", "model.2/added"]
+
+
+def test_filtered_optimizer_resumes_bit_identically(tmp_path):
+    def strategies():
+        return [FreezeThenUnfreeze(head=1, unfreeze_at_epoch=2)]
+
+    whole = Task("sequential", filtered=True)
+    fit(whole, strategies(), epochs=3)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    fit(Task("sequential", filtered=True), [*strategies(), checkpoint], epochs=1,
+        enable_checkpointing=True)  # fmt: skip
+    resumed = Task("sequential", filtered=True)
+    pl.seed_everything(0)
+    trainer = pl.Trainer(
+        max_epochs=3,
+        callbacks=strategies(),
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        deterministic=True,
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(resumed, *resumed.loaders(), ckpt_path=tmp_path / "last.ckpt")
+    for key, value in whole.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[key]), key
+
+
+def test_an_optimizer_that_cannot_take_param_groups_is_refused_at_fit_start():
+    class WithLBFGS(Task):
+        def configure_optimizers(self):
+            return torch.optim.LBFGS(self.parameters())
+
+    with pytest.raises(ValueError, match="cannot use torch.optim.LBFGS: it supports a single"):
+        fit(WithLBFGS("sequential"), [FrozenEncoder()], epochs=1)
+
+
+class TwoOptimizers(Task):
+    """GAN-style manual optimization: one optimizer for the encoder, one for the head."""
+
+    def __init__(self) -> None:
+        super().__init__("sequential")
+        self.automatic_optimization = False
+
+    def configure_optimizers(self):
+        encoder = [*self.model[0].parameters(), *self.model[2].parameters()]
+        return [torch.optim.SGD(encoder, lr=0.1), torch.optim.SGD(self.model[4].parameters())]
+
+    def training_step(self, batch, batch_idx):
+        for optimizer in self.optimizers():
+            self.toggle_optimizer(optimizer)
+            loss = self.loss_fn(self.model, batch)
+            self.manual_backward(loss)
+            optimizer.step()
+            optimizer.zero_grad()
+            self.untoggle_optimizer(optimizer)
+
+
+def test_toggle_optimizer_on_a_frozen_group_gets_a_freezeft_error():
+    with pytest.raises(RuntimeError, match=r"freezeft: the loss .* Frozen now: \['model.0', "):
+        fit(TwoOptimizers(), [FrozenEncoder(head=1)], epochs=1)
+
+
+class Uncompiled(Task):
+    """Resumes a checkpoint of a torch.compile'd model, as users do: ``_orig_mod`` stripped."""
+
+    def on_load_checkpoint(self, checkpoint):
+        state = checkpoint["state_dict"]
+        checkpoint["state_dict"] = {k.replace("_orig_mod.", ""): v for k, v in state.items()}
+
+
+def test_resume_matches_groups_through_torch_compile_names(tmp_path, recwarn):
+    def strategies():
+        return [FreezeThenUnfreeze(head=1, unfreeze_at_epoch=1), LRWarmup(warmup_steps=3)]
+
+    whole = LRRecorder()
+    fit(Task("sequential"), [*strategies(), whole], epochs=2)
+    compiled = Task("sequential")
+    compiled.model = torch.compile(compiled.model, backend="eager")
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    fit(compiled, [*strategies(), checkpoint], epochs=1, enable_checkpointing=True)
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=False)["callbacks"]
+    assert "'model._orig_mod.0': False" in str(saved)
+
+    resumed, recorder = Uncompiled("sequential"), LRRecorder()
+    pl.seed_everything(0)
+    trainer = pl.Trainer(
+        max_epochs=2,
+        callbacks=[*strategies(), recorder],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(resumed, *resumed.loaders(), ckpt_path=tmp_path / "last.ckpt")
+    assert not [w for w in recwarn if "layer groups do not match" in str(w.message)]
+    # the encoder thaws at epoch 1 as saved, so it ramps up again as in the whole run
+    # (the optimizer state loaded from the checkpoint keeps the compiled names)
+    assert [list(s.values()) for s in recorder.steps] == [list(s.values()) for s in whole.steps[4:]]
+    assert list(recorder.steps[0].values())[0] == pytest.approx(0.01 * 0.1 * 0.01)
+
+
+def test_resume_with_other_groups_warns_naming_them(tmp_path):
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    fit(Task("sequential"), [FrozenEncoder(head=1), checkpoint], epochs=1,
+        enable_checkpointing=True)  # fmt: skip
+    resumed = Task("sequential")
+    trainer = pl.Trainer(
+        max_epochs=2,
+        callbacks=[FrozenEncoder(head=1, groups=["model.[0]", "model.2", "model.4"])],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    with pytest.warns(
+        UserWarning,
+        match=r"saved \['model.0'\] are not groups now, and \['model.\[0\]'\] were not saved",
+    ):
+        trainer.fit(resumed, *resumed.loaders(), ckpt_path=tmp_path / "last.ckpt")
