@@ -42,3 +42,23 @@ def test_lightning_cli_takes_the_callbacks_from_the_command_line(tmp_path):
     )
     assert "FreezeThenUnfreeze + LRWarmup: layer groups" in out
     assert "FreezeThenUnfreeze: epoch 1: unfroze" in out
+
+
+def test_hf_lora_example_trains_adapters_and_head_but_no_base_weight(tmp_path):
+    out = run(tmp_path, "hf_lora.py")
+    assert "BERT base weights changed: 0 of 73" in out
+    assert "FreezeThenUnfreeze: epoch 1: unfroze ['model.base_model.model.bert.encoder" in out
+    assert float(out.rsplit("validation accuracy: ", 1)[1].split()[0]) > 0.7  # 0.77 measured
+
+
+def test_timm_vit_example_transfers_block_by_block(tmp_path):
+    out = run(tmp_path, "timm_vit.py")
+    assert "GradualUnfreeze: epoch 1: unfroze ['model.blocks.3+model.norm']" in out
+    assert float(out.rsplit("target accuracy after transfer: ", 1)[1].split()[0]) > 0.9
+
+
+def test_wav2vec2_example_trains_lm_head_only(tmp_path):
+    out = run(tmp_path, "wav2vec2_ctc.py")
+    assert "wav2vec2 encoder weights changed: 0 of 45" in out
+    before, after = out.rsplit("validation CTC loss: ", 1)[1].split(" before, ")
+    assert float(after.split()[0]) < 0.2 * float(before)

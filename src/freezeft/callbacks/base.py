@@ -260,7 +260,7 @@ class StrategyCallback(*_callback_bases()):  # type: ignore[misc]
         if flags is None or plan is None or flags == plan.trainable:
             return
         before = plan.trainable_params()
-        unfrozen = plan.set_trainable(flags)
+        unfrozen = [i for i in plan.set_trainable(flags) if plan.trains(i)]
         if unfrozen:
             for peer in self._peers:
                 peer.on_groups_unfrozen(unfrozen, trainer.global_step)
