@@ -1,7 +1,9 @@
-"""A test callback: the process sends itself a real signal after a given training step.
+"""A test callback: the process sends itself a real signal at an exact point of a run.
 
 Added to a run from the command line (``+callbacks.stop._target_=signal_at_step.SignalAtStep``),
-it interrupts training at an exact, repeatable point instead of after a guessed delay.
+it interrupts at a repeatable point instead of after a guessed delay: after training step
+``step`` (``phase="train"``), or during the validation that follows it
+(``phase="validation"``), or during testing (``phase="test"``).
 """
 
 from __future__ import annotations
@@ -13,10 +15,20 @@ import pytorch_lightning as pl
 
 
 class SignalAtStep(pl.Callback):
-    def __init__(self, step: int, name: str = "SIGTERM") -> None:
+    def __init__(self, step: int, name: str = "SIGTERM", phase: str = "train") -> None:
         self.step = step
         self.signum = getattr(signal, name)
+        self.phase = phase
 
     def on_train_batch_end(self, trainer: pl.Trainer, *args, **kwargs) -> None:
-        if trainer.global_step == self.step:
+        if self.phase == "train" and trainer.global_step == self.step:
+            os.kill(os.getpid(), self.signum)
+
+    def on_validation_batch_start(self, trainer: pl.Trainer, *args, **kwargs) -> None:
+        if self.phase == "validation" and not trainer.sanity_checking:
+            if trainer.global_step == self.step:
+                os.kill(os.getpid(), self.signum)
+
+    def on_test_batch_start(self, trainer: pl.Trainer, *args, **kwargs) -> None:
+        if self.phase == "test":
             os.kill(os.getpid(), self.signum)

@@ -11,11 +11,14 @@ import torch
 from pyrun import run_python
 
 from freezeft.checkpointing import AtomicCheckpointIO, find_resume_checkpoint
+from freezeft.history import read_history
 
 TESTS = Path(__file__).parent
-# 32 utterances in batches of 8: 4 steps per epoch; the encoder thaws at epoch 1
+# 32 utterances in batches of 4: 8 steps per epoch (2 validation and 2 test batches);
+# the encoder thaws at epoch 1
 OVERRIDES = [
     "experiment=tiny",
+    "data.batch_size=4",
     "strategy=freeze_then_finetune",
     "strategy.callbacks.freeze_then_unfreeze.unfreeze_at_epoch=1",
     "trainer.max_epochs=3",
@@ -52,24 +55,34 @@ def uninterrupted(tmp_path_factory, cache_dir, german_corpus, english_corpus):
     return out
 
 
-def interrupt_at_step_6(tmp_path: Path, cache_dir: Path, signal_name: str) -> Path:
-    """Epoch 1, batch 3 of 4: after the encoder thawed, in the middle of an epoch."""
+def interrupt(
+    tmp_path: Path, cache_dir: Path, signal_name: str, step: int, phase: str
+) -> tuple[Path, str]:
+    """A real signal after training step ``step`` (``phase="train"``), or in the validation
+    that follows it, or in testing."""
     out, proc = run(
         tmp_path,
         cache_dir,
         "cut",
         "+callbacks.stop._target_=signal_at_step.SignalAtStep",
-        "+callbacks.stop.step=6",
+        f"+callbacks.stop.step={step}",
         f"+callbacks.stop.name={signal_name}",
+        f"+callbacks.stop.phase={phase}",
         check=False,
     )
     assert proc.returncode == 143, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert f"resumable checkpoint: {out / 'checkpoints' / 'interrupted.ckpt'}" in proc.stdout
     assert not (out / "results.json").exists()
+    return out, proc.stdout
+
+
+def interrupt_at_step_12(tmp_path: Path, cache_dir: Path, signal_name: str) -> Path:
+    """Epoch 1, batch 5 of 8: after the encoder thawed, in the middle of an epoch."""
+    out, stdout = interrupt(tmp_path, cache_dir, signal_name, 12, "train")
+    assert f"resumable checkpoint: {out / 'checkpoints' / 'interrupted.ckpt'}" in stdout
     state = torch.load(
         out / "checkpoints" / "interrupted.ckpt", map_location="cpu", weights_only=False
     )
-    assert state["global_step"] == 6 and state["epoch"] == 1
+    assert state["global_step"] == 12 and state["epoch"] == 1
     return out
 
 
@@ -83,12 +96,17 @@ def assert_same_result(out: Path, uninterrupted: Path) -> None:
     assert (a["cer"], a["wer"], a["best_epoch"]) == (b["cer"], b["wer"], b["best_epoch"])
     lr_a = (out / "lr_schedule.csv").read_text()
     assert lr_a == (uninterrupted / "lr_schedule.csv").read_text()  # phase and LRs continued
+    val_a, val_b = (
+        [{k: v for k, v in e.items() if k.startswith("val_")} for e in read_history(d)]
+        for d in (out, uninterrupted)
+    )
+    assert val_a == val_b  # every validation complete
 
 
 def test_sigterm_mid_epoch_then_resume_equals_an_uninterrupted_run(
     tmp_path, cache_dir, uninterrupted
 ):
-    out = interrupt_at_step_6(tmp_path, cache_dir, "SIGTERM")
+    out = interrupt_at_step_12(tmp_path, cache_dir, "SIGTERM")
     _, proc = run(tmp_path, cache_dir, "resumed", f"resume={out}")
     assert f"-> {out}/results.json" in proc.stdout  # finished in the original run dir
     assert json.loads((out / "results.json").read_text())["resumed_from"].endswith(
@@ -100,7 +118,7 @@ def test_sigterm_mid_epoch_then_resume_equals_an_uninterrupted_run(
 def test_ctrl_c_then_a_truncated_checkpoint_falls_back_to_the_previous_one(
     tmp_path, cache_dir, uninterrupted
 ):
-    out = interrupt_at_step_6(tmp_path, cache_dir, "SIGINT")
+    out = interrupt_at_step_12(tmp_path, cache_dir, "SIGINT")
     newest = out / "checkpoints" / "interrupted.ckpt"
     newest.write_bytes(newest.read_bytes()[:5000])  # as if killed while writing
     _, proc = run(tmp_path, cache_dir, "resumed", f"resume={out}")
@@ -110,6 +128,25 @@ def test_ctrl_c_then_a_truncated_checkpoint_falls_back_to_the_previous_one(
     )
     assert json.loads((out / "results.json").read_text())["resumed_from"].endswith("last.ckpt")
     assert_same_result(out, uninterrupted)  # the end-of-epoch-0 checkpoint replays epoch 1
+
+
+def test_sigterm_during_validation_then_resume_equals_an_uninterrupted_run(
+    tmp_path, cache_dir, uninterrupted
+):
+    out, _ = interrupt(tmp_path, cache_dir, "SIGTERM", 16, "validation")  # epoch 1's
+    state = torch.load(out / "checkpoints" / "interrupted.ckpt", weights_only=False)
+    assert state["global_step"] == 16
+    run(tmp_path, cache_dir, "resumed", f"resume={out}")
+    assert_same_result(out, uninterrupted)  # all 24 steps trained, every validation whole
+
+
+def test_sigterm_during_test_exits_143_and_resume_writes_the_results(
+    tmp_path, cache_dir, uninterrupted
+):
+    out, stdout = interrupt(tmp_path, cache_dir, "SIGTERM", 0, "test")
+    assert "interrupted while testing; training had finished" in stdout
+    run(tmp_path, cache_dir, "resumed", f"resume={out}")
+    assert_same_result(out, uninterrupted)
 
 
 def test_resume_with_other_overrides_is_refused(tmp_path, cache_dir, uninterrupted):

@@ -88,6 +88,7 @@ class InterruptCheckpoint(pl.Callback):
         self.saved: Path | None = None
         self._previous_sigint: Any = None
         self._rng_to_restore: dict[str, Any] | None = None
+        self._mid_validation = False
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -96,6 +97,19 @@ class InterruptCheckpoint(pl.Callback):
             self._rng_to_restore = None
         if _in_main_thread():
             self._previous_sigint = signal.signal(signal.SIGINT, self._on_sigint)
+
+    @override
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        if self._mid_validation:
+            # Stopped inside the validation after a training epoch: resume re-runs that whole
+            # validation (not its rest, whose metrics would lack the batches already seen),
+            # then goes on with the next epoch. Lightning re-enters a validation it stopped
+            # in when its progress says "batch 0 started, none processed".
+            progress = checkpoint["loops"]["fit_loop"]["epoch_loop.val_loop.batch_progress"]
+            fresh = {"ready": 1, "started": 1, "processed": 0, "completed": 0}
+            progress.update(total=dict(fresh), current=dict(fresh), is_last_batch=False)
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -126,7 +140,11 @@ class InterruptCheckpoint(pl.Callback):
         if not isinstance(exception, (SIGTERMException, KeyboardInterrupt)):
             return
         path = self.dirpath / INTERRUPTED_CHECKPOINT
-        trainer.save_checkpoint(path)
+        self._mid_validation = trainer.validating
+        try:
+            trainer.save_checkpoint(path)
+        finally:
+            self._mid_validation = False
         self.saved = path
         log.warning(f"Interrupted: wrote a resumable checkpoint to {path}")
 

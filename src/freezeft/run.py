@@ -93,7 +93,10 @@ def fit_and_test(
         auto_insert_metric_name=False,
         monitor="val_cer",
         mode="min",
-        save_last=True,
+    )
+    # last.ckpt at every epoch end, improved or not: a killed run loses at most one epoch
+    last = pl.callbacks.ModelCheckpoint(
+        dirpath=output_dir / "checkpoints", filename="last", enable_version_counter=False
     )
     logger = False
     if cfg.logger:
@@ -102,7 +105,7 @@ def fit_and_test(
     trainer: pl.Trainer = instantiate(
         cfg.trainer,
         max_epochs=max_epochs,
-        callbacks=[*callbacks, History(output_dir), checkpoint, interrupt],
+        callbacks=[*callbacks, History(output_dir), checkpoint, last, interrupt],
         logger=logger,
         default_root_dir=str(output_dir),
         plugins=[AtomicCheckpointIO()],
@@ -125,9 +128,24 @@ def fit_and_test(
     skipped = datamodule.skipped_rows()
     if trainer.is_global_zero:
         _write_skipped(skipped, output_dir)
-    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    # what trained in the last epoch (strategies log it; they leave every flag as it was)
+    logged = trainer.callback_metrics.get("trainable_params")
+    trainable = (
+        int(logged)
+        if logged is not None
+        else sum(p.numel() for p in module.parameters() if p.requires_grad)
+    )
     best = checkpoint.best_model_path or None
-    (test_metrics,) = trainer.test(module, datamodule=datamodule, ckpt_path=best or None)
+    try:
+        (test_metrics,) = trainer.test(module, datamodule=datamodule, ckpt_path=best or None)
+    except SIGTERMException:
+        print(
+            "freezeft: interrupted while testing; training had finished and its checkpoints "
+            f"are in {output_dir / 'checkpoints'}. Run the same command with "
+            f"resume={output_dir} to test again and write results.json.",
+            flush=True,
+        )
+        raise SystemExit(143) from None
     best_epoch = torch.load(best, map_location="cpu", weights_only=False)["epoch"] if best else None
 
     results = {

@@ -513,7 +513,10 @@ class SpeechDataModule(pl.LightningDataModule):
         )
         if split == "train" and trainer is not None and trainer.fit_loop.epoch_loop.restarting:
             # resuming mid-epoch: the batches this epoch already trained on are not repeated
-            sampler.skip_batches(trainer.fit_loop.epoch_loop.batch_progress.current.completed)
+            # (resuming after an epoch's last batch, e.g. stopped in its validation: none)
+            done = trainer.fit_loop.epoch_loop.batch_progress.current.completed
+            if done < len(sampler):
+                sampler.skip_batches(done)
         workers = self.workers()
         return DataLoader(
             dataset,
