@@ -139,3 +139,8 @@ def test_a_strategy_argument_out_of_range_names_its_config_key():
         Exception, match=r"(?s)`unfreeze_at_epoch` >= 0.*full_key: strategy.callbacks"
     ):
         check_config(cfg)
+
+
+def test_a_strategy_and_an_add_on_duplicating_it_are_refused():
+    with pytest.raises(ValueError, match="include LRWarmup twice.*drop it from `addons`"):
+        check_config(compose_with("strategy=warmup", "addons=[warmup]"))

@@ -3,6 +3,8 @@
 import csv
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -175,7 +177,29 @@ def test_bad_rows_and_a_nan_batch_are_skipped_and_reported(tmp_path, german_corp
         "outside alphabet": 1,
     }
     (nan_batch,) = results["skipped_batches"]  # the run went on past it
-    assert str(data / "nan.wav") in nan_batch["paths"] and nan_batch["loss"] != nan_batch["loss"]
+    assert str(data / "nan.wav") in nan_batch["paths"]
+    assert nan_batch["loss"] is None and nan_batch["loss_not_finite"] == "nan"  # standard JSON
+    json.loads((out / "results.json").read_text(), parse_constant=pytest.fail)
     output = proc.stdout + proc.stderr  # Hydra logs to stdout, Lightning warns on stderr
     assert "Skipping batch" in output and "nan.wav" in output.split("Its files: ", 1)[1]
     assert "Skipped 3 rows (" in output and "skipped_samples.csv" in output
+
+
+def test_a_user_error_is_one_message_without_a_traceback(tmp_path):
+    args = ["-m", "freezeft.run", "strategy=warmup", "addons=[warmup]", f"hydra.run.dir={tmp_path}"]
+    proc = run_python(args, cwd=tmp_path, check=False)
+    assert proc.returncode == 1
+    assert "freezeft: error: The strategy and its add-ons include LRWarmup twice" in proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert "Error executing job" not in proc.stdout + proc.stderr
+
+
+def test_runs_started_in_the_same_second_get_their_own_run_dirs(tmp_path):
+    # each stops at once on a bad value, after Hydra made its run dir
+    args = [sys.executable, "-m", "freezeft.run", "seed=-1"]
+    procs = [subprocess.Popen(args, cwd=tmp_path, stderr=subprocess.PIPE) for _ in range(2)]
+    for proc in procs:
+        assert proc.wait(timeout=120) == 1
+    run_dirs = sorted(p.parent for p in tmp_path.glob("outputs/*/*/.hydra"))
+    pids = sorted(str(proc.pid) for proc in procs)
+    assert len(run_dirs) == 2 and sorted(d.name.rsplit("-", 1)[1] for d in run_dirs) == pids

@@ -23,6 +23,8 @@ multiply) and applies the result:
 
 from __future__ import annotations
 
+import warnings
+from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -37,7 +39,7 @@ __all__ = ["Plan"]
 #: Param-group keys that hold a learning rate (torch's own names), scaled with the group.
 LR_KEYS = ("lr", "initial_lr", "max_lr", "min_lr")
 #: Scheduler attributes that are per-group learning rates, scaled with the group.
-SCHEDULER_LR_LISTS = ("base_lrs", "_last_lr", "max_lrs")
+SCHEDULER_LR_LISTS = ("base_lrs", "_last_lr", "max_lrs", "base_values")
 #: Other per-group scheduler attributes, copied from the group each new group came from.
 SCHEDULER_PER_GROUP = ("min_lrs", "lr_lambdas", "base_momentums", "max_momentums")
 
@@ -89,6 +91,10 @@ class Plan:
                     param.grad = None
         return unfrozen
 
+    def has_own_params(self, index: int) -> bool:
+        """Whether group ``index`` has parameters the user did not freeze."""
+        return bool(self._own_params(index))
+
     def trains(self, index: int) -> bool:
         """Whether group ``index`` has parameters that train now."""
         return self.trainable[index] and bool(self._own_params(index))
@@ -115,18 +121,31 @@ class Plan:
     # -- norm layers -------------------------------------------------------------------
     def install_norm_hooks(self, root: nn.Module) -> None:
         """Keep norm layers of frozen groups in eval mode (and of trainable ones in train
-        mode while the model trains), checked at every forward."""
+        mode while the model trains), checked at every forward. A norm layer belongs to the
+        group that owns its parameters (or, without parameters, to the group whose module
+        contains it), also where explicit ``groups`` left its module out."""
         if self.bn != "frozen":
             return
-        for index, group in enumerate(self.groups):
-            for name in group.modules:
-                if name in group.params:
-                    continue  # a parameter named directly, not a module
-                for module in root.get_submodule(name).modules():
-                    if isinstance(module, _NormBase):
-                        hook = module.register_forward_pre_hook(self._norm_hook(root, index))
-                        self._hooks.append(hook)
-                        self._norm_modes.append((module, module.training))
+        for name, module in root.named_modules():
+            if not isinstance(module, _NormBase):
+                continue
+            index = self._group_of_module(name, module)
+            if index is None:
+                continue
+            self._hooks.append(module.register_forward_pre_hook(self._norm_hook(root, index)))
+            self._norm_modes.append((module, module.training))
+
+    def _group_of_module(self, name: str, module: nn.Module) -> int | None:
+        for param in module.parameters():
+            if id(param) in self._param_group:
+                return self._param_group[id(param)]
+        owners = [
+            (len(member), index)
+            for index, group in enumerate(self.groups)
+            for member in group.modules
+            if name == member or name.startswith(member + ".")
+        ]
+        return max(owners)[1] if owners else None
 
     def _norm_hook(self, root: nn.Module, index: int):
         # While the model trains, a norm layer trains iff its group does: frozen groups keep
@@ -143,17 +162,29 @@ class Plan:
         self,
         optimizers: Sequence[tuple[torch.optim.Optimizer, Sequence[Any]]],
         lr_scales: Sequence[float],
+        root: nn.Module,
+        changes_lr: bool = True,
     ) -> list[str]:
         """Take over the user's optimizers (each with its LR schedulers), once per fit.
 
-        Parameters that no optimizer holds (the user passed only ``requires_grad`` ones)
-        and that the plan may thaw are added to the optimizer holding the head, with that
-        param group's hyperparameters; then every param group is split by layer group with
-        its LR scaled (schedulers follow); then warmup is applied around every optimizer
-        step. Returns the names of the parameters added.
+        Parameters that no optimizer holds and that the plan may thaw are added to the
+        optimizer holding the head: each joins the param group holding parameters of its
+        kind (same module type and parameter name: a ``Linear.bias`` joins the group of the
+        other ``Linear`` biases, e.g. a no-decay group), else the group holding the head.
+        Then every param group is split by layer group with its LR scaled (schedulers
+        follow), and warmup is applied inside every optimizer step. Returns the names of
+        the parameters added.
+
+        Args:
+            optimizers: each optimizer with the LR schedulers that drive it.
+            lr_scales: the LR multiplier of each layer group.
+            root: the module the groups were resolved on.
+            changes_lr: whether a strategy scales or warms up LRs (refused for param groups
+                without a numeric ``lr``, such as Adafactor's relative steps).
 
         Raises:
-            ValueError: an optimizer cannot be split or take new param groups.
+            ValueError: an optimizer cannot be split, take new param groups or have its LR
+                changed.
         """
         for optimizer, _ in optimizers:
             if isinstance(optimizer, torch.optim.LBFGS):
@@ -161,6 +192,16 @@ class Plan:
                     "freezeft cannot use torch.optim.LBFGS: it supports a single param group, "
                     "and freezing strategies need one per layer group (each with its own LR "
                     "and frozen state). Use another optimizer with freezeft's callbacks."
+                )
+            if changes_lr and any(
+                not isinstance(g.get("lr"), (int, float)) for g in optimizer.param_groups
+            ):
+                raise ValueError(
+                    f"freezeft: {type(optimizer).__name__} has a param group without a numeric "
+                    "`lr` (e.g. Adafactor with lr=None computes its own relative step), so "
+                    "DiscriminativeLR, encoder_lr_scale and LRWarmup cannot scale it. Give "
+                    "the optimizer an explicit LR (Adafactor: lr=..., relative_step=False, "
+                    "scale_parameter=False, warmup_init=False), or leave out the LR strategies."
                 )
         held = {id(p) for opt, _ in optimizers for g in opt.param_groups for p in g["params"]}
         missing = [
@@ -171,9 +212,9 @@ class Plan:
         ]
         home = self._home_for_missing(optimizers) if missing else None
         for optimizer, schedulers in optimizers:
-            extra = None
+            extra: list[tuple[int, list[nn.Parameter]]] = []
             if home is not None and home[0] is optimizer:
-                extra = (home[1], [p for _, p in missing])
+                extra = _join_by_kind(root, optimizer, home[1], [p for _, p in missing])
             self.split_optimizer(optimizer, schedulers, lr_scales, extra)
             self._hooks.append(optimizer.register_step_pre_hook(self._warm))
             self._hooks.append(optimizer.register_step_post_hook(self._cool))
@@ -206,32 +247,34 @@ class Plan:
         optimizer: torch.optim.Optimizer,
         schedulers: Sequence[Any],
         lr_scales: Sequence[float],
-        extra: tuple[int, list[nn.Parameter]] | None = None,
+        extra: Sequence[tuple[int, list[nn.Parameter]]] = (),
     ) -> None:
         """Split each param group of ``optimizer`` by layer group, once, scaling LRs.
 
-        ``extra`` is ``(user group index, parameters)``: parameters in no optimizer, added
-        as a new param group with that group's hyperparameters, driven by its schedulers.
+        ``extra`` lists ``(user group index, parameters)``: parameters in no optimizer,
+        each list added as a new param group with that group's hyperparameters, driven by
+        its schedulers.
         """
         if any("freezeft_group" in g for g in optimizer.param_groups):
             return  # already split (a second fit with the same optimizer)
         n_user = len(optimizer.param_groups)
         source = list(range(n_user))  # the user group each param group's LRs come from
-        if extra is not None:
+        for template_index, params in extra:
             template = {
-                k: v for k, v in optimizer.param_groups[extra[0]].items() if k not in ("params",)
+                k: v for k, v in optimizer.param_groups[template_index].items() if k != "params"
             }
-            template.pop("name", None)
+            base = "added" if len(extra) == 1 else f"added-pg{template_index + 1}"
+            template["name"] = base
             try:
-                optimizer.add_param_group({**template, "params": extra[1], "name": "added"})
+                optimizer.add_param_group({**template, "params": params})
             except Exception as error:
                 raise ValueError(
                     f"freezeft: {type(optimizer).__name__} cannot take the parameters a "
-                    "strategy thaws but configure_optimizers left out (a `requires_grad` "
-                    f"filter): add_param_group failed with {error!r}. Give the optimizer "
-                    "all the model's parameters; frozen ones get no state and no update."
+                    "strategy thaws but configure_optimizers left out: add_param_group "
+                    f"failed with {error!r}. Give the optimizer all the model's parameters; "
+                    "frozen ones get no state and no update."
                 ) from error
-            source.append(extra[0])
+            source.append(template_index)
         several = len(optimizer.param_groups) > 1
         new_groups: list[dict] = []
         origin: list[tuple[int, float]] = []
@@ -320,3 +363,59 @@ def _remap_scheduler(scheduler: Any, origin: list[tuple[int, float]], n_old: int
             setattr(scheduler, attr, [value[i] * scale for i, scale in origin])
         else:
             setattr(scheduler, attr, [value[i] for i, _ in origin])
+    steps = getattr(scheduler, "warmup_steps", None)  # timm: per group, from base_values
+    if isinstance(steps, list) and len(steps) == n_old and hasattr(scheduler, "warmup_lr_init"):
+        t, start = getattr(scheduler, "warmup_t", 0), scheduler.warmup_lr_init
+        scheduler.warmup_steps = [(v - start) / t if t else 1 for v in scheduler.base_values]
+    if len(origin) == n_old:
+        return
+    unknown = sorted(
+        attr
+        for attr, value in vars(scheduler).items()
+        if not attr.startswith("_")
+        and isinstance(value, list)
+        and len(value) == n_old
+        and all(isinstance(v, (int, float)) for v in value)
+    )
+    if unknown:
+        warnings.warn(
+            f"freezeft split {n_old} param group(s) of the optimizer into {len(origin)}, but "
+            f"{type(scheduler).__name__} keeps per-group lists freezeft does not know "
+            f"({unknown}): it may drive only some groups. Check its LRs (lr_schedule.csv or "
+            "LearningRateMonitor), or use a torch scheduler.",
+            stacklevel=2,
+        )
+
+
+def _join_by_kind(
+    root: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    head_group: int,
+    params: list[nn.Parameter],
+) -> list[tuple[int, list[nn.Parameter]]]:
+    """Which param group of ``optimizer`` each parameter no optimizer holds should join:
+    the one holding most parameters of its kind (module type, parameter name), else the
+    head's (``head_group``). Warns where that guess may not be what the user meant."""
+    kind: dict[int, tuple[str, str]] = {}
+    for module in root.modules():
+        for name, param in module.named_parameters(recurse=False):
+            kind.setdefault(id(param), (type(module).__name__, name))
+    counts: dict[tuple[str, str], Counter[int]] = {}
+    for index, group in enumerate(optimizer.param_groups):
+        for param in group["params"]:
+            counts.setdefault(kind.get(id(param), ("", "")), Counter())[index] += 1
+    chosen: dict[int, list[nn.Parameter]] = {}
+    for param in params:
+        found = counts.get(kind.get(id(param), ("", "")))
+        chosen.setdefault(found.most_common(1)[0][0] if found else head_group, []).append(param)
+    empty = [i + 1 for i, g in enumerate(optimizer.param_groups) if not g["params"]]
+    if empty:
+        warnings.warn(
+            f"freezeft: param group(s) {empty} of {type(optimizer).__name__} are empty (their "
+            "parameters did not require gradients when configure_optimizers ran), so the "
+            "parameters a strategy thaws joined other groups by kind and take those groups' "
+            "hyperparameters. If they belong in the empty groups, give configure_optimizers "
+            "all parameters: frozen ones get no state and no update.",
+            stacklevel=2,
+        )
+    return sorted(chosen.items())

@@ -18,7 +18,9 @@ import csv
 import json
 import logging
 import math
+import os
 import shutil
+import sys
 import time
 import traceback
 from collections import Counter
@@ -179,8 +181,31 @@ def fit_and_test(
         "machine": machine.describe(),
     }
     if trainer.is_global_zero:
-        (output_dir / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False))
+        write_json(output_dir / "results.json", results)
     return results
+
+
+def _standard_json(value: Any) -> Any:
+    """``value`` with every NaN or infinity replaced by ``None`` and, beside it in its dict,
+    ``<key>_not_finite``: ``"nan"``, ``"inf"`` or ``"-inf"`` (JSON has no such numbers)."""
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            if isinstance(item, float) and not math.isfinite(item):
+                out[key], out[f"{key}_not_finite"] = None, str(item)
+            else:
+                out[key] = _standard_json(item)
+        return out
+    if isinstance(value, (list, tuple)):
+        return [None if isinstance(v, float) and not math.isfinite(v) else _standard_json(v)
+                for v in value]  # fmt: skip
+    return value
+
+
+def write_json(path: Path, results: dict[str, Any]) -> None:
+    """Write ``results`` as standard JSON (non-finite numbers as ``null``, see above)."""
+    text = json.dumps(_standard_json(results), indent=2, ensure_ascii=False, allow_nan=False)
+    path.write_text(text)
 
 
 def _write_skipped(rows: list[tuple[str, Skipped]], output_dir: Path) -> None:
@@ -283,7 +308,7 @@ def pretrained_source(cfg: DictConfig) -> Path:
             resumable=False,
         )
         shutil.copy(results["best_checkpoint"], folder / "source.ckpt")
-        (folder / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False))
+        write_json(folder / "results.json", results)
         shutil.rmtree(folder / "run" / "checkpoints")
         log.info(f"Source model: test WER {results['wer']:.4f}, CER {results['cer']:.4f}")
 
@@ -320,6 +345,19 @@ def check_config(cfg: DictConfig) -> None:
     if problems:
         raise ValueError("Invalid config value(s): " + "; ".join(problems) + ".")
     chosen = {**cfg.strategy.callbacks, **cfg.strategy.get("addons", {})}
+    targets = [
+        c._target_
+        for part in (cfg.strategy.callbacks, cfg.strategy.get("addons", {}))
+        for c in part.values()
+        if c
+    ]
+    twice = sorted({t.rsplit(".", 1)[-1] for t in targets if targets.count(t) > 1})
+    if twice:
+        raise ValueError(
+            f"The strategy and its add-ons include {', '.join(twice)} twice (an add-on that "
+            f"the chosen `strategy` already has, e.g. strategy=warmup addons=[warmup]); drop "
+            "it from `addons`."
+        )
     for callback in chosen.values():
         if callback:
             instantiate(callback, _convert_="all")
@@ -393,6 +431,15 @@ def _threads_per_job(cfg: DictConfig, hydra_cfg: Any) -> int | None:
     return max(1, cores // parallel)
 
 
+# conf/hydra/default.yaml names run dirs with the process id: two runs started in the same
+# second never share one.
+OmegaConf.register_new_resolver("freezeft.pid", lambda: str(os.getpid()), replace=True)
+
+#: What a user can cause and fix (bad data, config, paths, a full disk): one message, no
+#: traceback, exit code 1. Anything else is a bug and keeps its traceback.
+USER_ERRORS = (ValueError, OSError)
+
+
 @hydra.main(version_base="1.3", config_path="pkg://freezeft.conf", config_name="config")
 def main(cfg: DictConfig) -> float:
     """Hydra entry point; returns the best dev CER (what a sweeper minimises, never test).
@@ -412,7 +459,15 @@ def main(cfg: DictConfig) -> float:
         results = run(cfg, output_dir)
     except Exception as err:
         if not multirun:
-            raise
+            if not isinstance(err, USER_ERRORS) or os.environ.get("HYDRA_FULL_ERROR") == "1":
+                raise
+            log.error(f"{type(err).__name__}: {err}")  # the run's log keeps it too
+            print(
+                f"freezeft: error: {err}\n(HYDRA_FULL_ERROR=1 shows the traceback)",
+                file=sys.stderr,
+                flush=True,
+            )
+            raise SystemExit(1) from None
         log.exception(f"Job {hydra_cfg.job.num} failed; the sweep goes on.")
         failure = {
             "job": hydra_cfg.job.num,

@@ -76,8 +76,50 @@ def test_optimizer_over_requires_grad_params_trains_what_is_thawed_like_a_full_o
     # the added groups are driven by the user's scheduler like the head's group
     for ours, theirs in zip(filtered[1], full[1], strict=True):
         assert {k.split("/")[0]: v for k, v in ours.items()} == theirs
-    names = [g["name"] for g in trainer.optimizers[0].param_groups]
-    assert names == ["model.4/pg1", "model.0/added", "model.2/added"]
+    assert {g["name"] for g in trainer.optimizers[0].param_groups} == {
+        "model.0", "model.2", "model.4"
+    }  # fmt: skip
+
+
+class HeadOnly(Task):
+    """An optimizer over the head alone, biases without weight decay (``full=False``), or
+    over every parameter split the same way (``full=True``)."""
+
+    def __init__(self, full: bool) -> None:
+        super().__init__(
+            "sequential", scheduler=lambda o: lr_scheduler.LambdaLR(o, lambda s: 0.9**s)
+        )
+        self.full = full
+
+    def configure_optimizers(self):
+        params = self.named_parameters() if self.full else self.model[4].named_parameters()
+        weights, biases = [], []
+        for name, param in params:
+            (biases if name.endswith("bias") else weights).append(param)
+        groups = [{"params": weights, "weight_decay": 0.5}, {"params": biases, "weight_decay": 0.0}]
+        optimizer = torch.optim.AdamW(groups, lr=0.01)
+        return {"optimizer": optimizer, "lr_scheduler": self.make_scheduler(optimizer)}
+
+
+def test_parameters_in_no_optimizer_join_the_param_group_of_their_kind():
+    runs = {}
+    for full in (True, False):
+        task, recorder = HeadOnly(full), LRRecorder()
+        trainer = fit(task, [FreezeThenUnfreeze(head=1, unfreeze_at_epoch=1), recorder], epochs=2)
+        runs[full] = task, recorder.steps, trainer.optimizers[0].param_groups
+    (full, full_lrs, _), (head_only, lrs, groups) = runs[True], runs[False]
+    decay = {g["name"]: g["weight_decay"] for g in groups}
+    assert decay == {
+        "model.4/pg1": 0.5, "model.4/pg2": 0.0,
+        "model.0/added-pg1": 0.5, "model.2/added-pg1": 0.5,  # weights
+        "model.0/added-pg2": 0.0, "model.2/added-pg2": 0.0,  # biases
+    }  # fmt: skip
+    for key, value in full.state_dict().items():
+        assert torch.equal(value, head_only.state_dict()[key]), key  # as if given everything
+    for ours, theirs in zip(lrs, full_lrs, strict=True):  # the user's LambdaLR drives all
+        assert {k.split("/")[0]: v for k, v in ours.items()} == {
+            k.split("/")[0]: v for k, v in theirs.items()
+        }
 
 
 def test_filtered_optimizer_resumes_bit_identically(tmp_path):
@@ -200,3 +242,58 @@ def test_resume_with_other_groups_warns_naming_them(tmp_path):
         match=r"saved \['model.0'\] are not groups now, and \['model.\[0\]'\] were not saved",
     ):
         trainer.fit(resumed, *resumed.loaders(), ckpt_path=tmp_path / "last.ckpt")
+
+
+class FreezesInSetup(Task):
+    """Freezes a layer in ``setup()`` (not ``__init__``), as some projects do."""
+
+    def setup(self, stage):
+        self.model[0].requires_grad_(False)
+
+
+def test_parameters_frozen_in_the_modules_setup_are_never_trained():
+    task = FreezesInSetup("sequential")
+    before = snapshot(task)
+    fit(task, [GradualUnfreeze(head=1, every_n_epochs=1), LRWarmup(warmup_steps=2)], epochs=3)
+    assert not {k for k in changed(before, task) if k.startswith("model.0")}
+    assert not any(p.requires_grad for p in task.model[0].parameters())
+
+
+class BuiltInConfigureModel(Task):
+    """Builds its layers in ``configure_model()``, Lightning's hook for large models."""
+
+    def __init__(self) -> None:
+        super().__init__("sequential")
+        self.model = None
+
+    def configure_model(self):
+        if self.model is None:
+            torch.manual_seed(0)
+            self.model = torch.nn.Sequential(
+                torch.nn.Linear(6, 12), torch.nn.ReLU(), torch.nn.Linear(12, 3)
+            )
+
+
+def test_a_model_built_in_configure_model_gets_its_groups():
+    task = BuiltInConfigureModel()
+    trainer = fit(task, [FrozenEncoder(head=1)], epochs=1)
+    assert [g.name for g in trainer.callbacks[0].groups] == ["model.0", "model.2"]
+
+
+def test_an_optimizer_without_a_numeric_lr_is_refused_for_lr_strategies():
+    from transformers.optimization import Adafactor
+
+    class WithAdafactor(Task):
+        def configure_optimizers(self):
+            return Adafactor(self.parameters(), lr=None, relative_step=True, warmup_init=True)
+
+    with pytest.raises(ValueError, match="Adafactor has a param group without a numeric `lr`"):
+        fit(WithAdafactor("sequential"), [LRWarmup(warmup_steps=2)], epochs=1)
+    fit(WithAdafactor("sequential"), [FrozenEncoder(head=1)], epochs=1)  # no LR change: fine
+
+
+def test_norm_layers_left_out_of_explicit_groups_stay_frozen_with_their_weights():
+    task = Task("resnet18")
+    before = snapshot(task)
+    fit(task, [FrozenEncoder(head=1, groups=["model.layer*", "model.fc"])], epochs=1)
+    assert {k for k in changed(before, task) if not k.startswith("model.fc")} == set()

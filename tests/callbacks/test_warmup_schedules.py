@@ -11,7 +11,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from tiny_models import LRRecorder, Task, fit
 from torch.optim import lr_scheduler
 
-from freezeft.callbacks import FreezeThenUnfreeze, GradualUnfreeze, LRWarmup
+from freezeft.callbacks import FreezeThenUnfreeze, GradualUnfreeze, LRWarmup, NaiveTransfer
 
 STEPS = 4 * 4  # 4 epochs of 4 batches
 
@@ -141,3 +141,58 @@ def test_resume_mid_ramp_continues_the_same_lrs(tmp_path):
     )
     trainer.fit(module, *module.loaders(), ckpt_path=tmp_path / "last.ckpt")
     assert resumed.steps == whole.steps[4:]
+
+
+def test_resume_from_a_checkpoint_after_an_epochs_last_batch_keeps_the_schedule(tmp_path):
+    """A step checkpoint at the end of an epoch: Lightning resumes without calling
+    on_train_epoch_start for the next epoch; the thaw and the re-warm still happen."""
+
+    def strategies():
+        return [GradualUnfreeze(head=1, every_n_epochs=1), LRWarmup(warmup_steps=6)]
+
+    whole, whole_lrs = Scheduled("CosineAnnealingLR"), LRRecorder()
+    fit(whole, [*strategies(), whole_lrs], epochs=4)
+    every_4 = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=4, save_top_k=-1)
+    fit(Scheduled("CosineAnnealingLR"), [*strategies(), every_4], epochs=1,
+        enable_checkpointing=True)  # fmt: skip
+    (step_checkpoint,) = tmp_path.glob("*step=4.ckpt")
+    resumed, lrs = Scheduled("CosineAnnealingLR"), LRRecorder()
+    pl.seed_everything(0)
+    trainer = pl.Trainer(
+        max_epochs=4,
+        callbacks=[*strategies(), lrs],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        deterministic=True,
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(resumed, *resumed.loaders(), ckpt_path=step_checkpoint)
+    assert lrs.steps == whole_lrs.steps[4:]
+    for key, value in whole.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[key]), key
+
+
+def test_timm_schedulers_drive_every_group():
+    from timm.scheduler import CosineLRScheduler
+
+    class TimmScheduled(Scheduled):
+        def configure_optimizers(self):
+            optimizer = torch.optim.SGD(self.parameters(), lr=0.01, momentum=0.9)
+            schedule = CosineLRScheduler(
+                optimizer, t_initial=STEPS, warmup_t=3, warmup_lr_init=1e-4, t_in_epochs=False
+            )
+            config = {"scheduler": schedule, "interval": "step"}
+            return {"optimizer": optimizer, "lr_scheduler": config}
+
+        def lr_scheduler_step(self, scheduler, metric):  # timm's documented Lightning idiom
+            scheduler.step_update(num_updates=self.global_step)
+
+    plain = LRRecorder()
+    fit(TimmScheduled("CosineAnnealingLR"), [plain], epochs=4)
+    ours = LRRecorder()
+    fit(TimmScheduled("CosineAnnealingLR"), [NaiveTransfer(), ours], epochs=4)
+    for step, (mine, theirs) in enumerate(zip(ours.steps, plain.steps, strict=True)):
+        assert list(mine.values()) == pytest.approx([theirs["0"]] * 3, rel=1e-12), step
+    assert len({step["0"] for step in plain.steps}) > 10  # the schedule moved

@@ -99,6 +99,55 @@ def test_relative_path_outside_the_csv_folder(tmp_path, speech, alphabet):
     assert "give an absolute path" in skip.detail
 
 
+def test_a_symlinked_audio_folder_inside_the_csv_folder_is_fine(tmp_path, speech, alphabet):
+    audio, text = speech
+    (tmp_path / "store").mkdir()
+    soundfile.write(tmp_path / "store" / "a.wav", audio, 16000)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "audio").symlink_to(tmp_path / "store")
+    path = write_csv(tmp_path / "data" / "train.csv", [("audio/a.wav", text)])
+    dataset = SpeechDataset([path], alphabet)
+    assert len(dataset) == 1 and not dataset.skipped
+
+
+def test_an_unquoted_comma_in_a_transcript_is_a_bad_row(tmp_path, speech, alphabet):
+    audio, text = speech
+    soundfile.write(tmp_path / "a.wav", audio, 16000)
+    soundfile.write(tmp_path / "b.wav", audio, 16000)
+    path = tmp_path / "train.csv"
+    path.write_text(HEADER + f"a.wav,0,{text}\nb.wav,0,be as, for\n")
+    skip = only_skip(SpeechDataset([path], alphabet))
+    assert skip.source.endswith("train.csv:3") and skip.kind == "extra fields"
+    assert "unquoted comma in the transcript" in skip.detail
+    with pytest.raises(ValueError, match=r"train.csv:3: the row has 1 field\(s\) more"):
+        SpeechDataset([path], alphabet, on_bad_sample="error")
+
+
+def test_excel_csv_and_alphabet_with_a_byte_order_mark_are_read(tmp_path, speech, german_corpus):
+    audio, text = speech
+    soundfile.write(tmp_path / "a.wav", audio, 16000)
+    path = tmp_path / "train.csv"
+    path.write_bytes(b"\xef\xbb\xbf" + f"{HEADER}a.wav,0,{text}\n".encode())  # Excel's CSV UTF-8
+    (tmp_path / "alphabet.txt").write_bytes(
+        b"\xef\xbb\xbf# labels\n" + (german_corpus / "alphabet.txt").read_bytes()
+    )
+    alphabet = Alphabet.from_file(tmp_path / "alphabet.txt")
+    assert alphabet.labels == Alphabet.from_file(german_corpus / "alphabet.txt").labels
+    assert len(SpeechDataset([path], alphabet)) == 1
+
+
+def test_bad_test_rows_are_reported_before_training(tmp_path, speech, german_corpus):
+    audio, text = speech
+    shutil.copy(german_corpus / "alphabet.txt", tmp_path)
+    soundfile.write(tmp_path / "a.wav", audio, 16000)
+    for split in ("train", "dev"):
+        write_csv(tmp_path / f"{split}.csv", [("a.wav", text)])
+    write_csv(tmp_path / "test.csv", [("a.wav", text), ("gone.wav", text)])
+    data = SpeechDataModule(data_dir=str(tmp_path))
+    data.setup("fit")
+    assert [(split, row.kind) for split, row in data.skipped_rows()] == [("test", "missing audio")]
+
+
 # -- audio -------------------------------------------------------------------------------
 
 

@@ -39,7 +39,7 @@ def _callback_bases() -> tuple[type, ...]:
     return (pl.Callback, UnifiedCallback)
 
 
-def _canonical(name: str) -> str:
+def canonical_group_name(name: str) -> str:
     """A group name without ``torch.compile``'s ``_orig_mod`` (same layers, compiled or not)."""
     return ".".join(part for part in name.split(".") if part != "_orig_mod")
 
@@ -82,6 +82,7 @@ class StrategyCallback(*_callback_bases()):  # type: ignore[misc]
         self.plan: Plan | None = None
         self._peers: list[StrategyCallback] = []
         self._restored_trainable: dict[str, bool] | None = None
+        self._patterns: list[GroupSpec] | None = None
         self.frozen_cache: FrozenOutputCache | None = None
 
     # -- intents: what a strategy wants; override these --------------------------------
@@ -144,15 +145,25 @@ class StrategyCallback(*_callback_bases()):  # type: ignore[misc]
                 f"The strategies were given different `groups` ({sorted(patterns)}); give the "
                 "same list to each, or to one of them."
             )
-        groups = resolve_groups(pl_module, next(iter(patterns.values())) if patterns else None)
-        bn = schedulers[0].bn if schedulers else "frozen"
-        plan = Plan(groups, bn=bn)
+        self._patterns = next(iter(patterns.values())) if patterns else None
+        if trainer.world_size > 1:
+            # DDP's reducer takes the parameters that require gradients when it wraps the
+            # model, right after this hook (and the module's setup()): freeze before that.
+            self._build_plan(pl_module)
+
+    def _build_plan(self, pl_module: pl.LightningModule) -> None:
+        """Resolve the groups, make the plan (it notes what the user froze) and apply the
+        epoch-0 flags. Single-process runs do this at fit start, after the module's
+        ``setup()``, ``configure_model()`` and ``configure_optimizers()`` have run."""
+        groups = resolve_groups(pl_module, self._patterns)
+        scheduler = self._scheduler()
+        plan = Plan(groups, bn=scheduler.bn if scheduler is not None else "frozen")
         for peer in self._peers:
             peer.groups, peer.plan = groups, plan
             peer.check(groups)
         flags = self._flags(0)
         if flags is not None:
-            plan.set_trainable(flags)  # before DDP wraps the model: the reducer's params
+            plan.set_trainable(flags)
         else:
             plan.trainable = [g.trainable for g in groups]
 
@@ -160,6 +171,8 @@ class StrategyCallback(*_callback_bases()):  # type: ignore[misc]
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.is_leader:
             return
+        if self.plan is None:
+            self._build_plan(pl_module)
         plan = self.plan
         assert plan is not None
         if trainer.world_size > 1:
@@ -179,7 +192,11 @@ class StrategyCallback(*_callback_bases()):  # type: ignore[misc]
             )
             for optimizer in trainer.optimizers
         ]
-        added = plan.attach(optimizers, scales)
+        warms = any(
+            type(p).warmup_factor is not StrategyCallback.warmup_factor for p in self._peers
+        )
+        changes_lr = warms or any(scale != 1.0 for scale in scales)
+        added = plan.attach(optimizers, scales, pl_module, changes_lr)
         if added:
             rank_zero_info(
                 f"freezeft: {len(added)} parameters that configure_optimizers left out (in "
@@ -202,8 +219,8 @@ class StrategyCallback(*_callback_bases()):  # type: ignore[misc]
         """The saved trainable flags, matched to today's groups by name (``_orig_mod`` of
         ``torch.compile`` ignored); a warning names groups that do not match."""
         assert self._restored_trainable is not None
-        saved = {_canonical(k): v for k, v in self._restored_trainable.items()}
-        names = [_canonical(g.name) for g in self.groups]
+        saved = {canonical_group_name(k): v for k, v in self._restored_trainable.items()}
+        names = [canonical_group_name(g.name) for g in self.groups]
         if set(saved) != set(names):
             rank_zero_warn(
                 "freezeft: the checkpoint's layer groups do not match this run's: saved "
@@ -237,7 +254,12 @@ class StrategyCallback(*_callback_bases()):  # type: ignore[misc]
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        if not self.is_leader or self.frozen_cache is None or self.plan is None:
+        if not self.is_leader or self.plan is None:
+            return
+        # Lightning skips on_train_epoch_start for an epoch resumed from a checkpoint taken
+        # after the previous epoch's last batch: the schedule is checked here as well.
+        self._follow_schedule(trainer)
+        if self.frozen_cache is None:
             return
         n_frozen = next(
             (i for i in range(len(self.groups)) if self.plan.trains(i)), len(self.groups)
@@ -253,8 +275,11 @@ class StrategyCallback(*_callback_bases()):  # type: ignore[misc]
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self.is_leader:
-            return
+        if self.is_leader:
+            self._follow_schedule(trainer)
+
+    def _follow_schedule(self, trainer: pl.Trainer) -> None:
+        """Apply the freezing schedule's flags for the current epoch, if they changed."""
         flags = self._flags(trainer.current_epoch)
         plan = self.plan
         if flags is None or plan is None or flags == plan.trainable:

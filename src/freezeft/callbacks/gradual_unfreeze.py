@@ -56,5 +56,10 @@ class GradualUnfreeze(FrozenEncoder):
     def trainable(self, index: int, n_groups: int, epoch: int) -> bool | None:
         if index in self._head:
             return True
-        encoder_top_down = [i for i in reversed(range(n_groups)) if i not in self._head]
+        # groups holding only parameters the user froze (LoRA's embeddings) take no turn
+        encoder_top_down = [
+            i
+            for i in reversed(range(n_groups))
+            if i not in self._head and (self.plan is None or self.plan.has_own_params(i))
+        ]
         return index in encoder_top_down[: epoch // self.every_n_epochs]

@@ -7,7 +7,7 @@ from typing import Any
 
 from typing_extensions import override
 
-from freezeft.callbacks.base import StrategyCallback
+from freezeft.callbacks.base import StrategyCallback, canonical_group_name
 
 __all__ = ["LRWarmup"]
 
@@ -44,13 +44,14 @@ class LRWarmup(StrategyCallback):
         self.warmup_steps = warmup_steps
         self.start_factor = float(start_factor)
         self.rewarm_on_unfreeze = rewarm_on_unfreeze
-        self.start_steps: dict[str, int] = {}  # group name -> step its ramp started
+        # group name (without torch.compile's `_orig_mod`) -> the step its ramp started
+        self.start_steps: dict[str, int] = {}
 
     @override
     def warmup_factor(self, index: int, step: int) -> float:
         if self.warmup_steps == 0:
             return 1.0
-        start = self.start_steps.get(self.groups[index].name, 0)
+        start = self.start_steps.get(canonical_group_name(self.groups[index].name), 0)
         progress = min(1.0, max(0, step - start) / self.warmup_steps)
         return self.start_factor + (1.0 - self.start_factor) * progress
 
@@ -58,7 +59,7 @@ class LRWarmup(StrategyCallback):
     def on_groups_unfrozen(self, indices: Sequence[int], step: int) -> None:
         if self.rewarm_on_unfreeze:
             for index in indices:
-                self.start_steps[self.groups[index].name] = step
+                self.start_steps[canonical_group_name(self.groups[index].name)] = step
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -67,4 +68,5 @@ class LRWarmup(StrategyCallback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
-        self.start_steps = dict(state_dict.get("start_steps", {}))
+        saved = state_dict.get("start_steps", {})
+        self.start_steps = {canonical_group_name(name): step for name, step in saved.items()}

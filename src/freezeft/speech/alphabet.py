@@ -52,7 +52,7 @@ class Alphabet:
         """Read a DeepSpeech ``alphabet.txt``; errors name the file and line."""
         path = Path(path)
         try:
-            text = path.read_text(encoding="utf-8")
+            text = path.read_text(encoding="utf-8-sig")  # editors on Windows write a BOM
         except FileNotFoundError:
             raise FileNotFoundError(f"Alphabet file {path} does not exist.") from None
         except UnicodeDecodeError as err:

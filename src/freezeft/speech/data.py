@@ -52,6 +52,7 @@ class Sample:
     transcript: str
     source: str  # "file.csv:row" for messages
     csv_dir: Path | None = None  # set when the CSV gave a relative path
+    extra_fields: int = 0  # fields beyond the header's (an unquoted comma in the transcript)
 
 
 def read_csv(path: str | Path) -> list[Sample]:
@@ -60,7 +61,7 @@ def read_csv(path: str | Path) -> list[Sample]:
     if not path.is_file():
         raise FileNotFoundError(f"CSV file {path} does not exist.")
     try:
-        with path.open(newline="", encoding="utf-8") as handle:
+        with path.open(newline="", encoding="utf-8-sig") as handle:  # Excel writes a BOM
             rows = list(csv.reader(handle))
     except UnicodeDecodeError as err:
         line = path.read_bytes()[: err.start].count(b"\n") + 1
@@ -85,6 +86,7 @@ def read_csv(path: str | Path) -> list[Sample]:
         where = f"{path}:{number}"
         if len(row) < len(header):
             raise ValueError(f"{where}: expected {len(header)} fields, but got {len(row)}: {row}.")
+        extra = len(row) - len(header)
         wav = Path(row[col["wav_filename"]])
         relative = not wav.is_absolute()
         if relative:
@@ -97,7 +99,7 @@ def read_csv(path: str | Path) -> list[Sample]:
                 f"{where}: wav_filesize must be an integer number of bytes, but got {size_text!r}."
             ) from None
         csv_dir = path.parent if relative else None
-        samples.append(Sample(wav, size, row[col["transcript"]], where, csv_dir))
+        samples.append(Sample(wav, size, row[col["transcript"]], where, csv_dir, extra))
     if not samples:
         raise ValueError(
             f"CSV file {path} has a header but no rows; add rows "
@@ -217,6 +219,12 @@ class SpeechDataset(Dataset):
 
     def _check(self, sample: Sample, seen: dict[tuple[Path, str], str]) -> tuple[str, str] | None:
         """``(kind, detail)`` of what makes ``sample`` unusable, or ``None``."""
+        if sample.extra_fields:
+            return (
+                "extra fields",
+                f"the row has {sample.extra_fields} field(s) more than the header: an unquoted "
+                'comma in the transcript? Quote it ("be as, for")',
+            )
         if not sample.transcript:
             return "empty transcript", "empty transcript"
         missing = self.alphabet.missing(sample.transcript)
@@ -229,7 +237,11 @@ class SpeechDataset(Dataset):
         if key in seen:
             return "duplicate", f"duplicate of {seen[key]}"
         seen[key] = sample.source
-        if sample.csv_dir is not None and not key[0].is_relative_to(sample.csv_dir.resolve()):
+        # lexically, not resolve()d: a symlinked audio folder inside the CSV's folder is fine
+        lexical = Path(os.path.normpath(sample.path))
+        if sample.csv_dir is not None and not lexical.is_relative_to(
+            os.path.normpath(sample.csv_dir)
+        ):
             return (
                 "outside CSV folder",
                 f"relative path {sample.path} leaves the CSV's folder {sample.csv_dir}; "
@@ -483,9 +495,11 @@ class SpeechDataModule(pl.LightningDataModule):
         return [(split, row) for split, data in self.datasets.items() for row in data.skipped]
 
     def setup(self, stage: str) -> None:
-        splits = {"fit": ("train", "dev"), "validate": ("dev",), "test": ("test",)}.get(stage, ())
-        for split in splits:
-            self.dataset(split)
+        # fit checks the test split too, so its bad rows are reported before training
+        splits = {"fit": ("train", "dev", "test"), "validate": ("dev",), "test": ("test",)}
+        for split in splits.get(stage, ()):
+            if self.csvs.get(split):
+                self.dataset(split)
 
     def workers(self) -> int:
         """Dataloader workers for this run (``num_workers``, or what ``"auto"`` picks)."""
