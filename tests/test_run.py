@@ -142,9 +142,14 @@ def test_bad_rows_and_a_nan_batch_are_skipped_and_reported(tmp_path, german_corp
     audio, rate = soundfile.read(good, dtype="float32")
     (data / "truncated.wav").write_bytes(good.read_bytes()[:2000])
     soundfile.write(data / "nan.wav", np.full_like(audio, np.nan), rate, subtype="FLOAT")
+    soundfile.write(data / "corrupt.flac", audio, rate)  # a good header, a corrupt body:
+    body = bytearray((data / "corrupt.flac").read_bytes())  # passes the checks, fails to decode
+    body[2000:-100] = bytes((b * 7 + 13) % 256 for b in body[2000:-100])
+    (data / "corrupt.flac").write_bytes(body)
     with open(data / "train.csv", "a") as stream:
         stream.write(
             "missing.wav,0,gut\ntruncated.wav,0,gut\ntrain/00001.wav,0,ok!\nnan.wav,0,gut\n"
+            "corrupt.flac,0,gut\n"
         )
     out = tmp_path / "run"
     proc = run_python(
@@ -168,6 +173,7 @@ def test_bad_rows_and_a_nan_batch_are_skipped_and_reported(tmp_path, german_corp
         ("train", "34", "missing audio"),
         ("train", "35", "truncated audio"),
         ("train", "36", "outside alphabet"),
+        ("train", "38", "unreadable audio"),  # found while training, which went on
     ]
     assert "['!']" in rows[2]["detail"]
     results = json.loads((out / "results.json").read_text())
@@ -175,6 +181,7 @@ def test_bad_rows_and_a_nan_batch_are_skipped_and_reported(tmp_path, german_corp
         "missing audio": 1,
         "truncated audio": 1,
         "outside alphabet": 1,
+        "unreadable audio": 1,
     }
     (nan_batch,) = results["skipped_batches"]  # the run went on past it
     assert str(data / "nan.wav") in nan_batch["paths"]
@@ -182,7 +189,7 @@ def test_bad_rows_and_a_nan_batch_are_skipped_and_reported(tmp_path, german_corp
     json.loads((out / "results.json").read_text(), parse_constant=pytest.fail)
     output = proc.stdout + proc.stderr  # Hydra logs to stdout, Lightning warns on stderr
     assert "Skipping batch" in output and "nan.wav" in output.split("Its files: ", 1)[1]
-    assert "Skipped 3 rows (" in output and "skipped_samples.csv" in output
+    assert "Skipped 4 rows (" in output and "skipped_samples.csv" in output
 
 
 def test_a_user_error_is_one_message_without_a_traceback(tmp_path):

@@ -127,9 +127,8 @@ def fit_and_test(
             print("freezeft: interrupted while pretraining; nothing was cached.", flush=True)
         raise SystemExit(143) from None
     train_seconds = time.perf_counter() - start
-    skipped = datamodule.skipped_rows()
     if trainer.is_global_zero:
-        _write_skipped(skipped, output_dir)
+        _write_skipped(datamodule.skipped_rows() + module.unreadable, output_dir)
     # what trained in the last epoch (strategies log it; they leave every flag as it was)
     logged = trainer.callback_metrics.get("trainable_params")
     trainable = (
@@ -149,6 +148,9 @@ def fit_and_test(
         )
         raise SystemExit(143) from None
     best_epoch = torch.load(best, map_location="cpu", weights_only=False)["epoch"] if best else None
+    skipped = datamodule.skipped_rows() + module.unreadable  # with test files that failed
+    if trainer.is_global_zero and module.unreadable:
+        _write_skipped(skipped, output_dir)
 
     results = {
         "wer": test_metrics["test_wer"],
@@ -435,9 +437,22 @@ def _threads_per_job(cfg: DictConfig, hydra_cfg: Any) -> int | None:
 # second never share one.
 OmegaConf.register_new_resolver("freezeft.pid", lambda: str(os.getpid()), replace=True)
 
-#: What a user can cause and fix (bad data, config, paths, a full disk): one message, no
-#: traceback, exit code 1. Anything else is a bug and keeps its traceback.
-USER_ERRORS = (ValueError, OSError)
+def _is_user_error(err: BaseException) -> bool:
+    """What a user can cause and fix gets one message, no traceback, exit code 1: an
+    ``OSError`` (paths, permissions, a full disk), or a ``ValueError`` that freezeft raised
+    about their data, config or checkpoint. Anything else is a bug and keeps its traceback.
+    """
+    if isinstance(err, OSError):
+        return True
+    if not isinstance(err, ValueError):
+        return False
+    frame = err.__traceback__
+    while frame is not None and frame.tb_next is not None:
+        frame = frame.tb_next
+    return frame is not None and Path(frame.tb_frame.f_code.co_filename).is_relative_to(_PACKAGE)
+
+
+_PACKAGE = Path(__file__).parent
 
 
 @hydra.main(version_base="1.3", config_path="pkg://freezeft.conf", config_name="config")
@@ -459,7 +474,7 @@ def main(cfg: DictConfig) -> float:
         results = run(cfg, output_dir)
     except Exception as err:
         if not multirun:
-            if not isinstance(err, USER_ERRORS) or os.environ.get("HYDRA_FULL_ERROR") == "1":
+            if not _is_user_error(err) or os.environ.get("HYDRA_FULL_ERROR") == "1":
                 raise
             log.error(f"{type(err).__name__}: {err}")  # the run's log keeps it too
             print(

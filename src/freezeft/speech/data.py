@@ -295,7 +295,9 @@ class SpeechDataset(Dataset):
         try:
             audio = load_audio(sample.path, self.sample_rate)
         except (OSError, RuntimeError, soundfile.LibsndfileError) as err:
-            raise RuntimeError(f"{sample.source}: cannot read {sample.path}: {err}") from None
+            # a body that fails to decode although its header passed the checks: the batch
+            # goes on without it, and collate() reports it (see ``unreadable``)
+            return {"path": str(sample.path), "source": sample.source, "error": str(err)}
         return {
             "audio": torch.from_numpy(audio),
             "labels": torch.tensor(self.alphabet.encode(sample.transcript), dtype=torch.long),
@@ -305,11 +307,18 @@ class SpeechDataset(Dataset):
 
 
 def collate(items: list[dict]) -> dict:
-    """Pad audio and labels of a list of dataset items into one batch."""
+    """Pad audio and labels of a list of dataset items into one batch; items whose audio
+    failed to decode are left out and listed as ``unreadable`` (source, path, detail)."""
+    unreadable = [  # plain dicts: Lightning moves batches with apply_to_collection
+        {"source": i["source"], "path": i["path"], "detail": f"cannot decode: {i['error']}"}
+        for i in items
+        if "error" in i
+    ]
+    items = [item for item in items if "error" not in item]
     audio_lengths = torch.tensor([len(item["audio"]) for item in items], dtype=torch.long)
     label_lengths = torch.tensor([len(item["labels"]) for item in items], dtype=torch.long)
-    audio = torch.zeros(len(items), int(audio_lengths.max()))
-    labels = torch.zeros(len(items), int(label_lengths.max()), dtype=torch.long)
+    audio = torch.zeros(len(items), int(audio_lengths.max()) if items else 0)
+    labels = torch.zeros(len(items), int(label_lengths.max()) if items else 0, dtype=torch.long)
     for i, item in enumerate(items):
         audio[i, : len(item["audio"])] = item["audio"]
         labels[i, : len(item["labels"])] = item["labels"]
@@ -320,6 +329,7 @@ def collate(items: list[dict]) -> dict:
         "label_lengths": label_lengths,
         "transcripts": [item["transcript"] for item in items],
         "paths": [item["path"] for item in items],
+        "unreadable": unreadable,
     }
 
 

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from freezeft.frozen_cache import cached_forward
 from freezeft.speech.alphabet import Alphabet
+from freezeft.speech.data import Skipped
 from freezeft.speech.decoding import error_counts, greedy_decode, sample_cer
 from freezeft.speech.features import MFCCFeatures
 from freezeft.speech.model import LAYER_NAMES, DeepSpeech
@@ -86,6 +87,8 @@ class SpeechModule(pl.LightningModule):
         self.scheduler_monitor = scheduler_monitor
         self.test_samples: list[dict] = []
         self.skipped_batches: list[dict] = []
+        #: ``(split, Skipped)`` for audio that failed to decode while training or testing
+        self.unreadable: list[tuple[str, Skipped]] = []
         self._counts: Tensor | None = None
         self._samples: list[dict] = []
 
@@ -132,7 +135,18 @@ class SpeechModule(pl.LightningModule):
         """True unless training audio is augmented with noise."""
         return self.noise_std == 0
 
+    def _usable(self, batch: dict, split: str) -> bool:
+        """Record the batch's files that failed to decode; False if none is left."""
+        for item in batch.get("unreadable", []):
+            if item["path"] not in {r.path for _, r in self.unreadable}:
+                row = Skipped(item["source"], item["path"], "unreadable audio", item["detail"])
+                self.unreadable.append((split, row))
+                log.warning(f"{row.source}: {row.detail}; the batch goes on without it.")
+        return len(batch["paths"]) > 0
+
     def training_step(self, batch: dict, batch_idx: int) -> Tensor | None:
+        if not self._usable(batch, "train"):
+            return self._nothing_to_train()
         output = cached_forward(self, batch)  # None unless a strategy caches frozen outputs
         if output is None:
             audio = batch["audio"]
@@ -161,12 +175,17 @@ class SpeechModule(pl.LightningModule):
             f"Skipping batch {batch_idx} of epoch {self.current_epoch}: its loss is "
             f"{float(loss)}. Its files: {', '.join(batch['paths'])}"
         )
+        return self._nothing_to_train()
+
+    def _nothing_to_train(self) -> Tensor | None:
         if self.trainer.world_size > 1:
             # every rank must run backward under DDP: a zero loss gives zero gradients
             return sum((p * 0).sum() for p in self.parameters() if p.requires_grad)
         return None
 
     def _evaluate(self, batch: dict, stage: str) -> None:
+        if not self._usable(batch, "dev" if stage == "val" else stage):
+            return
         logits, frame_lengths = self(batch["audio"], batch["audio_lengths"])
         loss = self._loss(logits, frame_lengths, batch)
         self.log(f"{stage}_loss", loss, sync_dist=True, batch_size=len(batch["transcripts"]))
