@@ -10,7 +10,7 @@ import pytest
 import torch
 from pyrun import run_python
 
-from freezeft.checkpointing import AtomicCheckpointIO, find_resume_checkpoint
+from freezeft.checkpointing import AtomicCheckpointIO, find_resume_checkpoint, load_checkpoint
 from freezeft.history import read_history
 
 TESTS = Path(__file__).parent
@@ -184,3 +184,39 @@ def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert torch.equal(torch.load(path, weights_only=False)["state_dict"]["w"], torch.ones(3))
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temporary file left
+
+
+def test_a_full_disk_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path):
+    """RLIMIT_FSIZE stands in for a full disk: writes past it fail as they would there."""
+    resource = pytest.importorskip("resource")
+    import signal
+
+    io = AtomicCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    io.save_checkpoint({"state_dict": {"w": torch.ones(3)}}, path)
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (2**20, limits[1]))
+    try:
+        with pytest.raises(OSError, match=r"could not write the checkpoint .*last.ckpt: .*; "
+                           r"the previous last.ckpt is intact"):  # fmt: skip
+            io.save_checkpoint({"state_dict": {"w": torch.zeros(2**20)}}, path)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, previous)
+    assert torch.equal(torch.load(path, weights_only=False)["state_dict"]["w"], torch.ones(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+    assert oct(path.stat().st_mode & 0o777) == oct(0o666 & ~_umask())  # shared runs: umask
+
+
+def _umask() -> int:
+    current = os.umask(0o022)
+    os.umask(current)
+    return current
+
+
+def test_a_folder_given_as_a_checkpoint_says_so(tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"")
+    with pytest.raises(IsADirectoryError, match=r"is a folder, not a checkpoint file.*last.ckpt"):
+        load_checkpoint(tmp_path)

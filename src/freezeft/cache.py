@@ -16,7 +16,7 @@ from pathlib import Path
 
 from filelock import FileLock
 
-__all__ = ["default_cache_dir", "config_key", "cached_entry"]
+__all__ = ["default_cache_dir", "config_key", "cached_entry", "umask"]
 
 _COMPLETE = "COMPLETE"
 
@@ -44,13 +44,25 @@ def cached_entry(path: Path, build: Callable[[Path], None], settings: dict | Non
     path = Path(path)
     if (path / _COMPLETE).exists():
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(path) + ".lock"):
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(path) + ".lock")
+        lock.acquire()
+    except OSError as err:
+        raise OSError(
+            err.errno,
+            f"cannot build the cache entry {path}: {err.strerror or err} (is the cache folder "
+            "read-only?). Point paths.cache_dir (or $FREEZEFT_CACHE_DIR) at a writable folder",
+        ) from None
+    try:
         if (path / _COMPLETE).exists():
             return path
         if path.exists():  # left behind by a build that did not finish
             shutil.rmtree(path)
+        for stale in path.parent.glob(path.name + ".building-*"):  # killed builds (we hold
+            shutil.rmtree(stale, ignore_errors=True)  # the lock: no live build is there)
         tmp = Path(tempfile.mkdtemp(prefix=path.name + ".building-", dir=path.parent))
+        tmp.chmod(0o777 & ~umask())  # mkdtemp makes it 0700: teammates share the cache
         try:
             build(tmp)
             if settings is not None:
@@ -60,4 +72,13 @@ def cached_entry(path: Path, build: Callable[[Path], None], settings: dict | Non
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
+    finally:
+        lock.release()
     return path
+
+
+def umask() -> int:
+    """The process' umask (files are made ``0o666 & ~umask()``, folders ``0o777 & ~umask()``)."""
+    current = os.umask(0o022)
+    os.umask(current)
+    return current

@@ -13,9 +13,11 @@ and finding the newest intact checkpoint of a run to resume from.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import random
+import shutil
 import signal
 import tempfile
 import threading
@@ -30,6 +32,8 @@ from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 from typing_extensions import override
+
+from freezeft.cache import umask
 
 __all__ = [
     "AtomicCheckpointIO",
@@ -60,11 +64,26 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         path.parent.mkdir(parents=True, exist_ok=True)
         handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         try:
+            os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes it 0600: teammates read runs
             with os.fdopen(handle, "wb") as stream:
                 torch.save(checkpoint, stream)
                 stream.flush()
                 os.fsync(stream.fileno())
             os.replace(tmp, path)
+        except (OSError, RuntimeError) as err:  # torch reports a full disk as RuntimeError
+            Path(tmp).unlink(missing_ok=True)
+            previous = (
+                f"the previous {path.name} is intact" if path.exists() else "nothing was lost"
+            )
+            free = shutil.disk_usage(path.parent).free
+            if getattr(err, "errno", None) == errno.ENOSPC or free < 64 * 2**20:
+                reason = f"no space left on {path.parent} ({free / 2**20:.0f} MiB free)"
+            else:
+                reason = f"{type(err).__name__}: {err}".splitlines()[0]
+            raise OSError(
+                getattr(err, "errno", None) or errno.EIO,
+                f"could not write the checkpoint {path}: {reason}; {previous}",
+            ) from None
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
@@ -187,6 +206,13 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         ValueError: the file is not a (complete) checkpoint.
     """
     path = Path(path)
+    if path.is_dir():
+        found = sorted(str(p.relative_to(path)) for p in path.rglob("*.ckpt"))[:5]
+        raise IsADirectoryError(
+            errno.EISDIR,
+            f"{path} is a folder, not a checkpoint file; give a .ckpt file"
+            + (f", e.g. one of {found}" if found else ""),
+        )
     if not path.is_file():
         raise FileNotFoundError(f"No checkpoint at {path}.")
     try:

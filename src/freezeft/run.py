@@ -437,6 +437,7 @@ def _threads_per_job(cfg: DictConfig, hydra_cfg: Any) -> int | None:
 # second never share one.
 OmegaConf.register_new_resolver("freezeft.pid", lambda: str(os.getpid()), replace=True)
 
+
 def _is_user_error(err: BaseException) -> bool:
     """What a user can cause and fix gets one message, no traceback, exit code 1: an
     ``OSError`` (paths, permissions, a full disk), or a ``ValueError`` that freezeft raised

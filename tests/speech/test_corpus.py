@@ -1,6 +1,11 @@
 import csv
 import hashlib
+import subprocess
+import sys
+import time
+from pathlib import Path
 
+import pytest
 import soundfile
 
 from freezeft.cache import cached_entry
@@ -65,3 +70,34 @@ def test_half_built_cache_entry_is_rebuilt(tmp_path):
     assert not (entry / "partial.bin").exists()
     cached_entry(entry, build)
     assert len(calls) == 1  # the complete entry is reused
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and text in (proc / "cmdline").read_text():
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc").exists(), reason="needs /proc to find the process")
+def test_the_synthesiser_stops_when_the_run_that_started_it_is_killed(tmp_path):
+    cache = tmp_path / "killed-run-cache"
+    script = (
+        "from freezeft.speech.corpus import SynthCorpus; "
+        f"SynthCorpus(language='de', cache_dir={str(cache)!r}, n_train=5000).build()"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script])
+    deadline = time.monotonic() + 120
+    while not (children := [p for p in _processes_mentioning(str(cache)) if p != parent.pid]):
+        assert time.monotonic() < deadline and parent.poll() is None, "no synthesiser started"
+        time.sleep(0.2)
+    parent.kill()  # kill -9: no cleanup in the parent
+    parent.wait()
+    deadline = time.monotonic() + 15
+    while _processes_mentioning(str(cache)):
+        assert time.monotonic() < deadline, f"synthesiser {children} outlived its parent"
+        time.sleep(0.2)

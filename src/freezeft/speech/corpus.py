@@ -12,8 +12,12 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import signal
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -144,7 +148,7 @@ class SynthCorpus:
         # a fresh process per corpus makes the files depend on the settings alone. A plain
         # subprocess (not multiprocessing) also works inside joblib/loky and daemon workers.
         command = [sys.executable, "-m", "freezeft.speech.corpus", json.dumps(asdict(self))]
-        done = subprocess.run([*command, str(folder)])  # its progress bar shows
+        done = subprocess.run([*command, str(folder), str(os.getpid())])  # its progress shows
         if done.returncode != 0:
             raise RuntimeError(
                 f"Synthesising the {self.language} corpus into {folder} failed with exit code "
@@ -230,5 +234,24 @@ def _write_csv(path: Path, rows: list[list]) -> None:
         csv.writer(handle, lineterminator="\n").writerows(rows)
 
 
-if __name__ == "__main__":  # the fresh process of SynthCorpus.build: <settings json> <folder>
+def _exit_with_parent(parent: int) -> None:
+    """Stop this synthesiser process when the process that started it dies (kill -9)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # it died before prctl took effect (or not Linux: poll)
+        os._exit(1)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+if __name__ == "__main__":  # the fresh process of SynthCorpus.build: <settings> <folder> <pid>
+    _exit_with_parent(int(sys.argv[3]))
     SynthCorpus(**json.loads(sys.argv[1]))._write(Path(sys.argv[2]))
