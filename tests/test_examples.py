@@ -2,7 +2,10 @@
 
 from pathlib import Path
 
+import pytest
 from pyrun import run_python
+
+pytestmark = pytest.mark.slow  # subprocess runs
 
 EXAMPLES = Path(__file__).parents[1] / "examples"
 

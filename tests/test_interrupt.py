@@ -103,6 +103,7 @@ def assert_same_result(out: Path, uninterrupted: Path) -> None:
     assert val_a == val_b  # every validation complete
 
 
+@pytest.mark.slow
 def test_sigterm_mid_epoch_then_resume_equals_an_uninterrupted_run(
     tmp_path, cache_dir, uninterrupted
 ):
@@ -115,6 +116,7 @@ def test_sigterm_mid_epoch_then_resume_equals_an_uninterrupted_run(
     assert_same_result(out, uninterrupted)
 
 
+@pytest.mark.slow
 def test_ctrl_c_then_a_truncated_checkpoint_falls_back_to_the_previous_one(
     tmp_path, cache_dir, uninterrupted
 ):
@@ -130,6 +132,7 @@ def test_ctrl_c_then_a_truncated_checkpoint_falls_back_to_the_previous_one(
     assert_same_result(out, uninterrupted)  # the end-of-epoch-0 checkpoint replays epoch 1
 
 
+@pytest.mark.slow
 def test_sigterm_during_validation_then_resume_equals_an_uninterrupted_run(
     tmp_path, cache_dir, uninterrupted
 ):
@@ -140,6 +143,7 @@ def test_sigterm_during_validation_then_resume_equals_an_uninterrupted_run(
     assert_same_result(out, uninterrupted)  # all 24 steps trained, every validation whole
 
 
+@pytest.mark.slow
 def test_sigterm_during_test_exits_143_and_resume_writes_the_results(
     tmp_path, cache_dir, uninterrupted
 ):
@@ -149,6 +153,7 @@ def test_sigterm_during_test_exits_143_and_resume_writes_the_results(
     assert_same_result(out, uninterrupted)
 
 
+@pytest.mark.slow
 def test_resume_with_other_overrides_is_refused(tmp_path, cache_dir, uninterrupted):
     _, proc = run(tmp_path, cache_dir, "again", f"resume={uninterrupted}", "seed=1", check=False)
     assert proc.returncode != 0

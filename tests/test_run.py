@@ -14,6 +14,8 @@ from pyrun import run_python
 
 from freezeft.history import read_history, read_lr_schedule
 
+pytestmark = pytest.mark.slow  # subprocess runs
+
 
 def run(tmp_path: Path, cache_dir: Path, *overrides: str) -> tuple[Path, str]:
     out = tmp_path / "run"

@@ -13,6 +13,8 @@ from pyrun import run_python
 
 from freezeft.report import write_report
 
+pytestmark = pytest.mark.slow  # subprocess runs
+
 PNG = b"\x89PNG\r\n\x1a\n"
 
 

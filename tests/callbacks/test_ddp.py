@@ -3,8 +3,11 @@
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from pyrun import run_python
+
+pytestmark = pytest.mark.slow  # subprocess runs
 
 SCRIPT = Path(__file__).with_name("ddp_run.py")
 

@@ -297,3 +297,13 @@ def test_norm_layers_left_out_of_explicit_groups_stay_frozen_with_their_weights(
     before = snapshot(task)
     fit(task, [FrozenEncoder(head=1, groups=["model.layer*", "model.fc"])], epochs=1)
     assert {k for k in changed(before, task) if not k.startswith("model.fc")} == set()
+
+
+def test_one_callback_serves_two_fits_with_a_plan_each():
+    strategy = FrozenEncoder(head=1)
+    first, second = Task("sequential"), Task("sequential")
+    fit(first, [strategy], epochs=1)
+    before = snapshot(second)
+    fit(second, [strategy], epochs=1)
+    assert changed(before, second) == {"model.4.weight", "model.4.bias"}
+    assert strategy.groups[0].params["model.0.weight"] is second.model[0].weight

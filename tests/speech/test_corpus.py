@@ -40,6 +40,7 @@ def test_heldout_voices_never_speak_training_data(german_corpus):
     assert train and test and not train & test
 
 
+@pytest.mark.slow  # synthesises a corpus
 def test_same_settings_give_identical_files(tmp_path, german_corpus, tiny):
     again = SynthCorpus(language="de", cache_dir=str(tmp_path), **tiny).build()
     assert again != german_corpus
@@ -47,6 +48,7 @@ def test_same_settings_give_identical_files(tmp_path, german_corpus, tiny):
         assert digest(again / name) == digest(german_corpus / name)
 
 
+@pytest.mark.slow  # synthesises a corpus
 def test_russian_corpus_has_a_cyrillic_alphabet(tmp_path):
     corpus = SynthCorpus(language="ru", n_train=4, n_dev=1, n_test=1, cache_dir=str(tmp_path))
     folder = corpus.build()
@@ -83,6 +85,7 @@ def _processes_mentioning(text: str) -> list[int]:
     return found
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc").exists(), reason="needs /proc to find the process")
 def test_the_synthesiser_stops_when_the_run_that_started_it_is_killed(tmp_path):
     cache = tmp_path / "killed-run-cache"

@@ -146,7 +146,9 @@ class StrategyCallback(*_callback_bases()):  # type: ignore[misc]
                 "same list to each, or to one of them."
             )
         self._patterns = next(iter(patterns.values())) if patterns else None
-        if trainer.world_size > 1:
+        for peer in self._peers:
+            peer.plan = None  # a new plan per fit (a callback may serve several fits)
+        if hasattr(trainer.strategy, "parallel_devices"):  # DDP and other parallel strategies
             # DDP's reducer takes the parameters that require gradients when it wraps the
             # model, right after this hook (and the module's setup()): freeze before that.
             self._build_plan(pl_module)
