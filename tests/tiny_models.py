@@ -5,6 +5,7 @@ with the user's own optimizer, optionally over ``requires_grad`` parameters only
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
@@ -174,8 +175,15 @@ class LRRecorder(pl.Callback):
         self.steps.append({g.get("name", str(i)): g["lr"] for i, g in enumerate(groups)})
 
 
-def fit(module: pl.LightningModule, callbacks: list, epochs: int = 2, **kwargs: Any) -> pl.Trainer:
-    """A real Trainer, deterministic, without logs or checkpoints unless asked."""
+def fit(
+    module: pl.LightningModule,
+    callbacks: list,
+    epochs: int = 2,
+    ckpt_path: str | Path | None = None,
+    **kwargs: Any,
+) -> pl.Trainer:
+    """A real Trainer, deterministic, without logs or checkpoints unless asked; resumed
+    from ``ckpt_path`` if given."""
     pl.seed_everything(0)
     options = dict(
         max_epochs=epochs,
@@ -187,7 +195,7 @@ def fit(module: pl.LightningModule, callbacks: list, epochs: int = 2, **kwargs: 
         num_sanity_val_steps=0,
     )
     trainer = pl.Trainer(callbacks=callbacks, **{**options, **kwargs})
-    trainer.fit(module, *module.loaders())
+    trainer.fit(module, *module.loaders(), ckpt_path=ckpt_path)
     return trainer
 
 

@@ -5,7 +5,6 @@ frozen group says what is wrong, and resumed runs find their groups by name."""
 from __future__ import annotations
 
 import pytest
-import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from tiny_models import LRRecorder, Task, changed, fit, snapshot
@@ -132,18 +131,7 @@ def test_filtered_optimizer_resumes_bit_identically(tmp_path):
     fit(Task("sequential", filtered=True), [*strategies(), checkpoint], epochs=1,
         enable_checkpointing=True)  # fmt: skip
     resumed = Task("sequential", filtered=True)
-    pl.seed_everything(0)
-    trainer = pl.Trainer(
-        max_epochs=3,
-        callbacks=strategies(),
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        deterministic=True,
-        num_sanity_val_steps=0,
-    )
-    trainer.fit(resumed, *resumed.loaders(), ckpt_path=tmp_path / "last.ckpt")
+    fit(resumed, strategies(), epochs=3, ckpt_path=tmp_path / "last.ckpt")
     for key, value in whole.state_dict().items():
         assert torch.equal(value, resumed.state_dict()[key]), key
 
@@ -205,17 +193,7 @@ def test_resume_matches_groups_through_torch_compile_names(tmp_path, recwarn):
     assert "'model._orig_mod.0': False" in str(saved)
 
     resumed, recorder = Uncompiled("sequential"), LRRecorder()
-    pl.seed_everything(0)
-    trainer = pl.Trainer(
-        max_epochs=2,
-        callbacks=[*strategies(), recorder],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-    )
-    trainer.fit(resumed, *resumed.loaders(), ckpt_path=tmp_path / "last.ckpt")
+    fit(resumed, [*strategies(), recorder], epochs=2, ckpt_path=tmp_path / "last.ckpt")
     assert not [w for w in recwarn if "layer groups do not match" in str(w.message)]
     # the encoder thaws at epoch 1 as saved, so it ramps up again as in the whole run
     # (the optimizer state loaded from the checkpoint keeps the compiled names)
@@ -228,20 +206,10 @@ def test_resume_with_other_groups_warns_naming_them(tmp_path):
     fit(Task("sequential"), [FrozenEncoder(head=1), checkpoint], epochs=1,
         enable_checkpointing=True)  # fmt: skip
     resumed = Task("sequential")
-    trainer = pl.Trainer(
-        max_epochs=2,
-        callbacks=[FrozenEncoder(head=1, groups=["model.[0]", "model.2", "model.4"])],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-    )
-    with pytest.warns(
-        UserWarning,
-        match=r"saved \['model.0'\] are not groups now, and \['model.\[0\]'\] were not saved",
-    ):
-        trainer.fit(resumed, *resumed.loaders(), ckpt_path=tmp_path / "last.ckpt")
+    groups = ["model.[0]", "model.2", "model.4"]
+    match = r"saved \['model.0'\] are not groups now, and \['model.\[0\]'\] were not saved"
+    with pytest.warns(UserWarning, match=match):
+        fit(resumed, [FrozenEncoder(head=1, groups=groups)], ckpt_path=tmp_path / "last.ckpt")
 
 
 class FreezesInSetup(Task):

@@ -5,7 +5,6 @@ absolute values, for step and epoch schedulers, re-warms, accumulation and resum
 from __future__ import annotations
 
 import pytest
-import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from tiny_models import LRRecorder, Task, fit
@@ -127,19 +126,8 @@ def test_resume_mid_ramp_continues_the_same_lrs(tmp_path):
         enable_checkpointing=True,
     )
     resumed = LRRecorder()
-    module = Scheduled("CosineAnnealingLR")
-    pl.seed_everything(0)
-    trainer = pl.Trainer(
-        max_epochs=4,
-        callbacks=[*strategies(), resumed],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        deterministic=True,
-        num_sanity_val_steps=0,
-    )
-    trainer.fit(module, *module.loaders(), ckpt_path=tmp_path / "last.ckpt")
+    fit(Scheduled("CosineAnnealingLR"), [*strategies(), resumed], epochs=4,
+        ckpt_path=tmp_path / "last.ckpt")  # fmt: skip
     assert resumed.steps == whole.steps[4:]
 
 
@@ -157,18 +145,7 @@ def test_resume_from_a_checkpoint_after_an_epochs_last_batch_keeps_the_schedule(
         enable_checkpointing=True)  # fmt: skip
     (step_checkpoint,) = tmp_path.glob("*step=4.ckpt")
     resumed, lrs = Scheduled("CosineAnnealingLR"), LRRecorder()
-    pl.seed_everything(0)
-    trainer = pl.Trainer(
-        max_epochs=4,
-        callbacks=[*strategies(), lrs],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        deterministic=True,
-        num_sanity_val_steps=0,
-    )
-    trainer.fit(resumed, *resumed.loaders(), ckpt_path=step_checkpoint)
+    fit(resumed, [*strategies(), lrs], epochs=4, ckpt_path=step_checkpoint)
     assert lrs.steps == whole_lrs.steps[4:]
     for key, value in whole.state_dict().items():
         assert torch.equal(value, resumed.state_dict()[key]), key
