@@ -3,7 +3,7 @@
 Added to a run from the command line (``+callbacks.stop._target_=signal_at_step.SignalAtStep``),
 it interrupts at a repeatable point instead of after a guessed delay: after training step
 ``step`` (``phase="train"``), or during the validation that follows it
-(``phase="validation"``), or during testing (``phase="test"``).
+(``phase="validation"``), or during the last test batch (``phase="test"``).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ class SignalAtStep(pl.Callback):
             if trainer.global_step == self.step:
                 os.kill(os.getpid(), self.signum)
 
-    def on_test_batch_start(self, trainer: pl.Trainer, *args, **kwargs) -> None:
-        if self.phase == "test":
+    def on_test_batch_start(self, trainer: pl.Trainer, pl_module, batch, batch_idx, *args) -> None:
+        # the last test batch: Lightning finishes a loop's last batch whatever the signal
+        if self.phase == "test" and batch_idx == trainer.num_test_batches[0] - 1:
             os.kill(os.getpid(), self.signum)

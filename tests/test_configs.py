@@ -123,6 +123,7 @@ def test_unknown_key_is_named():
         ),
         ("stage=train", "`stage='train'`: expected 'transfer' or 'pretrain'"),
         ("data.on_bad_sample=ignore", "`data.on_bad_sample='ignore'`: expected 'skip' or 'error'"),
+        ("data.num_workers=-1", "`data.num_workers=-1`: expected 'auto' or an integer >= 0"),
     ],
 )
 def test_wrong_types_and_ranges_name_the_key_and_the_allowed_values(override, message):
@@ -144,3 +145,19 @@ def test_a_strategy_argument_out_of_range_names_its_config_key():
 def test_a_strategy_and_an_add_on_duplicating_it_are_refused():
     with pytest.raises(ValueError, match="include LRWarmup twice.*drop it from `addons`"):
         check_config(compose_with("strategy=warmup", "addons=[warmup]"))
+
+
+def test_errors_of_objects_built_from_configs_are_user_errors():
+    from hydra.errors import InstantiationException
+
+    from freezeft.run import _is_user_error
+    from freezeft.speech.data import SpeechDataModule
+
+    try:
+        SpeechDataModule(data_dir="x", corpus="y")
+    except ValueError as err:
+        wrapped = InstantiationException("Error in call to target ...")
+        wrapped.__cause__ = err
+    assert _is_user_error(wrapped)
+    assert "~data.corpus" in str(wrapped.__cause__)
+    assert not _is_user_error(ValueError("raised outside freezeft: keeps its traceback"))

@@ -148,7 +148,7 @@ def test_sigterm_during_test_exits_143_and_resume_writes_the_results(
     tmp_path, cache_dir, uninterrupted
 ):
     out, stdout = interrupt(tmp_path, cache_dir, "SIGTERM", 0, "test")
-    assert "interrupted while testing; training had finished" in stdout
+    assert "interrupted before the results were written; training had finished" in stdout
     run(tmp_path, cache_dir, "resumed", f"resume={out}")
     assert_same_result(out, uninterrupted)
 

@@ -70,3 +70,10 @@ def test_missing_and_foreign_checkpoints(tmp_path):
     torch.save({"state_dict": {"w": torch.zeros(1)}}, tmp_path / "other.ckpt")
     with pytest.raises(ValueError, match="does not record its alphabet"):
         load_source(tmp_path / "other.ckpt")
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "last.ckpt").write_text("")
+    with pytest.raises(IsADirectoryError, match=r"is a folder, not a checkpoint.*last.ckpt"):
+        load_source(tmp_path / "run")
+    (tmp_path / "rows.csv").write_text("wav_filename,wav_filesize,transcript\n")
+    with pytest.raises(ValueError, match=r"could not be read as a checkpoint \([^\n]*\); set"):
+        load_source(tmp_path / "rows.csv")  # torch's many-line message cut to its first line

@@ -31,14 +31,20 @@ import hydra
 import pytorch_lightning as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.utilities.exceptions import SIGTERMException
+from pytorch_lightning.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 from freezeft import machine
 from freezeft.cache import cached_entry, config_key, default_cache_dir
-from freezeft.checkpointing import AtomicCheckpointIO, InterruptCheckpoint, find_resume_checkpoint
+from freezeft.checkpointing import (
+    INTERRUPTED_CHECKPOINT,
+    AtomicCheckpointIO,
+    InterruptCheckpoint,
+    find_resume_checkpoint,
+)
 from freezeft.history import History
 from freezeft.transfer import transfer_weights
 
@@ -127,6 +133,10 @@ def fit_and_test(
             print("freezeft: interrupted while pretraining; nothing was cached.", flush=True)
         raise SystemExit(143) from None
     train_seconds = time.perf_counter() - start
+    if trainer.received_sigterm:  # it came with training's last batch: training is complete
+        _stop_before_results(output_dir)
+    if resume_from is not None and Path(resume_from).name == INTERRUPTED_CHECKPOINT:
+        Path(resume_from).unlink(missing_ok=True)  # done with; last.ckpt is newer
     if trainer.is_global_zero:
         _write_skipped(datamodule.skipped_rows() + module.unreadable, output_dir)
     # what trained in the last epoch (strategies log it; they leave every flag as it was)
@@ -140,13 +150,9 @@ def fit_and_test(
     try:
         (test_metrics,) = trainer.test(module, datamodule=datamodule, ckpt_path=best or None)
     except SIGTERMException:
-        print(
-            "freezeft: interrupted while testing; training had finished and its checkpoints "
-            f"are in {output_dir / 'checkpoints'}. Run the same command with "
-            f"resume={output_dir} to test again and write results.json.",
-            flush=True,
-        )
-        raise SystemExit(143) from None
+        _stop_before_results(output_dir)
+    if trainer.received_sigterm:  # Lightning finishes the last test batch regardless
+        _stop_before_results(output_dir)
     best_epoch = torch.load(best, map_location="cpu", weights_only=False)["epoch"] if best else None
     skipped = datamodule.skipped_rows() + module.unreadable  # with test files that failed
     if trainer.is_global_zero and module.unreadable:
@@ -185,6 +191,17 @@ def fit_and_test(
     if trainer.is_global_zero:
         write_json(output_dir / "results.json", results)
     return results
+
+
+def _stop_before_results(output_dir: Path) -> None:
+    """SIGINT/SIGTERM after training finished: say how to get the results, exit 143."""
+    print(
+        "freezeft: interrupted before the results were written; training had finished and "
+        f"its checkpoints are in {output_dir / 'checkpoints'}. Run the same command with "
+        f"resume={output_dir} to test again and write results.json.",
+        flush=True,
+    )
+    raise SystemExit(143) from None
 
 
 def _standard_json(value: Any) -> Any:
@@ -328,6 +345,11 @@ CHECKS: dict[str, tuple[tuple[type, ...], Any, str]] = {
     "data.batch_size": ((int,), lambda v: v >= 1, "an integer >= 1"),
     "model.n_hidden": ((int,), lambda v: v >= 1, "an integer >= 1"),
     "data.on_bad_sample": ((str,), lambda v: v in ("skip", "error"), "'skip' or 'error'"),
+    "data.num_workers": (
+        (int, str),
+        lambda v: v == "auto" or (isinstance(v, int) and v >= 0),
+        "'auto' or an integer >= 0",
+    ),  # fmt: skip
 }
 
 
@@ -443,7 +465,9 @@ def _is_user_error(err: BaseException) -> bool:
     ``OSError`` (paths, permissions, a full disk), or a ``ValueError`` that freezeft raised
     about their data, config or checkpoint. Anything else is a bug and keeps its traceback.
     """
-    if isinstance(err, OSError):
+    if isinstance(err, InstantiationException) and err.__cause__ is not None:
+        err = err.__cause__  # a config's object refused its arguments: judge that error
+    if isinstance(err, (OSError, MisconfigurationException)):  # Lightning's config errors
         return True
     if not isinstance(err, ValueError):
         return False

@@ -71,6 +71,12 @@ def load_source(path: str | Path) -> tuple[dict[str, torch.Tensor], list[str]]:
         ValueError: the file is not a freezeft/Lightning checkpoint of a speech model.
     """
     path = Path(path)
+    if path.is_dir():
+        found = sorted(str(p.relative_to(path)) for p in path.rglob("*.ckpt"))[:5]
+        raise IsADirectoryError(
+            f"Source checkpoint {path} is a folder, not a checkpoint file; set "
+            "`transfer.source` to a .ckpt file" + (f", e.g. one of {found}" if found else "")
+        )
     if not path.is_file():
         raise FileNotFoundError(
             f"Source checkpoint {path} does not exist; set `transfer.source` to a checkpoint "
@@ -79,8 +85,10 @@ def load_source(path: str | Path) -> tuple[dict[str, torch.Tensor], list[str]]:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for a file that is not a checkpoint
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(
-            f"Source checkpoint {path} could not be read as a checkpoint: {err}"
+            f"Source checkpoint {path} could not be read as a checkpoint ({first}); set "
+            "`transfer.source` to a .ckpt file written by freezeft."
         ) from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise ValueError(

@@ -148,6 +148,19 @@ def test_bad_test_rows_are_reported_before_training(tmp_path, speech, german_cor
     assert [(split, row.kind) for split, row in data.skipped_rows()] == [("test", "missing audio")]
 
 
+def test_an_unclosed_quote_that_swallows_rows_is_an_error_naming_the_row(tmp_path):
+    path = tmp_path / "train.csv"
+    path.write_text(HEADER + 'a.wav,0,"uhr bei\nb.wav,0,gut\nc.wav,0,gut\n')
+    with pytest.raises(ValueError, match=r"train.csv:2: a field runs over 3 more line\(s\)"):
+        read_csv(path)
+
+
+def test_blank_lines_are_skipped_like_empty_ones(tmp_path):
+    path = tmp_path / "train.csv"
+    path.write_text(HEADER + "a.wav,0,gut\n   \n\nb.wav,0,gut\n")
+    assert [s.path.name for s in read_csv(path)] == ["a.wav", "b.wav"]
+
+
 # -- audio -------------------------------------------------------------------------------
 
 

@@ -81,9 +81,16 @@ def read_csv(path: str | Path) -> list[Sample]:
     col = {name: header.index(name) for name in CSV_COLUMNS}
     samples = []
     for number, row in enumerate(rows[1:], start=2):
-        if not row:
+        if not any(field.strip() for field in row):  # an empty or blank line
             continue
         where = f"{path}:{number}"
+        swallowed = max(field.count("\n") for field in row)
+        if swallowed:
+            raise ValueError(
+                f"{where}: a field runs over {swallowed} more line(s): an opening double quote "
+                "without its closing one, which makes the CSV reader merge the following rows "
+                "into this one. Close the quote, or remove it."
+            )
         if len(row) < len(header):
             raise ValueError(f"{where}: expected {len(header)} fields, but got {len(row)}: {row}.")
         extra = len(row) - len(header)
@@ -435,9 +442,16 @@ class SpeechDataModule(pl.LightningDataModule):
     ) -> None:
         super().__init__()
         if (data_dir is None) == (corpus is None):
+            hint = (
+                " (an experiment such as `experiment=tiny` sets `data.corpus`: add "
+                "`~data.corpus` to the command line to drop it)"
+                if data_dir is not None
+                else ""
+            )
             raise ValueError(
                 "Give exactly one of `data_dir` (DeepSpeech CSVs on disk) or `corpus` "
-                f"(a corpus to synthesise), but got data_dir={data_dir!r}, corpus={corpus!r}."
+                f"(a corpus to synthesise), but got data_dir={data_dir!r}, corpus={corpus!r}"
+                f"{hint}."
             )
         if batch_size < 1:
             raise ValueError(f"Expected `batch_size` >= 1, but got {batch_size}.")
