@@ -4,13 +4,17 @@ When the first ``n`` layer groups are frozen and deterministic (dropout off in t
 augmentation), their output for a sample never changes, so every epoch after the first
 can skip them. ``FrozenEncoder``, ``FreezeThenUnfreeze`` and ``GradualUnfreeze`` do this
 with ``cache_frozen=True`` for a module that implements :class:`PrefixCachable`; the
-leading strategy keeps the cache valid and drops it when its assumptions break:
+cache is kept valid and dropped when its assumptions break:
 
 * the frozen prefix changes (a group is unfrozen),
 * the module stops being deterministic (``prefix_is_deterministic()`` turns False,
   e.g. augmentation switched on),
 * a frozen weight changes (loaded, or edited in place),
 * the device or dtype of the outputs changes.
+
+The fit's coordinator attaches the cache to the module (:meth:`FrozenOutputCache.attach`)
+and :meth:`~FrozenOutputCache.prepare`\ s it before each batch; the module's
+``training_step`` asks :func:`cached_forward`.
 
 Outputs stay in memory up to ``memory_gb`` and go to files in a temporary folder past it.
 """
@@ -20,6 +24,7 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
+import weakref
 from collections.abc import Hashable, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -75,7 +80,9 @@ class FrozenOutputCache:
         self.hits = 0
         self.misses = 0
         self.invalidations: list[str] = []
-        self.active = False  # set each batch by the leading strategy
+        #: Whether :func:`cached_forward` uses the cache for the coming batch (set by
+        #: :meth:`prepare` each batch).
+        self.active = False
         self._spill: Path | None = None
 
     def __len__(self) -> int:
@@ -87,6 +94,7 @@ class FrozenOutputCache:
 
         Returns whether it is usable now; drops stale outputs (with the reason logged).
         """
+        self.active = False
         if n_groups == 0:
             self.clear(f"the frozen prefix changed from {self.n_groups} to 0 groups")
             self.n_groups = 0
@@ -100,7 +108,24 @@ class FrozenOutputCache:
         elif fingerprint != self.fingerprint:
             self.clear("a frozen weight changed")
         self.n_groups, self.fingerprint = n_groups, fingerprint
+        self.active = True
         return True
+
+    # -- the module it serves ------------------------------------------------------------
+    def attach(self, module: nn.Module) -> None:
+        """Serve ``module``'s :func:`cached_forward` calls from this cache."""
+        _ATTACHED[module] = self
+
+    def detach(self, module: nn.Module) -> None:
+        """Stop serving ``module`` and forget every output (at fit end)."""
+        if _ATTACHED.get(module) is self:
+            del _ATTACHED[module]
+        self.clear()
+
+    @staticmethod
+    def of(module: nn.Module) -> FrozenOutputCache | None:
+        """The cache attached to ``module``, if any."""
+        return _ATTACHED.get(module)
 
     def clear(self, reason: str = "") -> None:
         """Forget every output (``reason`` is logged and kept in :attr:`invalidations`)."""
@@ -157,6 +182,10 @@ class FrozenOutputCache:
         return module.forward_from_prefix(outputs, batch, self.n_groups)
 
 
+#: Module -> the cache serving it; weak keys, so no attribute is set on the user's module.
+_ATTACHED: weakref.WeakKeyDictionary[nn.Module, FrozenOutputCache] = weakref.WeakKeyDictionary()
+
+
 def _fingerprint(params: Sequence[nn.Parameter]) -> tuple:
     # in-place edits bump a tensor's version counter; loading new tensors changes the pointer
     return tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
@@ -165,7 +194,7 @@ def _fingerprint(params: Sequence[nn.Parameter]) -> tuple:
 def cached_forward(module: Any, batch: Any) -> Any | None:
     """The module's forward through its frozen-output cache, or ``None`` when no strategy
     caches this batch (the module then runs its usual forward)."""
-    cache: FrozenOutputCache | None = getattr(module, "_freezeft_frozen_cache", None)
+    cache = FrozenOutputCache.of(module)
     if cache is None or not cache.active or not module.training:
         return None
     return cache.forward(module, batch)

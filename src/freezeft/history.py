@@ -7,8 +7,10 @@ validation and training epoch (so an interrupted run keeps what it had):
 * ``lr_schedule.csv``: ``step,epoch,<group>,...``, the LR each param group trained at in
   that optimizer step: after warmup factors, and 0 while the group is frozen.
 
-Place it after the strategies in ``trainer.callbacks`` so it sees their warmup. Its
-records travel in checkpoints, so a resumed run's files cover the whole run.
+The LR it records is the one the optimizer step used, warmup included, wherever it stands
+in ``trainer.callbacks`` (warmup is applied inside the step, before the closure that calls
+``on_before_optimizer_step``). Its records travel in checkpoints, so a resumed run's files
+cover the whole run.
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ import pytorch_lightning as pl
 import torch
 
 from freezeft.callbacks import FreezeThenUnfreeze, FrozenEncoder, GradualUnfreeze
+from freezeft.frozen_cache import FrozenOutputCache
 from freezeft.speech.data import SpeechDataModule
 from freezeft.speech.module import SpeechModule
 
@@ -38,7 +39,7 @@ class Spy(pl.Callback):
         self.strategy, self.seen = strategy, []
 
     def on_train_epoch_end(self, trainer, pl_module):
-        cache = self.strategy.frozen_cache
+        cache = self.strategy.coordinator.frozen_cache
         self.seen.append((cache.hits, cache.misses, cache.n_groups, len(cache.invalidations)))
 
 
@@ -52,7 +53,7 @@ def test_head_trains_from_cached_outputs_after_the_first_epoch(german_corpus):
         if not name.startswith("model.layer_6"):
             assert torch.equal(tensor, before[name]), name  # the encoder never changed
     assert not torch.equal(module.model.layer_6.weight, before["model.layer_6.weight"])
-    assert module._freezeft_frozen_cache is None  # released at the end of fit
+    assert FrozenOutputCache.of(module) is None  # released at the end of fit
 
     plain, _, _ = fit(german_corpus, FrozenEncoder(head=1))  # no cache, same (dropout-free) model
     for name, tensor in plain.state_dict().items():
@@ -76,7 +77,9 @@ def test_unfreezing_drops_the_cache(german_corpus):
     assert spy.seen[:2] == [(0, n, 5, 0), (n, n, 5, 0)]
     hits, misses, prefix, invalidations = spy.seen[2]
     assert (hits, misses, prefix) == (n, n, 0)  # phase 2 trains everything, uncached
-    assert strategy.frozen_cache.invalidations == ["the frozen prefix changed from 5 to 0 groups"]
+    assert strategy.coordinator.frozen_cache.invalidations == [
+        "the frozen prefix changed from 5 to 0 groups"
+    ]
 
 
 def test_a_shrinking_prefix_is_recomputed(german_corpus):
@@ -85,7 +88,7 @@ def test_a_shrinking_prefix_is_recomputed(german_corpus):
     _, _, n = fit(german_corpus, strategy, extra=[spy])
     assert [prefix for *_, prefix, _ in spy.seen] == [5, 4, 3]
     assert [misses for _, misses, *_ in spy.seen] == [n, 2 * n, 3 * n]
-    assert strategy.frozen_cache.invalidations == [
+    assert strategy.coordinator.frozen_cache.invalidations == [
         "the frozen prefix changed from 5 to 4 groups",
         "the frozen prefix changed from 4 to 3 groups",
     ]
@@ -106,7 +109,7 @@ def test_augmentation_turns_the_cache_off(german_corpus):
     noise_on = AtEpoch(1, lambda m: setattr(m, "noise_std", 0.01))
     _, _, n = fit(german_corpus, strategy, extra=[noise_on, spy])
     assert [(h, m) for h, m, *_ in spy.seen] == [(0, n), (0, n), (0, n)]  # no hit once noisy
-    assert strategy.frozen_cache.invalidations == [
+    assert strategy.coordinator.frozen_cache.invalidations == [
         "the frozen prefix is not deterministic (augmentation is on)"
     ]
 
@@ -121,7 +124,7 @@ def test_changed_frozen_weights_invalidate_the_cache(german_corpus):
 
     _, _, n = fit(german_corpus, strategy, extra=[AtEpoch(1, edit), spy])
     assert [(h, m) for h, m, *_ in spy.seen] == [(0, n), (0, 2 * n), (n, 2 * n)]
-    assert strategy.frozen_cache.invalidations == ["a frozen weight changed"]
+    assert strategy.coordinator.frozen_cache.invalidations == ["a frozen weight changed"]
 
 
 def test_a_module_without_the_protocol_is_told_what_to_implement(german_corpus):

@@ -10,8 +10,7 @@ import pytorch_lightning as pl
 from pytorch_lightning.utilities import rank_zero_info
 from typing_extensions import override
 
-from freezeft.callbacks.base import HeadSpec
-from freezeft.callbacks.frozen_encoder import FrozenEncoder
+from freezeft.callbacks.frozen_encoder import FrozenEncoder, HeadSpec
 from freezeft.groups import GroupSpec
 
 __all__ = ["FreezeThenUnfreeze"]

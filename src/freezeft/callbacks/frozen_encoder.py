@@ -7,10 +7,13 @@ from typing import ClassVar
 
 from typing_extensions import override
 
-from freezeft.callbacks.base import HeadSpec, StrategyCallback, check_head, head_indices
+from freezeft.callbacks.base import StrategyCallback
 from freezeft.groups import GroupSpec, LayerGroup
 
-__all__ = ["FrozenEncoder"]
+__all__ = ["FrozenEncoder", "HeadSpec"]
+
+#: The head: how many groups from the top, or their names.
+HeadSpec = int | Sequence[str]
 
 
 class FrozenEncoder(StrategyCallback):
@@ -66,3 +69,47 @@ class FrozenEncoder(StrategyCallback):
     @override
     def head_size(self, n_groups: int) -> int:
         return len(self._head)
+
+
+def head_indices(head: HeadSpec, groups: Sequence[LayerGroup], owner: str) -> list[int]:
+    """Indices of the head groups; validates ``head`` against the resolved groups."""
+    n = len(groups)
+    if n < 2:
+        raise ValueError(
+            f"{owner}: the module has a single layer group ({[g.name for g in groups]}), so "
+            "there is no encoder to freeze. Pass at least two groups, input to output, as "
+            "`groups=[...]`, or define `layer_groups()` on the LightningModule."
+        )
+    if isinstance(head, int):
+        if head >= n:
+            raise ValueError(
+                f"{owner}: `head={head}` leaves no encoder group to freeze: the module has "
+                f"{n} layer groups ({[g.name for g in groups]}); use a head smaller than {n}."
+            )
+        return list(range(n - head, n))
+    names = [g.name for g in groups]
+    unknown = [h for h in head if h not in names]
+    if unknown:
+        raise ValueError(
+            f"{owner}: head groups {unknown} are not layer groups; available: {names}."
+        )
+    if len(set(head)) >= n:
+        raise ValueError(
+            f"{owner}: `head` names every layer group; leave at least one encoder group."
+        )
+    return sorted(names.index(h) for h in head)
+
+
+def check_head(head: HeadSpec, owner: str) -> HeadSpec:
+    """Validate ``head`` in ``__init__``: a positive int or a non-empty list of names."""
+    if isinstance(head, bool) or not isinstance(head, (int, list, tuple)):
+        raise ValueError(
+            f"{owner}: expected `head` to be an int or a list of group names, but got {head!r}."
+        )
+    if isinstance(head, int):
+        if head < 1:
+            raise ValueError(f"{owner}: expected `head` >= 1, but got {head}.")
+        return head
+    if not head or not all(isinstance(h, str) for h in head):
+        raise ValueError(f"{owner}: expected `head` to list group names, but got {head!r}.")
+    return list(head)

@@ -6,8 +6,7 @@ from collections.abc import Sequence
 
 from typing_extensions import override
 
-from freezeft.callbacks.base import HeadSpec
-from freezeft.callbacks.frozen_encoder import FrozenEncoder
+from freezeft.callbacks.frozen_encoder import FrozenEncoder, HeadSpec
 from freezeft.groups import GroupSpec
 
 __all__ = ["GradualUnfreeze"]

@@ -7,7 +7,8 @@ from typing import Any
 
 from typing_extensions import override
 
-from freezeft.callbacks.base import StrategyCallback, canonical_group_name
+from freezeft.callbacks.base import StrategyCallback
+from freezeft.coordinator import canonical_group_name
 
 __all__ = ["LRWarmup"]
 

@@ -1,0 +1,268 @@
+"""The one object that runs a fit's strategies: groups, one plan, applied through the fit.
+
+Strategies (:class:`~freezeft.callbacks.StrategyCallback`) only state intents per layer
+group. At ``setup("fit")`` the first strategy in ``trainer.callbacks`` makes a
+:class:`Coordinator` for all of them and forwards the Lightning hooks to it; the
+coordinator refuses strategies that conflict, resolves the layer groups, combines every
+intent into one :class:`~freezeft.plan.Plan`, applies it at each step of the fit and
+checkpoints it. Which strategy forwards the hooks changes nothing: the coordinator is one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import pytorch_lightning as pl
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor
+
+from freezeft.frozen_cache import FrozenOutputCache, PrefixCachable
+from freezeft.groups import format_group_table, resolve_groups
+from freezeft.plan import Plan
+
+if TYPE_CHECKING:
+    from freezeft.callbacks.base import StrategyCallback
+
+__all__ = ["Coordinator", "canonical_group_name"]
+
+
+def canonical_group_name(name: str) -> str:
+    """A group name without ``torch.compile``'s ``_orig_mod`` (same layers, compiled or not)."""
+    return ".".join(part for part in name.split(".") if part != "_orig_mod")
+
+
+class Coordinator:
+    """Runs the strategies of one fit as one plan.
+
+    Args:
+        strategies: the fit's strategies, in ``trainer.callbacks`` order.
+
+    Raises:
+        ValueError: two strategies of one type, two freezing schedules, or strategies given
+            different ``groups``.
+    """
+
+    def __init__(self, strategies: Sequence[StrategyCallback]) -> None:
+        self.strategies = list(strategies)
+        names = [type(s).__name__ for s in self.strategies]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(
+                f"freezeft: {', '.join(twice)} is in trainer.callbacks twice; each strategy "
+                "states its intent once, so keep one instance."
+            )
+        schedules = [s for s in self.strategies if s.schedules_freezing]
+        if len(schedules) > 1:
+            listed = ", ".join(type(s).__name__ for s in schedules)
+            raise ValueError(
+                f"Two freezing schedules in one run ({listed}): each decides which layer "
+                "groups train, so they conflict. Keep one of them; "
+                "DiscriminativeLR and LRWarmup combine with any of them."
+            )
+        patterns = {repr(s.patterns): s.patterns for s in self.strategies if s.patterns is not None}
+        if len(patterns) > 1:
+            raise ValueError(
+                f"The strategies were given different `groups` ({sorted(patterns)}); give the "
+                "same list to each, or to one of them."
+            )
+        self.patterns = next(iter(patterns.values())) if patterns else None
+        self.schedule = schedules[0] if schedules else None
+        self.plan: Plan | None = None
+        self.frozen_cache: FrozenOutputCache | None = None
+        self._restored_trainable: dict[str, bool] | None = None
+
+    @property
+    def groups(self) -> list:
+        """The resolved layer groups (empty before the plan is made)."""
+        return self.plan.groups if self.plan is not None else []
+
+    # -- intents, combined -------------------------------------------------------------
+    def _product(self, intent: Callable[[StrategyCallback], float]) -> float:
+        result = 1.0
+        for strategy in self.strategies:
+            result *= intent(strategy)
+        return result
+
+    def _flags(self, epoch: int) -> list[bool] | None:
+        if self.schedule is None:
+            return None
+        n = len(self.groups)
+        return [self.schedule.trainable(i, n, epoch) is not False for i in range(n)]
+
+    # -- the fit -----------------------------------------------------------------------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """At ``setup("fit")``: under a parallel strategy, make the plan now, before DDP
+        wraps the model (its reducer takes the parameters that require gradients then)."""
+        if hasattr(trainer.strategy, "parallel_devices"):
+            self._make_plan(pl_module)
+
+    def _make_plan(self, pl_module: pl.LightningModule) -> None:
+        """Resolve the groups, make the plan (it notes what the user froze) and apply the
+        epoch-0 flags. Single-process runs do this at fit start, after the module's
+        ``setup()``, ``configure_model()`` and ``configure_optimizers()`` have run."""
+        groups = resolve_groups(pl_module, self.patterns)
+        self.plan = Plan(groups, bn=self.schedule.bn if self.schedule is not None else "frozen")
+        for strategy in self.strategies:
+            strategy.groups, strategy.plan = groups, self.plan
+            strategy.check(groups)
+        flags = self._flags(0)
+        if flags is not None:
+            self.plan.set_trainable(flags)
+
+    def fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Take over the optimizers (split, scale, warm up), norm layers and the cache."""
+        if self.plan is None:
+            self._make_plan(pl_module)
+        plan = self.plan
+        assert plan is not None
+        if trainer.world_size > 1:
+            plan.record_reducer_params(pl_module)
+        if self._restored_trainable is not None:  # resuming: the flags as they were saved
+            plan.set_trainable(self._restored_flags())
+        n = len(self.groups)
+        scales = [self._product(lambda s, i=i: s.lr_scale(i, n)) for i in range(n)]
+        optimizers = [
+            (
+                optimizer,
+                [
+                    c.scheduler
+                    for c in trainer.lr_scheduler_configs
+                    if getattr(c.scheduler, "optimizer", None) is optimizer
+                ],
+            )
+            for optimizer in trainer.optimizers
+        ]
+        warms = any(s.warms_up for s in self.strategies)
+        changes_lr = warms or any(scale != 1.0 for scale in scales)
+        added = plan.attach(optimizers, scales, pl_module, changes_lr)
+        if added:
+            names = sorted({g.name for g in self.groups for a in added if a in g.params})
+            rank_zero_info(
+                f"freezeft: {len(added)} parameters that configure_optimizers left out (in "
+                f"groups {names}) joined the optimizer, frozen until a strategy thaws them."
+            )
+        plan.warmup_factors = lambda: [
+            self._product(lambda s, i=i: s.warmup_factor(i, trainer.global_step)) for i in range(n)
+        ]
+        plan.install_norm_hooks(pl_module)
+        if self.schedule is not None and getattr(self.schedule, "cache_frozen", False):
+            self._start_frozen_cache(pl_module, self.schedule)
+        head = max(s.head_size(n) for s in self.strategies)
+        names = " + ".join(type(s).__name__ for s in self.strategies)
+        table = format_group_table(self.groups, head=head, user_frozen=plan.user_frozen)
+        rank_zero_info(f"{names}: layer groups\n{table}")
+
+    def _restored_flags(self) -> list[bool]:
+        """The saved trainable flags, matched to today's groups by name (``_orig_mod`` of
+        ``torch.compile`` ignored); a warning names groups that do not match."""
+        assert self._restored_trainable is not None
+        saved = {canonical_group_name(k): v for k, v in self._restored_trainable.items()}
+        names = [canonical_group_name(g.name) for g in self.groups]
+        if set(saved) != set(names):
+            rank_zero_warn(
+                "freezeft: the checkpoint's layer groups do not match this run's: saved "
+                f"{sorted(set(saved) - set(names))} are not groups now, and "
+                f"{sorted(set(names) - set(saved))} were not saved (trained as at epoch 0 "
+                "of the schedule). Resume with the same model and `groups`."
+            )
+        current = self._flags(0) or [True] * len(names)
+        return [saved.get(name, flag) for name, flag in zip(names, current, strict=True)]
+
+    def _start_frozen_cache(self, pl_module: pl.LightningModule, owner: StrategyCallback) -> None:
+        if not isinstance(pl_module, PrefixCachable):
+            raise TypeError(
+                f"{type(owner).__name__}(cache_frozen=True) needs the LightningModule to "
+                "implement freezeft.frozen_cache.PrefixCachable (sample_keys, forward_prefix, "
+                "forward_from_prefix, prefix_is_deterministic) and to call "
+                f"cached_forward() in its training_step; {type(pl_module).__name__} does not. "
+                "Implement it, or set cache_frozen=False."
+            )
+        own = getattr(pl_module, "layer_groups", None)
+        if callable(own) and [g.name for g in self.groups] != list(own()):
+            raise ValueError(
+                f"{type(owner).__name__}(cache_frozen=True) counts frozen groups in the "
+                f"module's own layer_groups() {list(own())}, but the strategies use "
+                f"{[g.name for g in self.groups]}; drop `groups` or set cache_frozen=False."
+            )
+        self.frozen_cache = FrozenOutputCache(memory_gb=getattr(owner, "cache_memory_gb", 2.0))
+        self.frozen_cache.attach(pl_module)
+
+    def epoch_start(self, trainer: pl.Trainer) -> None:
+        """Apply the freezing schedule's flags for the current epoch, if they changed."""
+        flags = self._flags(trainer.current_epoch)
+        plan = self.plan
+        if flags is None or plan is None or flags == plan.trainable:
+            return
+        before = plan.trainable_params()
+        unfrozen = [i for i in plan.set_trainable(flags) if plan.trains(i)]
+        if unfrozen:
+            for strategy in self.strategies:
+                strategy.on_groups_unfrozen(unfrozen, trainer.global_step)
+        rank_zero_info(
+            f"{type(self.schedule).__name__}: epoch {trainer.current_epoch}: "
+            f"unfroze {[self.groups[i].name for i in unfrozen]}; trainable parameters "
+            f"{before:,} -> {plan.trainable_params():,}"
+        )
+
+    def batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """The schedule again (Lightning skips ``on_train_epoch_start`` for an epoch resumed
+        from a checkpoint taken after the previous epoch's last batch), then the cache."""
+        if self.plan is None:
+            return
+        self.epoch_start(trainer)
+        if self.frozen_cache is None:
+            return
+        n = len(self.groups)
+        n_frozen = next((i for i in range(n) if self.plan.trains(i)), n)
+        prefix = [param for group in self.groups[:n_frozen] for param in group.params.values()]
+        self.frozen_cache.prepare(pl_module, prefix, n_frozen)
+
+    def epoch_end(self, pl_module: pl.LightningModule) -> None:
+        """Log how many parameters trained this epoch (``trainable_params``)."""
+        if self.plan is not None:
+            pl_module.log("trainable_params", float(self.plan.trainable_params()))
+
+    def before_backward(self, trainer: pl.Trainer, loss: Tensor) -> None:
+        """Explain a loss without gradient when freezeft's freezing is why."""
+        plan = self.plan
+        if plan is None or loss.requires_grad:
+            return
+        frozen = [g.name for i, g in enumerate(self.groups) if not plan.trains(i)]
+        if not frozen:
+            return  # nothing freezeft froze: not ours to explain
+        training = [g.name for i, g in enumerate(self.groups) if plan.trains(i)]
+        raise RuntimeError(
+            f"freezeft: the loss passed to backward does not depend on any trainable "
+            f"parameter at epoch {trainer.current_epoch}. Frozen now: {frozen}; training: "
+            f"{training}. With manual optimization and toggle_optimizer(), an optimizer "
+            "whose parameters are all in frozen groups has nothing to train: skip its "
+            "backward and step while they are frozen (e.g. `if loss.requires_grad:`), or "
+            "give the strategy other `head` groups."
+        )
+
+    def after_backward(self) -> None:
+        """Average across DDP ranks the gradients the reducer does not own."""
+        if self.plan is not None:
+            self.plan.sync_unowned_gradients()
+
+    def teardown(self, pl_module: pl.LightningModule) -> None:
+        """At fit end: flags, LRs, hooks and norm modes as they were; the cache dropped."""
+        if self.plan is not None:
+            self.plan.release()
+        if self.frozen_cache is not None:
+            self.frozen_cache.detach(pl_module)
+
+    # -- checkpoints: plain values, groups by name -------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The trainable flag of each group, by name."""
+        if self.plan is None:
+            return {}
+        return {
+            "trainable": {g.name: t for g, t in zip(self.groups, self.plan.trainable, strict=True)}
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Flags to apply at fit start, matched to the groups by name."""
+        if "trainable" in state_dict:
+            self._restored_trainable = dict(state_dict["trainable"])
