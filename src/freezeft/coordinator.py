@@ -39,19 +39,12 @@ class Coordinator:
         strategies: the fit's strategies, in ``trainer.callbacks`` order.
 
     Raises:
-        ValueError: two strategies of one type, two freezing schedules, or strategies given
-            different ``groups``.
+        ValueError: two freezing schedules, or strategies given different ``groups``. (Two
+            strategies of one type are refused by Lightning itself: their state keys clash.)
     """
 
     def __init__(self, strategies: Sequence[StrategyCallback]) -> None:
         self.strategies = list(strategies)
-        names = [type(s).__name__ for s in self.strategies]
-        twice = sorted({n for n in names if names.count(n) > 1})
-        if twice:
-            raise ValueError(
-                f"freezeft: {', '.join(twice)} is in trainer.callbacks twice; each strategy "
-                "states its intent once, so keep one instance."
-            )
         schedules = [s for s in self.strategies if s.schedules_freezing]
         if len(schedules) > 1:
             listed = ", ".join(type(s).__name__ for s in schedules)

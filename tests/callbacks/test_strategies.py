@@ -324,3 +324,41 @@ def test_metric_trigger_unfreezes_after_patience_validations_without_improvement
     assert seen == [False, False, True, True]
     with pytest.raises(ValueError, match=r"`monitor='val_cer'` was not logged.*val_loss"):
         fit(make_net(), [FreezeThenUnfreeze(monitor="val_cer")], epochs=1)
+
+
+def test_bn_train_keeps_frozen_groups_norm_statistics_updating():
+    net = make_net()
+    fit(net, [FrozenEncoder(head=1, bn="train")], epochs=1)
+    assert net.net[0].norm.num_batches_tracked == 4  # statistics updated...
+    fresh = make_net()
+    assert torch.equal(net.net[0].linear.weight, fresh.net[0].linear.weight)  # ...weights not
+
+
+def test_strategies_given_different_groups_are_refused():
+    with pytest.raises(ValueError, match="were given different `groups`"):
+        fit(
+            make_net(),
+            [FrozenEncoder(groups=["net.0", "net.[12]"]), DiscriminativeLR(groups=["net.*"])],
+        )
+
+
+def test_without_rewarm_thawed_groups_start_at_the_full_lr():
+    recorder = LRRecorder()
+    strategies = [
+        FreezeThenUnfreeze(head=1, unfreeze_at_epoch=1, encoder_lr_scale=1.0),
+        LRWarmup(warmup_steps=2, start_factor=0.5, rewarm_on_unfreeze=False),
+    ]
+    fit(make_net(), [*strategies, recorder], epochs=2)
+    assert recorder.steps[4]["net.0"] == recorder.steps[4]["net.2"] == 0.01  # step 4: epoch 1
+
+
+def test_metric_trigger_with_mode_max_waits_for_a_metric_that_stops_rising():
+    class Rising(Net):
+        def validation_step(self, batch, batch_idx):
+            self.log("score", float(min(self.current_epoch, 1)))  # rises once, then flat
+
+    torch.manual_seed(0)
+    strategy = FreezeThenUnfreeze(head=1, monitor="score", mode="max", patience=1)
+    fit(Rising(), [strategy], epochs=4)
+    # epoch 0 sets the best (0), epoch 1 improves (1), epoch 2 does not: phase 2 at epoch 3
+    assert strategy.triggered_epoch == 3

@@ -208,8 +208,9 @@ class SpeechModule(pl.LightningModule):
             counts = self.all_gather(counts.to(self.device)).reshape(-1, 4).sum(dim=0).cpu()
         wer = float(counts[0] / counts[1]) if counts[1] else float("nan")
         cer = float(counts[2] / counts[3]) if counts[3] else float("nan")
-        self.log(f"{stage}_wer", wer, prog_bar=stage == "val", rank_zero_only=True)
-        self.log(f"{stage}_cer", cer, prog_bar=stage == "val", rank_zero_only=True)
+        # every rank holds the gathered value: log it on each, so any rank can monitor it
+        self.log(f"{stage}_wer", wer, prog_bar=stage == "val")
+        self.log(f"{stage}_cer", cer, prog_bar=stage == "val")
         return wer, cer
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
