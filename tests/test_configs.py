@@ -161,3 +161,35 @@ def test_errors_of_objects_built_from_configs_are_user_errors():
     assert _is_user_error(wrapped)
     assert "~data.corpus" in str(wrapped.__cause__)
     assert not _is_user_error(ValueError("raised outside freezeft: keeps its traceback"))
+
+
+def _target_blocks_with_lines(path: Path):
+    """Each ``_target_`` block of a YAML file with the text of each key's line."""
+    lines = path.read_text().splitlines()
+    for where, block in target_blocks(OmegaConf.load(path)):
+        yield where, block, lines
+
+
+@pytest.mark.parametrize(
+    "path", sorted(CONF.rglob("*.yaml")), ids=lambda p: str(p.relative_to(CONF))
+)
+def test_configs_override_class_defaults_only_on_purpose(path):
+    """One source for each default: the class signature. A config value that differs
+    from it says why in a comment on its line."""
+    for where, block, lines in _target_blocks_with_lines(path):
+        try:
+            signature = inspect.signature(get_method(block._target_))
+        except Exception:
+            continue  # a target that needs an optional extra (tested where installed)
+        for key, value in block.items_ex(resolve=False):
+            parameter = signature.parameters.get(key)
+            if key in SPECIAL or parameter is None or OmegaConf.is_config(value):
+                continue
+            if isinstance(value, str) and ("${" in value or value == "???"):
+                continue
+            if value != parameter.default:
+                line = next(t for t in lines if t.strip().startswith(f"{key}:"))
+                assert "#" in line, (
+                    f"{path.name}{where}.{key}={value!r} differs from the "
+                    f"default {parameter.default!r} of {block._target_} without a comment"
+                )
