@@ -46,10 +46,10 @@ from freezeft.checkpointing import (
     find_resume_checkpoint,
 )
 from freezeft.history import History
-from freezeft.transfer import transfer_weights
+from freezeft.speech.transfer import transfer_weights
 
 if TYPE_CHECKING:
-    from freezeft.speech.data import Skipped
+    from freezeft.speech.dataset import Skipped
 
 __all__ = ["main", "run", "pretrained_source", "refuse_local_ddp"]
 

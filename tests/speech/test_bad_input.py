@@ -14,7 +14,10 @@ import pytest
 import soundfile
 
 from freezeft.speech.alphabet import Alphabet
-from freezeft.speech.data import SpeechDataModule, SpeechDataset, load_audio, read_csv
+from freezeft.speech.audio import load_audio
+from freezeft.speech.data import SpeechDataModule
+from freezeft.speech.dataset import SpeechDataset
+from freezeft.speech.manifest import read_csv
 
 HEADER = "wav_filename,wav_filesize,transcript\n"
 

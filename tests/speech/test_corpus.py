@@ -11,7 +11,7 @@ import soundfile
 from freezeft.cache import cached_entry
 from freezeft.speech.alphabet import Alphabet
 from freezeft.speech.corpus import SynthCorpus
-from freezeft.speech.data import read_csv
+from freezeft.speech.manifest import read_csv
 
 
 def digest(path):

@@ -3,8 +3,11 @@ import shutil
 import pytest
 import torch
 
+from freezeft.batching import BucketBatchSampler
 from freezeft.speech.alphabet import Alphabet
-from freezeft.speech.data import BucketBatchSampler, SpeechDataModule, SpeechDataset, read_csv
+from freezeft.speech.data import SpeechDataModule
+from freezeft.speech.dataset import SpeechDataset
+from freezeft.speech.manifest import read_csv
 
 
 def test_relative_wav_paths_resolve_against_the_csv_folder(tmp_path, german_corpus):

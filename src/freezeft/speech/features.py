@@ -6,7 +6,12 @@ import torch
 import torchaudio
 from torch import Tensor, nn
 
-__all__ = ["MFCCFeatures"]
+__all__ = ["MFCCFeatures", "STEP_MS", "WINDOW_MS"]
+
+
+#: DeepSpeech's analysis window and frame step (ms): the features' and the data checks'.
+WINDOW_MS = 32.0
+STEP_MS = 20.0
 
 
 class MFCCFeatures(nn.Module):
@@ -36,8 +41,8 @@ class MFCCFeatures(nn.Module):
         sample_rate: int = 16000,
         n_mfcc: int = 26,
         n_context: int = 9,
-        window_ms: float = 32.0,
-        step_ms: float = 20.0,
+        window_ms: float = WINDOW_MS,
+        step_ms: float = STEP_MS,
         n_mels: int = 40,
     ) -> None:
         super().__init__()

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from freezeft.frozen_cache import cached_forward
 from freezeft.speech.alphabet import Alphabet
-from freezeft.speech.data import Skipped
+from freezeft.speech.dataset import Skipped
 from freezeft.speech.decoding import error_counts, greedy_decode, sample_cer
 from freezeft.speech.features import MFCCFeatures
 from freezeft.speech.model import LAYER_NAMES, DeepSpeech

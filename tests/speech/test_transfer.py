@@ -4,7 +4,7 @@ import torch
 
 from freezeft.speech.model import LAYER_NAMES
 from freezeft.speech.module import SpeechModule
-from freezeft.transfer import dropped_layers, load_source, transfer_weights
+from freezeft.speech.transfer import dropped_layers, load_source, transfer_weights
 
 ENGLISH = list(" abcdefghijklmnopqrstuvwxyz'")
 GERMAN = list(" abcdefghijklmnopqrstuvwxyzäöüß")
