@@ -10,7 +10,7 @@ from hydra import compose, initialize_config_module
 from hydra.utils import get_method, instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from freezeft.run import check_config
+from freezeft.app.config import check_config
 
 CONF = Path(freezeft.conf.__file__).parent
 OPTIONS = sorted(

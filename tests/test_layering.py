@@ -29,3 +29,11 @@ def test_generic_modules_import_no_speech_and_no_app(path):
         name for name in imported(path) if name.startswith(("freezeft.speech", "freezeft.run"))
     }
     assert not forbidden, f"{path.relative_to(SRC)} imports {sorted(forbidden)}"
+
+
+@pytest.mark.parametrize(
+    "path", sorted([SRC / "run.py", *SRC.glob("app/*.py")]), ids=lambda p: p.name
+)
+def test_the_app_reaches_the_speech_task_only_through_configs(path):
+    speech = {name for name in imported(path) if name.startswith("freezeft.speech")}
+    assert not speech, f"{path.relative_to(SRC)} imports {sorted(speech)}"

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
@@ -137,6 +137,19 @@ class SpeechDataModule(pl.LightningDataModule):
             rank_zero_info(f"{split}: {len(dataset)} utterances")
             self.datasets[split] = dataset
         return self.datasets[split]
+
+    # -- freezeft.task.TaskData: what `python -m freezeft.run` needs --------------------
+    def model_kwargs(self) -> dict[str, Any]:
+        """The model's output labels: the alphabet's."""
+        return {"labels": self.alphabet.labels}
+
+    def describe(self) -> dict[str, Any]:
+        """The language (synthesised corpora), training utterances and batch size."""
+        return {
+            "language": getattr(self.corpus, "language", None),
+            "train_utterances": len(self.dataset("train")),
+            "batch_size": self.batch_size,
+        }
 
     def skipped_rows(self) -> list[tuple[str, Skipped]]:
         """``(split, row)`` for every row the datasets read so far left out."""

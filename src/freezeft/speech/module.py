@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
@@ -17,6 +18,7 @@ from freezeft.speech.dataset import Skipped
 from freezeft.speech.decoding import error_counts, greedy_decode, sample_cer
 from freezeft.speech.features import MFCCFeatures
 from freezeft.speech.model import LAYER_NAMES, DeepSpeech
+from freezeft.speech.transfer import TransferReport, transfer_weights
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +93,30 @@ class SpeechModule(pl.LightningModule):
         self.unreadable: list[tuple[str, Skipped]] = []
         self._counts: Tensor | None = None
         self._samples: list[dict] = []
+
+    # -- freezeft.task.TaskModule: what `python -m freezeft.run` needs -------------------
+    #: The metric that picks the best checkpoint (what DeepSpeech selects on).
+    monitor = "val_cer"
+    monitor_mode = "min"
+
+    def transfer_from(self, source: Path, drop_source_layers: int = 1) -> TransferReport:
+        """DeepSpeech's transfer: load ``source``, re-initialising its last layers."""
+        return transfer_weights(self, source, drop_source_layers)
+
+    def test_results(self, metrics: dict[str, float]) -> dict[str, Any]:
+        """WER, CER and loss of the test set, its best and worst samples, skipped batches."""
+        return {
+            "wer": metrics["test_wer"],
+            "cer": metrics["test_cer"],
+            "loss": metrics["test_loss"],
+            "headline": f"test WER {metrics['test_wer']:.4f} CER {metrics['test_cer']:.4f}",
+            "samples": self.test_samples[:1] + self.test_samples[-1:],
+            "skipped_batches": self.skipped_batches,
+        }
+
+    def skipped_samples(self) -> list[tuple[str, Skipped]]:
+        """Audio that failed to decode while training or testing, by split."""
+        return list(self.unreadable)
 
     def layer_groups(self) -> list[str]:
         """DeepSpeech's layers, input to output: the groups every strategy works on."""

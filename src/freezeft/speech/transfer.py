@@ -11,11 +11,14 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from freezeft.speech.model import LAYER_NAMES
-from freezeft.speech.module import SpeechModule
+
+if TYPE_CHECKING:
+    from freezeft.speech.module import SpeechModule
 
 __all__ = ["TransferReport", "dropped_layers", "load_source", "transfer_weights"]
 

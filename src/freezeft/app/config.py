@@ -1,0 +1,145 @@
+"""Config checks before any work: values, resumes, and what a sweep can run."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from freezeft import machine
+
+__all__ = ["CHECKS", "check_config", "check_resume_config", "refuse_local_ddp", "threads_per_job"]
+
+log = logging.getLogger(__name__)
+
+
+def _plain(cfg: Any) -> Any:
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+
+
+#: Keys checked before any work starts: (allowed types, test, what is allowed).
+CHECKS: dict[str, tuple[tuple[type, ...], Any, str]] = {
+    "stage": ((str,), lambda v: v in ("transfer", "pretrain"), "'transfer' or 'pretrain'"),
+    "seed": ((int,), lambda v: v >= 0, "an integer >= 0"),
+    "cpu_threads": ((int, type(None)), lambda v: v is None or v >= 1, "null or an integer >= 1"),
+    "trainer.max_epochs": ((int,), lambda v: v >= 1, "an integer >= 1"),
+    "source.max_epochs": ((int,), lambda v: v >= 1, "an integer >= 1"),
+    "transfer.drop_source_layers": ((int,), lambda v: 0 <= v <= 5, "an integer in 0..5"),
+    "data.batch_size": ((int,), lambda v: v >= 1, "an integer >= 1"),
+    "model.n_hidden": ((int,), lambda v: v >= 1, "an integer >= 1"),
+    "data.on_bad_sample": ((str,), lambda v: v in ("skip", "error"), "'skip' or 'error'"),
+    "data.num_workers": (
+        (int, str),
+        lambda v: v == "auto" or (isinstance(v, int) and v >= 0),
+        "'auto' or an integer >= 0",
+    ),  # fmt: skip
+}
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Fail before any work on a value of the wrong type or out of range, naming the key.
+
+    Also builds the strategy's callbacks, whose own checks name their arguments.
+    """
+    problems = []
+    for key, (types, test, allowed) in CHECKS.items():
+        value = OmegaConf.select(cfg, key, default="<absent>")
+        if value == "<absent>":
+            continue
+        ok = isinstance(value, types) and not isinstance(value, bool) and test(value)
+        if not ok:
+            problems.append(f"`{key}={value!r}`: expected {allowed}")
+    if problems:
+        raise ValueError("Invalid config value(s): " + "; ".join(problems) + ".")
+    chosen = {**cfg.strategy.callbacks, **cfg.strategy.get("addons", {})}
+    targets = [
+        c._target_
+        for part in (cfg.strategy.callbacks, cfg.strategy.get("addons", {}))
+        for c in part.values()
+        if c
+    ]
+    twice = sorted({t.rsplit(".", 1)[-1] for t in targets if targets.count(t) > 1})
+    if twice:
+        raise ValueError(
+            f"The strategy and its add-ons include {', '.join(twice)} twice (an add-on that "
+            f"the chosen `strategy` already has, e.g. strategy=warmup addons=[warmup]); drop "
+            "it from `addons`."
+        )
+    for callback in chosen.values():
+        if callback:
+            instantiate(callback, _convert_="all")
+
+
+#: Config sections a resumed run must share with the run it continues.
+RESUME_MUST_MATCH = ("stage", "seed", "model", "data", "strategy", "transfer", "source")
+
+
+def check_resume_config(cfg: DictConfig, run_dir: Path) -> None:
+    saved_path = run_dir / ".hydra" / "config.yaml"
+    if not saved_path.exists():
+        log.warning(f"{run_dir} has no .hydra/config.yaml; cannot check the resumed config.")
+        return
+    saved = OmegaConf.load(saved_path)
+    differences = []
+    for section in RESUME_MUST_MATCH:
+        before, now = _flat(_plain(saved.get(section))), _flat(_plain(cfg.get(section)))
+        for key in sorted(set(before) | set(now)):
+            if before.get(key) != now.get(key):
+                differences.append(
+                    f"{section}{key}: {before.get(key)!r} then, {now.get(key)!r} now"
+                )
+    if differences:
+        raise ValueError(
+            f"resume={cfg.resume}: the config differs from the run being resumed "
+            f"({saved_path}): "
+            + "; ".join(differences[:8])
+            + ". Resume with the same overrides as the original run."
+        )
+
+
+def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict):
+        flat: dict[str, Any] = {}
+        for key, value in node.items():
+            if key in ("cache_dir", "num_workers"):  # where and how fast, not what
+                continue
+            flat.update(_flat(value, f"{prefix}.{key}"))
+        return flat
+    return {prefix: node}
+
+
+def refuse_local_ddp(cfg: DictConfig, launcher: str) -> None:
+    """Refuse a multi-process trainer in a sweep whose jobs all run on this machine.
+
+    Lightning starts DDP ranks by re-running the command line, which in a multirun would
+    start the whole sweep again in every rank. A cluster launcher (submitit) gives each
+    rank its own task instead.
+    """
+    strategy = str(cfg.trainer.get("strategy", "auto"))
+    devices = cfg.trainer.get("devices", 1)
+    several = "ddp" in strategy or (isinstance(devices, int) and devices > 1)
+    if several and "submitit" not in launcher:
+        raise ValueError(
+            f"`trainer.strategy={strategy}` with `trainer.devices={devices}` cannot run in a "
+            f"local multirun (launcher {launcher.rsplit('.', 1)[-1]}): Lightning starts DDP "
+            "ranks by re-running the command line, which would start the sweep again in "
+            "every rank. Sweep single-device jobs (trainer=cpu or trainer=gpu, in parallel "
+            "with hydra/launcher=joblib), run the DDP job on its own without -m, or sweep "
+            "on a cluster with hydra/launcher=submitit_slurm (one task per device; see "
+            "docs/sweeps.md)."
+        )
+
+
+def threads_per_job(cfg: DictConfig, hydra_cfg: Any) -> int | None:
+    """``cpu_threads``, or the machine's cores shared among a joblib launcher's jobs."""
+    if cfg.get("cpu_threads"):
+        return int(cfg.cpu_threads)
+    if "joblib" not in hydra_cfg.launcher._target_:
+        return None
+    cores = machine.usable_cores()
+    n_jobs = int(hydra_cfg.launcher.get("n_jobs") or -1)
+    parallel = n_jobs if n_jobs > 0 else max(1, cores + 1 + n_jobs)  # joblib's -1: all cores
+    return max(1, cores // parallel)

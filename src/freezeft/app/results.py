@@ -1,0 +1,71 @@
+"""What a run writes about itself: ``results.json``, ``skipped_samples.csv``, its label."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+__all__ = ["write_json", "write_skipped", "strategy_label", "stop_before_results"]
+
+log = logging.getLogger(__name__)
+
+
+def stop_before_results(output_dir: Path) -> None:
+    """SIGINT/SIGTERM after training finished: say how to get the results, exit 143."""
+    print(
+        "freezeft: interrupted before the results were written; training had finished and "
+        f"its checkpoints are in {output_dir / 'checkpoints'}. Run the same command with "
+        f"resume={output_dir} to test again and write results.json.",
+        flush=True,
+    )
+    raise SystemExit(143) from None
+
+
+def _standard_json(value: Any) -> Any:
+    """``value`` with every NaN or infinity replaced by ``None`` and, beside it in its dict,
+    ``<key>_not_finite``: ``"nan"``, ``"inf"`` or ``"-inf"`` (JSON has no such numbers)."""
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            if isinstance(item, float) and not math.isfinite(item):
+                out[key], out[f"{key}_not_finite"] = None, str(item)
+            else:
+                out[key] = _standard_json(item)
+        return out
+    if isinstance(value, (list, tuple)):
+        return [None if isinstance(v, float) and not math.isfinite(v) else _standard_json(v)
+                for v in value]  # fmt: skip
+    return value
+
+
+def write_json(path: Path, results: dict[str, Any]) -> None:
+    """Write ``results`` as standard JSON (non-finite numbers as ``null``, see above)."""
+    text = json.dumps(_standard_json(results), indent=2, ensure_ascii=False, allow_nan=False)
+    path.write_text(text)
+
+
+def write_skipped(rows: list[tuple[str, Any]], output_dir: Path) -> None:
+    """``skipped_samples.csv``: every row the data left out and why, with a summary."""
+    if not rows:
+        return
+    with open(output_dir / "skipped_samples.csv", "w", newline="") as stream:
+        writer = csv.writer(stream)
+        writer.writerow(["split", "row", "wav_filename", "problem", "detail"])
+        writer.writerows([split, r.source, r.path, r.kind, r.detail] for split, r in rows)
+    kinds = Counter(row.kind for _, row in rows)
+    log.warning(
+        f"Skipped {len(rows)} rows ({', '.join(f'{n} {k}' for k, n in kinds.most_common())}); "
+        f"each one with its reason: {output_dir / 'skipped_samples.csv'}"
+    )
+
+
+def strategy_label(cfg: DictConfig) -> str:
+    """The strategy's name, with any add-ons: ``freeze_then_finetune+warmup``."""
+    return "+".join([cfg.strategy.name, *cfg.strategy.get("addons", {}).keys()])

@@ -1,0 +1,207 @@
+"""Train and test one run (``train``), the function tests call in-process; the Hydra
+main in :mod:`freezeft.run` wraps it."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+from freezeft import machine
+from freezeft.app.config import _plain, check_config, check_resume_config
+from freezeft.app.results import stop_before_results, strategy_label, write_json, write_skipped
+from freezeft.app.source import pretrained_source
+from freezeft.checkpointing import (
+    INTERRUPTED_CHECKPOINT,
+    AtomicCheckpointIO,
+    InterruptCheckpoint,
+    find_resume_checkpoint,
+)
+from freezeft.history import History
+from freezeft.task import TaskData, TaskModule
+
+__all__ = ["train", "fit_and_test"]
+
+log = logging.getLogger(__name__)
+
+
+def fit_and_test(
+    cfg: DictConfig,
+    data_cfg: DictConfig,
+    output_dir: Path,
+    *,
+    max_epochs: int,
+    source: str | Path | None = None,
+    strategy: bool = True,
+    resume_from: Path | None = None,
+    resumable: bool = True,
+) -> dict[str, Any]:
+    """Train a speech model on ``data_cfg`` and test its best checkpoint; returns the results.
+
+    ``resume_from``: a checkpoint of this run (in ``output_dir``) to continue from.
+    On SIGINT/SIGTERM a resumable checkpoint is written and the process exits with 143.
+    """
+    output_dir.mkdir(parents=True, exist_ok=True)
+    pl.seed_everything(cfg.seed, workers=True)
+    datamodule = instantiate(data_cfg, _convert_="all")
+    if not isinstance(datamodule, TaskData):
+        raise TypeError(
+            f"{type(datamodule).__name__} (data._target_) does not implement "
+            "freezeft.task.TaskData (model_kwargs, skipped_rows, describe)."
+        )
+    datamodule.prepare_data()
+    module = instantiate(cfg.model, **datamodule.model_kwargs(), _convert_="all")
+    if not isinstance(module, TaskModule):
+        raise TypeError(
+            f"{type(module).__name__} (model._target_) does not implement "
+            "freezeft.task.TaskModule (monitor, transfer_from, test_results, skipped_samples)."
+        )
+
+    if source is not None and resume_from is None:  # a resumed run has its weights already
+        options = {k: v for k, v in _plain(cfg.transfer).items() if k != "source"}
+        report = module.transfer_from(Path(source), **options)
+        report.to_json(output_dir / "transfer.json")
+        log.info(report.summary())
+
+    callbacks = [instantiate(c, _convert_="all") for c in cfg.callbacks.values() if c]
+    if strategy:
+        chosen = {**cfg.strategy.callbacks, **cfg.strategy.get("addons", {})}
+        callbacks += [instantiate(c, _convert_="all") for c in chosen.values() if c]
+    monitor = module.monitor
+    checkpoint = pl.callbacks.ModelCheckpoint(
+        dirpath=output_dir / "checkpoints",
+        filename=f"epoch={{epoch}}-{monitor}={{{monitor}:.4f}}",
+        auto_insert_metric_name=False,
+        monitor=monitor,
+        mode=module.monitor_mode,
+    )
+    # last.ckpt at every epoch end, improved or not: a killed run loses at most one epoch
+    last = pl.callbacks.ModelCheckpoint(
+        dirpath=output_dir / "checkpoints", filename="last", enable_version_counter=False
+    )
+    logger = False
+    if cfg.logger:
+        logger = instantiate(cfg.logger, save_dir=str(output_dir), _convert_="all")
+    interrupt = InterruptCheckpoint(output_dir / "checkpoints")
+    trainer: pl.Trainer = instantiate(
+        cfg.trainer,
+        max_epochs=max_epochs,
+        callbacks=[*callbacks, History(output_dir), checkpoint, last, interrupt],
+        logger=logger,
+        default_root_dir=str(output_dir),
+        plugins=[AtomicCheckpointIO()],
+        _convert_="all",
+    )
+    start = time.perf_counter()
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
+    except SIGTERMException:
+        if resumable:
+            print(
+                f"freezeft: interrupted; resumable checkpoint: {interrupt.saved or 'none'}. "
+                f"Continue with the same overrides and resume={output_dir}",
+                flush=True,
+            )
+        else:  # pretraining into a cache entry, which is discarded unfinished
+            print("freezeft: interrupted while pretraining; nothing was cached.", flush=True)
+        raise SystemExit(143) from None
+    train_seconds = time.perf_counter() - start
+    if trainer.received_sigterm:  # it came with training's last batch: training is complete
+        stop_before_results(output_dir)
+    if resume_from is not None and Path(resume_from).name == INTERRUPTED_CHECKPOINT:
+        Path(resume_from).unlink(missing_ok=True)  # done with; last.ckpt is newer
+    if trainer.is_global_zero:
+        write_skipped(datamodule.skipped_rows() + module.skipped_samples(), output_dir)
+    # what trained in the last epoch (strategies log it; they leave every flag as it was)
+    logged = trainer.callback_metrics.get("trainable_params")
+    trainable = (
+        int(logged)
+        if logged is not None
+        else sum(p.numel() for p in module.parameters() if p.requires_grad)
+    )
+    best = checkpoint.best_model_path or None
+    try:
+        (test_metrics,) = trainer.test(module, datamodule=datamodule, ckpt_path=best or None)
+    except SIGTERMException:
+        stop_before_results(output_dir)
+    if trainer.received_sigterm:  # Lightning finishes the last test batch regardless
+        stop_before_results(output_dir)
+    best_epoch = torch.load(best, map_location="cpu", weights_only=False)["epoch"] if best else None
+    found = module.skipped_samples()  # with test files that failed to decode
+    skipped = datamodule.skipped_rows() + found
+    if trainer.is_global_zero and found:
+        write_skipped(skipped, output_dir)
+
+    results = {
+        **module.test_results(test_metrics),
+        "strategy": strategy_label(cfg) if strategy else None,
+        "seed": cfg.seed,
+        "epochs": trainer.current_epoch,
+        "best_epoch": best_epoch,
+        "train_seconds": round(train_seconds, 2),
+        "trainable_params": trainable,
+        "total_params": sum(p.numel() for p in module.parameters()),
+        "monitor": monitor,
+        f"dev_{monitor.removeprefix('val_')}": (
+            float(checkpoint.best_model_score) if best else None
+        ),
+        "language": datamodule.describe().get("language"),
+        "source": str(source) if source is not None else None,
+        "drop_source_layers": cfg.transfer.drop_source_layers if source is not None else None,
+        "best_checkpoint": best,
+        "skipped_rows": dict(Counter(row.kind for _, row in skipped)),
+        "resumed_from": str(resume_from) if resume_from is not None else None,
+        "run_dir": str(output_dir),
+        "budget": {
+            "max_epochs": max_epochs,
+            **{k: v for k, v in datamodule.describe().items() if k != "language"},
+            "n_hidden": cfg.model.get("n_hidden"),
+            "source_epochs": cfg.source.max_epochs if source is not None else None,
+        },
+        "machine": machine.describe(),
+    }
+    if trainer.is_global_zero:
+        write_json(output_dir / "results.json", results)
+    return results
+
+
+def train(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
+    """Run the configured stage into ``output_dir``; returns the results."""
+    check_config(cfg)
+    resume_from = None
+    if cfg.get("resume"):
+        output_dir, resume_from = find_resume_checkpoint(cfg.resume)
+        check_resume_config(cfg, output_dir)
+        log.info(f"Resuming {output_dir} from {resume_from}")
+    if cfg.stage == "pretrain":
+        results = fit_and_test(
+            cfg,
+            cfg.source.data,
+            output_dir,
+            max_epochs=cfg.source.max_epochs,
+            strategy=False,
+            resume_from=resume_from,
+        )
+        results["stage"] = "pretrain"
+        return results
+    source = None if cfg.strategy.get("from_scratch") else cfg.transfer.source
+    if source == "auto":
+        source = pretrained_source(cfg, fit_and_test)
+    results = fit_and_test(
+        cfg,
+        cfg.data,
+        output_dir,
+        max_epochs=cfg.trainer.max_epochs,
+        source=source,
+        resume_from=resume_from,
+    )
+    results["stage"] = "transfer"
+    return results
