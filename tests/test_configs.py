@@ -79,7 +79,7 @@ def test_unknown_key_in_a_config_fails_the_binding():
 
 
 def test_strategies_combine_from_the_command_line():
-    cfg = compose_with("strategy=freeze_then_finetune", "addons=[discriminative_lr,warmup]")
+    cfg = compose_with("strategy=freeze_then_unfreeze", "addons=[discriminative_lr,warmup]")
     chosen = {**cfg.strategy.callbacks, **cfg.strategy.addons}
     targets = sorted(c._target_.rsplit(".", 1)[1] for c in chosen.values())
     assert targets == ["DiscriminativeLR", "FreezeThenUnfreeze", "LRWarmup"]
@@ -101,7 +101,7 @@ def test_hparams_search_tunes_keys_that_exist(search):
 
 def test_unknown_option_lists_the_allowed_ones():
     with pytest.raises(
-        Exception, match=r"(?s)Could not find 'strategy/nope'.*freeze_then_finetune"
+        Exception, match=r"(?s)Could not find 'strategy/nope'.*freeze_then_unfreeze"
     ):
         compose_with("strategy=nope")
 
@@ -133,7 +133,7 @@ def test_wrong_types_and_ranges_name_the_key_and_the_allowed_values(override, me
 
 def test_a_strategy_argument_out_of_range_names_its_config_key():
     cfg = compose_with(
-        "strategy=freeze_then_finetune",
+        "strategy=freeze_then_unfreeze",
         "strategy.callbacks.freeze_then_unfreeze.unfreeze_at_epoch=-1",
     )
     with pytest.raises(

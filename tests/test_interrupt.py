@@ -19,7 +19,7 @@ TESTS = Path(__file__).parent
 OVERRIDES = [
     "experiment=tiny",
     "data.batch_size=4",
-    "strategy=freeze_then_finetune",
+    "strategy=freeze_then_unfreeze",
     "strategy.callbacks.freeze_then_unfreeze.unfreeze_at_epoch=1",
     "trainer.max_epochs=3",
 ]

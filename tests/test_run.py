@@ -112,13 +112,13 @@ def test_combined_strategy_from_the_command_line(tmp_path, cache_dir, transfer_r
     out, _ = run(
         tmp_path,
         cache_dir,
-        "strategy=freeze_then_finetune",
+        "strategy=freeze_then_unfreeze",
         "addons=[discriminative_lr,warmup]",
         "strategy.callbacks.freeze_then_unfreeze.unfreeze_at_epoch=1",
         "trainer.max_epochs=2",
     )
     results = json.loads((out / "results.json").read_text())
-    assert results["strategy"] == "freeze_then_finetune+discriminative_lr+warmup"
+    assert results["strategy"] == "freeze_then_unfreeze+discriminative_lr+warmup"
     log = (out / "stderr.txt").read_text()
     assert "FreezeThenUnfreeze + DiscriminativeLR + LRWarmup: layer groups" in log
     assert "FreezeThenUnfreeze: epoch 1: unfroze ['model.layer_1'" in log

@@ -67,5 +67,5 @@ def write_skipped(rows: list[tuple[str, Any]], output_dir: Path) -> None:
 
 
 def strategy_label(cfg: DictConfig) -> str:
-    """The strategy's name, with any add-ons: ``freeze_then_finetune+warmup``."""
+    """The strategy's name, with any add-ons: ``freeze_then_unfreeze+warmup``."""
     return "+".join([cfg.strategy.name, *cfg.strategy.get("addons", {}).keys()])

@@ -61,7 +61,7 @@ def pretrained_source(cfg: DictConfig, fit_and_test: Callable[..., dict[str, Any
             source_cfg.source.data,
             folder / "run",
             max_epochs=cfg.source.max_epochs,
-            strategy=False,
+            with_strategies=False,
             resumable=False,
         )
         shutil.copy(results["best_checkpoint"], folder / "source.ckpt")

@@ -40,7 +40,7 @@ def fit_and_test(
     *,
     max_epochs: int,
     source: str | Path | None = None,
-    strategy: bool = True,
+    with_strategies: bool = True,
     resume_from: Path | None = None,
     resumable: bool = True,
 ) -> dict[str, Any]:
@@ -72,7 +72,7 @@ def fit_and_test(
         log.info(report.summary())
 
     callbacks = [instantiate(c, _convert_="all") for c in cfg.callbacks.values() if c]
-    if strategy:
+    if with_strategies:
         chosen = {**cfg.strategy.callbacks, **cfg.strategy.get("addons", {})}
         callbacks += [instantiate(c, _convert_="all") for c in chosen.values() if c]
     monitor = module.monitor
@@ -142,7 +142,7 @@ def fit_and_test(
 
     results = {
         **module.test_results(test_metrics),
-        "strategy": strategy_label(cfg) if strategy else None,
+        "strategy": strategy_label(cfg) if with_strategies else None,
         "seed": cfg.seed,
         "epochs": trainer.current_epoch,
         "best_epoch": best_epoch,
@@ -187,7 +187,7 @@ def train(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
             cfg.source.data,
             output_dir,
             max_epochs=cfg.source.max_epochs,
-            strategy=False,
+            with_strategies=False,
             resume_from=resume_from,
         )
         results["stage"] = "pretrain"
