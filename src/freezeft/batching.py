@@ -24,6 +24,12 @@ class BucketBatchSampler(Sampler[list[int]]):
         seed: base seed of the shuffle.
         num_replicas: number of ranks.
         rank: this rank.
+
+    Example::
+
+        >>> sampler = BucketBatchSampler([5, 1, 4, 2, 3], batch_size=2, shuffle=False)
+        >>> list(sampler)  # shortest first, by size
+        [[1, 3], [4, 2], [0]]
     """
 
     def __init__(

@@ -53,6 +53,20 @@ class Plan:
     Args:
         groups: the resolved layer groups, input to output.
         bn: ``"frozen"`` keeps norm layers of frozen groups in eval mode, ``"train"`` not.
+
+    Example::
+
+        >>> from torch import nn
+        >>> from freezeft.groups import resolve_groups
+        >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> _ = net[2].bias.requires_grad_(False)  # frozen by the user: never trained
+        >>> plan = Plan(resolve_groups(net))
+        >>> plan.set_trainable([False, True])  # freeze group '0'
+        []
+        >>> [p.requires_grad for p in net.parameters()]
+        [False, False, True, False]
+        >>> plan.trainable_params()
+        16
     """
 
     def __init__(self, groups: Sequence[LayerGroup], bn: str = "frozen") -> None:

@@ -180,3 +180,13 @@ def _is_group_spec(spec: Any) -> bool:
         and bool(spec)
         and all(isinstance(p, str) and p for p in spec)
     )
+
+
+def expect_int(owner: object, name: str, value: Any, minimum: int) -> int:
+    """``value`` if it is an int (not a bool) >= ``minimum``; else a ValueError naming the
+    strategy and the argument."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(
+            f"{type(owner).__name__}: expected `{name}` >= {minimum}, but got {value!r}."
+        )
+    return value

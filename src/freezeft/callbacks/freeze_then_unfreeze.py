@@ -10,6 +10,7 @@ import pytorch_lightning as pl
 from pytorch_lightning.utilities import rank_zero_info
 from typing_extensions import override
 
+from freezeft.callbacks.base import expect_int
 from freezeft.callbacks.frozen_encoder import FrozenEncoder, HeadSpec
 from freezeft.groups import GroupSpec
 
@@ -60,20 +61,12 @@ class FreezeThenUnfreeze(FrozenEncoder):
     ) -> None:
         super().__init__(head, groups, bn, cache_frozen, cache_memory_gb)
         name = type(self).__name__
-        if (
-            isinstance(unfreeze_at_epoch, bool)
-            or not isinstance(unfreeze_at_epoch, int)
-            or (unfreeze_at_epoch < 0)
-        ):
-            raise ValueError(
-                f"{name}: expected `unfreeze_at_epoch` >= 0, but got {unfreeze_at_epoch!r}."
-            )
+        expect_int(self, "unfreeze_at_epoch", unfreeze_at_epoch, 0)
+        expect_int(self, "patience", patience, 1)
         if not encoder_lr_scale > 0:
             raise ValueError(
                 f"{name}: expected `encoder_lr_scale` > 0, but got {encoder_lr_scale!r}."
             )
-        if patience < 1:
-            raise ValueError(f"{name}: expected `patience` >= 1, but got {patience!r}.")
         if mode not in ("min", "max"):
             raise ValueError(f"{name}: expected `mode` 'min' or 'max', but got {mode!r}.")
         self.unfreeze_at_epoch = unfreeze_at_epoch

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 from typing_extensions import override
 
+from freezeft.callbacks.base import expect_int
 from freezeft.callbacks.frozen_encoder import FrozenEncoder, HeadSpec
 from freezeft.groups import GroupSpec
 
@@ -42,14 +43,7 @@ class GradualUnfreeze(FrozenEncoder):
         cache_memory_gb: float = 2.0,
     ) -> None:
         super().__init__(head, groups, bn, cache_frozen, cache_memory_gb)
-        if (
-            isinstance(every_n_epochs, bool)
-            or not isinstance(every_n_epochs, int)
-            or (every_n_epochs < 1)
-        ):
-            name = type(self).__name__
-            raise ValueError(f"{name}: expected `every_n_epochs` >= 1, but got {every_n_epochs!r}.")
-        self.every_n_epochs = every_n_epochs
+        self.every_n_epochs = expect_int(self, "every_n_epochs", every_n_epochs, 1)
 
     @override
     def trainable(self, index: int, n_groups: int, epoch: int) -> bool | None:

@@ -7,7 +7,7 @@ from typing import Any
 
 from typing_extensions import override
 
-from freezeft.callbacks.base import StrategyCallback
+from freezeft.callbacks.base import StrategyCallback, expect_int
 from freezeft.coordinator import canonical_group_name
 
 __all__ = ["LRWarmup"]
@@ -36,8 +36,7 @@ class LRWarmup(StrategyCallback):
     ) -> None:
         super().__init__(None)
         name = type(self).__name__
-        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
-            raise ValueError(f"{name}: expected `warmup_steps` >= 0, but got {warmup_steps!r}.")
+        expect_int(self, "warmup_steps", warmup_steps, 0)
         if not 0 < start_factor <= 1:
             raise ValueError(
                 f"{name}: expected `start_factor` in (0, 1], but got {start_factor!r}."
