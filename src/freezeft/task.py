@@ -34,6 +34,10 @@ class TaskModule(Protocol):
     monitor: str
     monitor_mode: str
 
+    @staticmethod
+    def check_transfer(**options: Any) -> None:
+        """Check ``transfer.*`` options before any work (``ValueError`` naming them)."""
+
     def transfer_from(self, source: Path, **options: Any) -> TransferReport:
         """Load a source model's weights (``transfer.*`` of the config are ``options``)."""
 

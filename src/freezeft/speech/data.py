@@ -108,7 +108,8 @@ class SpeechDataModule(pl.LightningDataModule):
     def alphabet(self) -> Alphabet:
         """The output alphabet."""
         if self._alphabet is None:
-            self._alphabet = Alphabet.from_file(self.data_dir / self.alphabet_file)
+            known = getattr(self.corpus, "alphabet", None)  # a corpus knows it before it is built
+            self._alphabet = known or Alphabet.from_file(self.data_dir / self.alphabet_file)
         return self._alphabet
 
     def csv_paths(self, split: str) -> list[Path]:

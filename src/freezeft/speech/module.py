@@ -18,7 +18,7 @@ from freezeft.speech.dataset import Skipped
 from freezeft.speech.decoding import error_counts, greedy_decode, sample_cer
 from freezeft.speech.features import MFCCFeatures
 from freezeft.speech.model import LAYER_NAMES, DeepSpeech
-from freezeft.speech.transfer import TransferReport, transfer_weights
+from freezeft.speech.transfer import TransferReport, dropped_layers, transfer_weights
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +102,11 @@ class SpeechModule(pl.LightningModule):
     def transfer_from(self, source: Path, drop_source_layers: int = 1) -> TransferReport:
         """DeepSpeech's transfer: load ``source``, re-initialising its last layers."""
         return transfer_weights(self, source, drop_source_layers)
+
+    @staticmethod
+    def check_transfer(drop_source_layers: int = 1) -> None:
+        """Check ``transfer.*`` before any work (raises ``ValueError``)."""
+        dropped_layers(drop_source_layers)
 
     def test_results(self, metrics: dict[str, float]) -> dict[str, Any]:
         """WER, CER and loss of the test set, its best and worst samples, skipped batches."""
