@@ -212,3 +212,20 @@ def test_runs_started_in_the_same_second_get_their_own_run_dirs(tmp_path):
     run_dirs = sorted(p.parent for p in tmp_path.glob("outputs/*/*/.hydra"))
     pids = sorted(str(proc.pid) for proc in procs)
     assert len(run_dirs) == 2 and sorted(d.name.rsplit("-", 1)[1] for d in run_dirs) == pids
+
+
+def test_train_runs_in_process_from_a_composed_config(tmp_path, cache_dir, german_corpus):
+    """`freezeft.app.train.train(cfg, output_dir)`: what `python -m freezeft.run` wraps."""
+    from hydra import compose, initialize_config_module
+
+    from freezeft.app.train import train
+
+    with initialize_config_module(config_module="freezeft.conf", version_base="1.3"):
+        cfg = compose(
+            config_name="config",
+            overrides=["experiment=tiny", "strategy=scratch", f"paths.cache_dir={cache_dir}"],
+        )
+    results = train(cfg, tmp_path / "run")
+    assert results["stage"] == "transfer" and results["strategy"] == "scratch"
+    assert results["monitor"] == "val_cer" and results["dev_cer"] is not None
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["cer"] == results["cer"]
