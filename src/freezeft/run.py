@@ -65,7 +65,8 @@ _PACKAGE = Path(__file__).parent
 
 @hydra.main(version_base="1.3", config_path="pkg://freezeft.conf", config_name="config")
 def main(cfg: DictConfig) -> float:
-    """Hydra entry point; returns the best dev CER (what a sweeper minimises, never test).
+    """Hydra entry point; returns the best dev score of the model's ``monitor`` (the speech
+    model's: dev CER), what a sweeper optimises; never a test score.
 
     In a multirun a failing job is logged to ``failure.json`` in its dir and returns NaN
     (Optuna counts the trial as failed), so the other jobs still run.
@@ -104,7 +105,7 @@ def main(cfg: DictConfig) -> float:
         return math.nan
     print(
         f"freezeft {results['stage']}: strategy={results['strategy']} seed={results['seed']} "
-        f"{results['headline']} "
+        f"{results.get('headline', 'tested')} "
         f"({results['train_seconds']:.0f}s training) -> {results['run_dir']}/results.json",
         flush=True,
     )

@@ -42,7 +42,8 @@ class TaskModule(Protocol):
         """Load a source model's weights (``transfer.*`` of the config are ``options``)."""
 
     def test_results(self, metrics: dict[str, float]) -> dict[str, Any]:
-        """``results.json`` entries from ``trainer.test``'s metrics (``wer``, ``cer``...)."""
+        """``results.json`` entries from ``trainer.test``'s metrics (the speech task's:
+        ``wer``, ``cer``, ``loss``...); a ``headline`` entry, if any, ends the run's output."""
 
     def skipped_samples(self) -> list[tuple[str, Any]]:
         """``(split, row)`` for samples left out while training or testing."""

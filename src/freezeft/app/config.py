@@ -65,8 +65,12 @@ def check_config(cfg: DictConfig) -> None:
             instantiate(callback, _convert_="all")
     # The task's own classes check their values (one validator per value); building them
     # is cheap: no corpus is synthesised, no data read but a DeepSpeech alphabet file.
-    instantiate(cfg.source.data, _convert_="all")
-    data = instantiate(cfg.data, _convert_="all")
+    if cfg.stage == "pretrain":
+        data = instantiate(cfg.source.data, _convert_="all")
+    else:
+        data = instantiate(cfg.data, _convert_="all")
+        if cfg.transfer.get("source") == "auto" and not cfg.strategy.get("from_scratch"):
+            instantiate(cfg.source.data, _convert_="all")  # pretrained first
     model = instantiate(cfg.model, **data.model_kwargs(), _convert_="all")
     options = {k: v for k, v in _plain(cfg.transfer).items() if k != "source"}
     try:

@@ -67,6 +67,6 @@ def pretrained_source(cfg: DictConfig, fit_and_test: Callable[..., dict[str, Any
         shutil.copy(results["best_checkpoint"], folder / "source.ckpt")
         write_json(folder / "results.json", results)
         shutil.rmtree(folder / "run" / "checkpoints")
-        log.info(f"Source model: {results['headline']}")
+        log.info(f"Source model: {results.get('headline', 'tested')}")
 
     return cached_entry(entry, build, settings) / "source.ckpt"

@@ -44,7 +44,7 @@ def fit_and_test(
     resume_from: Path | None = None,
     resumable: bool = True,
 ) -> dict[str, Any]:
-    """Train a speech model on ``data_cfg`` and test its best checkpoint; returns the results.
+    """Train the task's model on ``data_cfg`` and test its best checkpoint; returns the results.
 
     ``resume_from``: a checkpoint of this run (in ``output_dir``) to continue from.
     On SIGINT/SIGTERM a resumable checkpoint is written and the process exits with 143.
@@ -62,11 +62,12 @@ def fit_and_test(
     if not isinstance(module, TaskModule):
         raise TypeError(
             f"{type(module).__name__} (model._target_) does not implement "
-            "freezeft.task.TaskModule (monitor, transfer_from, test_results, skipped_samples)."
+            "freezeft.task.TaskModule (monitor, monitor_mode, check_transfer, transfer_from, "
+            "test_results, skipped_samples)."
         )
 
+    options = {k: v for k, v in _plain(cfg.transfer).items() if k != "source"}
     if source is not None and resume_from is None:  # a resumed run has its weights already
-        options = {k: v for k, v in _plain(cfg.transfer).items() if k != "source"}
         report = module.transfer_from(Path(source), **options)
         report.to_json(output_dir / "transfer.json")
         log.info(report.summary())
@@ -155,7 +156,8 @@ def fit_and_test(
         ),
         "language": datamodule.describe().get("language"),
         "source": str(source) if source is not None else None,
-        "drop_source_layers": cfg.transfer.drop_source_layers if source is not None else None,
+        "transfer": options if source is not None else None,
+        "drop_source_layers": options.get("drop_source_layers") if source is not None else None,
         "best_checkpoint": best,
         "skipped_rows": dict(Counter(row.kind for _, row in skipped)),
         "resumed_from": str(resume_from) if resume_from is not None else None,
