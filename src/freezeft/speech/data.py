@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from freezeft.batching import BucketBatchSampler
 from freezeft.machine import usable_cores
 from freezeft.speech.alphabet import Alphabet
-from freezeft.speech.dataset import Skipped, SpeechDataset, collate
+from freezeft.speech.dataset import Skipped, SpeechDataset, check_on_bad_sample, collate
 
 __all__ = ["SpeechDataModule"]
 
@@ -81,10 +81,7 @@ class SpeechDataModule(pl.LightningDataModule):
             raise ValueError(f"Expected `batch_size` >= 1, but got {batch_size}.")
         if num_workers != "auto" and (not isinstance(num_workers, int) or num_workers < 0):
             raise ValueError(f"Expected `num_workers` >= 0 or 'auto', but got {num_workers!r}.")
-        if on_bad_sample not in ("skip", "error"):
-            raise ValueError(
-                f"Expected `on_bad_sample` to be 'skip' or 'error', but got {on_bad_sample!r}."
-            )
+        check_on_bad_sample(on_bad_sample)
         self.corpus = corpus
         self._data_dir = Path(data_dir) if data_dir is not None else None
         self.csvs = {"train": train_csv, "dev": dev_csv, "test": test_csv}

@@ -25,7 +25,14 @@ from freezeft.speech.audio import load_audio, wav_truncation
 from freezeft.speech.features import STEP_MS, WINDOW_MS
 from freezeft.speech.manifest import Sample, read_csv
 
-__all__ = ["Skipped", "SpeechDataset", "collate"]
+__all__ = ["Skipped", "SpeechDataset", "check_on_bad_sample", "collate"]
+
+
+def check_on_bad_sample(value: str) -> None:
+    """``"skip"`` or ``"error"``: what a bad row does (the one check, used by the data
+    module and the dataset)."""
+    if value not in ("skip", "error"):
+        raise ValueError(f"Expected `on_bad_sample` to be 'skip' or 'error', but got {value!r}.")
 
 
 @dataclass(frozen=True)
@@ -67,10 +74,7 @@ class SpeechDataset(Dataset):
         window_ms: float = WINDOW_MS,
         step_ms: float = STEP_MS,
     ) -> None:
-        if on_bad_sample not in ("skip", "error"):
-            raise ValueError(
-                f"Expected `on_bad_sample` to be 'skip' or 'error', but got {on_bad_sample!r}."
-            )
+        check_on_bad_sample(on_bad_sample)
         self.alphabet = alphabet
         self.sample_rate = sample_rate
         self.window = round(sample_rate * window_ms / 1000)
