@@ -183,27 +183,20 @@ def train(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         output_dir, resume_from = find_resume_checkpoint(cfg.resume)
         check_resume_config(cfg, output_dir)
         log.info(f"Resuming {output_dir} from {resume_from}")
-    if cfg.stage == "pretrain":
-        results = fit_and_test(
-            cfg,
-            cfg.source.data,
-            output_dir,
-            max_epochs=cfg.source.max_epochs,
-            with_strategies=False,
-            resume_from=resume_from,
-        )
-        results["stage"] = "pretrain"
-        return results
-    source = None if cfg.strategy.get("from_scratch") else cfg.transfer.source
-    if source == "auto":
-        source = pretrained_source(cfg, fit_and_test)
+    pretrain = cfg.stage == "pretrain"
+    source = None
+    if not pretrain and not cfg.strategy.get("from_scratch"):
+        source = cfg.transfer.source
+        if source == "auto":
+            source = pretrained_source(cfg, fit_and_test)
     results = fit_and_test(
         cfg,
-        cfg.data,
+        cfg.source.data if pretrain else cfg.data,
         output_dir,
-        max_epochs=cfg.trainer.max_epochs,
+        max_epochs=cfg.source.max_epochs if pretrain else cfg.trainer.max_epochs,
         source=source,
+        with_strategies=not pretrain,
         resume_from=resume_from,
     )
-    results["stage"] = "transfer"
+    results["stage"] = cfg.stage
     return results
