@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 SRC = Path(__file__).parents[1] / "src" / "freezeft"
+APPS = ("run.py", "transcribe.py")  # the command-line programs of the speech app
 GENERIC = sorted(
-    [*SRC.glob("callbacks/*.py"), *(p for p in SRC.glob("*.py") if p.name != "run.py")]
+    [*SRC.glob("callbacks/*.py"), *(p for p in SRC.glob("*.py") if p.name not in APPS)]
 )
 
 
