@@ -192,6 +192,9 @@ class Coordinator:
         if unfrozen:
             for strategy in self.strategies:
                 strategy.on_groups_unfrozen(unfrozen, trainer.global_step)
+            if any(s.resets_optimizer_on_unfreeze() for s in self.strategies):
+                for optimizer in trainer.optimizers:
+                    plan.reset_optimizer_state(optimizer)
         rank_zero_info(
             f"{type(self.schedule).__name__}: epoch {trainer.current_epoch}: "
             f"unfroze {[self.groups[i].name for i in unfrozen]}; trainable parameters "

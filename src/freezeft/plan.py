@@ -313,6 +313,12 @@ class Plan:
         for scheduler in schedulers:
             _remap_scheduler(scheduler, origin, n_user)
 
+    @staticmethod
+    def reset_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+        """Forget every parameter's optimizer state (moments, step counts): the next step
+        starts as the first one did (groups and LRs stay)."""
+        optimizer.state.clear()
+
     def _warm(self, optimizer: torch.optim.Optimizer, *_: Any) -> None:
         if self.warmup_factors is not None:
             self.apply_warmup(optimizer, self.warmup_factors())

@@ -362,3 +362,30 @@ def test_metric_trigger_with_mode_max_waits_for_a_metric_that_stops_rising():
     fit(Rising(), [strategy], epochs=4)
     # epoch 0 sets the best (0), epoch 1 improves (1), epoch 2 does not: phase 2 at epoch 3
     assert strategy.triggered_epoch == 3
+
+
+def test_two_step_resets_optimizer_state_at_the_thaw_and_stops_when_phase_2_plateaus():
+    class Plateau(Net):  # lr 0 on SGD with momentum: val_loss never improves after epoch 0
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.0, momentum=0.9)
+
+    steps_in_state: list[int] = []
+
+    class Watch(pl.Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            steps_in_state.append(len(trainer.optimizers[0].state))
+
+    torch.manual_seed(0)
+    strategy = FreezeThenUnfreeze(
+        head=1, encoder_lr_scale=1.0, monitor="val_loss", patience=1,
+        reset_optimizer_state=True, stop_patience=2,
+    )  # fmt: skip
+    trainer = fit(Plateau(), [strategy, Watch()], epochs=10)
+    # epoch 0 sets the best, epoch 1 does not improve: phase 2 from epoch 2, whose first
+    # validation sets phase 2's own best; epochs 3 and 4 do not improve: training stops
+    # after epoch 4, long before 10 epochs
+    assert strategy.triggered_epoch == 2 and trainer.current_epoch == 5
+    # momentum buffers of the head (2 tensors) before the thaw, none right after it
+    assert steps_in_state == [0, 2, 0, 10, 10]  # then buffers for all 10 parameters
+    with pytest.raises(ValueError, match="`stop_patience` needs a `monitor`"):
+        FreezeThenUnfreeze(stop_patience=2)

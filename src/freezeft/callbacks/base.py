@@ -91,6 +91,10 @@ class StrategyCallback(*_callback_bases()):  # type: ignore[misc]
     def on_groups_unfrozen(self, indices: Sequence[int], step: int) -> None:
         """Told when groups start training mid-run (at optimizer step ``step``)."""
 
+    def resets_optimizer_on_unfreeze(self) -> bool:
+        """Whether the optimizer's state is forgotten when groups start training mid-run."""
+        return False
+
     def head_size(self, n_groups: int) -> int:
         """How many of the last groups form the head (for the logged table)."""
         return 0

@@ -22,7 +22,11 @@ class FreezeThenUnfreeze(FrozenEncoder):
     every group, the encoder's at ``lr * encoder_lr_scale``.
 
     Phase 2 starts at epoch ``unfreeze_at_epoch`` (0-based), or, with ``monitor`` set,
-    after the monitored metric has not improved for ``patience`` validations.
+    after the monitored metric has not improved for ``patience`` validations. With
+    ``stop_patience`` set, training stops once the metric has not improved for that many
+    validations of phase 2 (early stopping per phase), and ``reset_optimizer_state`` gives
+    phase 2 a fresh optimizer state: together, with ``encoder_lr_scale=1``, the two-step
+    protocol of DeepSpeech's transfer-learning work (``strategy=two_step``).
 
     Args:
         head: number of groups from the top, or a list of group names, trained in phase 1.
@@ -36,9 +40,14 @@ class FreezeThenUnfreeze(FrozenEncoder):
         cache_frozen: train from cached outputs of the frozen layers in phase 1
             (:mod:`freezeft.frozen_cache`); dropped when a group is unfrozen.
         cache_memory_gb: cached outputs kept in memory; more go to temporary files.
+        reset_optimizer_state: forget the optimizer's state (moments, step counts) when
+            phase 2 starts.
+        stop_patience: with ``monitor``, stop training after this many validations of
+            phase 2 without improvement (``None``: train to ``max_epochs``).
 
     Raises:
         ValueError: ``unfreeze_at_epoch < 0``, ``encoder_lr_scale <= 0``, ``patience < 1``,
+            ``stop_patience < 1`` or without ``monitor``,
             an unknown ``mode``, or a bad ``head``.
 
     Example::
@@ -58,6 +67,8 @@ class FreezeThenUnfreeze(FrozenEncoder):
         mode: str = "min",
         cache_frozen: bool = False,
         cache_memory_gb: float = 2.0,
+        reset_optimizer_state: bool = False,
+        stop_patience: int | None = None,
     ) -> None:
         super().__init__(head, groups, bn, cache_frozen, cache_memory_gb)
         name = type(self).__name__
@@ -77,6 +88,14 @@ class FreezeThenUnfreeze(FrozenEncoder):
         self.best = math.inf if mode == "min" else -math.inf
         self.wait = 0
         self.triggered_epoch: int | None = None  # the metric trigger's phase-2 epoch
+        if stop_patience is not None:
+            expect_int(self, "stop_patience", stop_patience, 1)
+            if not monitor:
+                raise ValueError(f"{name}: `stop_patience` needs a `monitor` to follow.")
+        self.reset_optimizer_state = bool(reset_optimizer_state)
+        self.stop_patience = stop_patience
+        self.phase2_best = math.inf if mode == "min" else -math.inf
+        self.phase2_wait = 0
 
     @property
     def phase2_epoch(self) -> int | None:
@@ -93,8 +112,12 @@ class FreezeThenUnfreeze(FrozenEncoder):
         return 1.0 if index in self._head else self.encoder_lr_scale
 
     @override
+    def resets_optimizer_on_unfreeze(self) -> bool:
+        return self.reset_optimizer_state
+
+    @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self.monitor or self.triggered_epoch is not None or trainer.sanity_checking:
+        if not self.monitor or trainer.sanity_checking:
             return
         value = trainer.callback_metrics.get(self.monitor)
         if value is None:
@@ -103,22 +126,40 @@ class FreezeThenUnfreeze(FrozenEncoder):
                 f"metrics are {sorted(trainer.callback_metrics)}."
             )
         value = float(value)
-        improved = value < self.best if self.mode == "min" else value > self.best
-        if improved:
-            self.best, self.wait = value, 0
-        else:
-            self.wait += 1
-        if self.wait >= self.patience:
-            self.triggered_epoch = trainer.current_epoch + 1
-            rank_zero_info(
-                f"{type(self).__name__}: {self.monitor} did not improve for {self.wait} "
-                f"validations; phase 2 starts at epoch {self.triggered_epoch}."
+        if self.triggered_epoch is None:
+            self.best, self.wait = self._follow(value, self.best, self.wait)
+            if self.wait >= self.patience:
+                self.triggered_epoch = trainer.current_epoch + 1
+                rank_zero_info(
+                    f"{type(self).__name__}: {self.monitor} did not improve for {self.wait} "
+                    f"validations; phase 2 starts at epoch {self.triggered_epoch}."
+                )
+        elif self.stop_patience is not None and trainer.current_epoch >= self.triggered_epoch:
+            self.phase2_best, self.phase2_wait = self._follow(
+                value, self.phase2_best, self.phase2_wait
             )
+            if self.phase2_wait >= self.stop_patience:
+                trainer.should_stop = True
+                rank_zero_info(
+                    f"{type(self).__name__}: {self.monitor} did not improve for "
+                    f"{self.phase2_wait} validations of phase 2; training stops."
+                )
+
+    def _follow(self, value: float, best: float, wait: int) -> tuple[float, int]:
+        """The new best and the validations since it."""
+        improved = value < best if self.mode == "min" else value > best
+        return (value, 0) if improved else (best, wait + 1)
 
     @override
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
-        state.update(best=self.best, wait=self.wait, triggered_epoch=self.triggered_epoch)
+        state.update(
+            best=self.best,
+            wait=self.wait,
+            triggered_epoch=self.triggered_epoch,
+            phase2_best=self.phase2_best,
+            phase2_wait=self.phase2_wait,
+        )
         return state
 
     @override
@@ -127,3 +168,5 @@ class FreezeThenUnfreeze(FrozenEncoder):
         self.best = state_dict.get("best", self.best)
         self.wait = state_dict.get("wait", 0)
         self.triggered_epoch = state_dict.get("triggered_epoch")
+        self.phase2_best = state_dict.get("phase2_best", self.phase2_best)
+        self.phase2_wait = state_dict.get("phase2_wait", 0)
