@@ -178,7 +178,9 @@ class Coordinator:
                 f"module's own layer_groups() {list(own())}, but the strategies use "
                 f"{[g.name for g in self.groups]}; drop `groups` or set cache_frozen=False."
             )
-        self.frozen_cache = FrozenOutputCache(memory_gb=getattr(owner, "cache_memory_gb", 2.0))
+        # cache_frozen comes with cache_memory_gb: the FrozenEncoder family has both
+        memory_gb = owner.cache_memory_gb  # type: ignore[attr-defined]
+        self.frozen_cache = FrozenOutputCache(memory_gb=memory_gb)
         self.frozen_cache.attach(pl_module)
 
     def epoch_start(self, trainer: pl.Trainer) -> None:

@@ -79,6 +79,11 @@ class Plan:
         }
         #: Called at every optimizer step: each layer group's warmup factor.
         self.warmup_factors: Callable[[], Sequence[float]] | None = None
+        #: Per group, the parameters the plan may freeze and thaw (the user's frozen ones
+        #: left out), by name: fixed for the plan's life.
+        self._own: list[dict[str, nn.Parameter]] = [
+            {n: p for n, p in g.params.items() if n not in self.user_frozen} for g in self.groups
+        ]
         self._param_group: dict[int, int] = {
             id(p): index for index, g in enumerate(self.groups) for p in g.params.values()
         }
@@ -87,11 +92,6 @@ class Plan:
         self._hooks: list[Any] = []
         self._norm_modes: list[tuple[nn.Module, bool]] = []
 
-    def _own_params(self, index: int) -> list[nn.Parameter]:
-        """The parameters of group ``index`` that the plan may freeze and thaw."""
-        group = self.groups[index]
-        return [p for name, p in group.params.items() if name not in self.user_frozen]
-
     # -- trainable flags ---------------------------------------------------------------
     def set_trainable(self, flags: Sequence[bool]) -> list[int]:
         """Make group ``i`` trainable iff ``flags[i]`` (parameters the user froze stay
@@ -99,7 +99,7 @@ class Plan:
         unfrozen = [i for i, f in enumerate(flags) if f and not self.trainable[i]]
         self.trainable = list(flags)
         for index, flag in enumerate(self.trainable):
-            for param in self._own_params(index):
+            for param in self._own[index].values():
                 param.requires_grad_(flag)
                 if not flag:
                     param.grad = None
@@ -107,16 +107,16 @@ class Plan:
 
     def has_own_params(self, index: int) -> bool:
         """Whether group ``index`` has parameters the user did not freeze."""
-        return bool(self._own_params(index))
+        return bool(self._own[index])
 
     def trains(self, index: int) -> bool:
         """Whether group ``index`` has parameters that train now."""
-        return self.trainable[index] and bool(self._own_params(index))
+        return self.trainable[index] and bool(self._own[index])
 
     def trainable_params(self) -> int:
         """Number of scalar parameters that train now."""
         return sum(
-            p.numel() for i, t in enumerate(self.trainable) if t for p in self._own_params(i)
+            p.numel() for i, t in enumerate(self.trainable) if t for p in self._own[i].values()
         )
 
     def release(self) -> None:
@@ -218,12 +218,7 @@ class Plan:
                     "scale_parameter=False, warmup_init=False), or leave out the LR strategies."
                 )
         held = {id(p) for opt, _ in optimizers for g in opt.param_groups for p in g["params"]}
-        missing = [
-            (name, p)
-            for i in range(len(self.groups))
-            for name, p in self.groups[i].params.items()
-            if name not in self.user_frozen and id(p) not in held
-        ]
+        missing = [(n, p) for own in self._own for n, p in own.items() if id(p) not in held]
         home = self._home_for_missing(optimizers) if missing else None
         for optimizer, schedulers in optimizers:
             extra: list[tuple[int, list[nn.Parameter]]] = []

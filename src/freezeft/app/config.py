@@ -11,7 +11,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from freezeft import machine
 
-__all__ = ["CHECKS", "check_config", "check_resume_config", "refuse_local_ddp", "threads_per_job"]
+__all__ = [
+    "CHECKS",
+    "check_config",
+    "transfer_options",
+    "check_resume_config",
+    "refuse_local_ddp",
+    "threads_per_job",
+]
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +35,11 @@ CHECKS: dict[str, tuple[tuple[type, ...], Any, str]] = {
     "trainer.max_epochs": ((int,), lambda v: v >= 1, "an integer >= 1"),
     "source.max_epochs": ((int,), lambda v: v >= 1, "an integer >= 1"),
 }
+
+
+def transfer_options(cfg: DictConfig) -> dict[str, Any]:
+    """``transfer.*`` but ``source``: the options the task's ``transfer_from`` takes."""
+    return {k: v for k, v in _plain(cfg.transfer).items() if k != "source"}
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -72,7 +84,7 @@ def check_config(cfg: DictConfig) -> None:
         if cfg.transfer.get("source") == "auto" and not cfg.strategy.get("from_scratch"):
             instantiate(cfg.source.data, _convert_="all")  # pretrained first
     model = instantiate(cfg.model, **data.model_kwargs(), _convert_="all")
-    options = {k: v for k, v in _plain(cfg.transfer).items() if k != "source"}
+    options = transfer_options(cfg)
     try:
         model.check_transfer(**options)
     except (TypeError, ValueError) as err:

@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from freezeft import machine
-from freezeft.app.config import _plain, check_config, check_resume_config
+from freezeft.app.config import check_config, check_resume_config, transfer_options
 from freezeft.app.results import stop_before_results, strategy_label, write_json, write_skipped
 from freezeft.app.source import pretrained_source
 from freezeft.checkpointing import (
@@ -66,7 +66,7 @@ def fit_and_test(
             "test_results, skipped_samples)."
         )
 
-    options = {k: v for k, v in _plain(cfg.transfer).items() if k != "source"}
+    options = transfer_options(cfg)
     if source is not None and resume_from is None:  # a resumed run has its weights already
         report = module.transfer_from(Path(source), **options)
         report.to_json(output_dir / "transfer.json")
@@ -141,6 +141,8 @@ def fit_and_test(
     if trainer.is_global_zero and found:
         write_skipped(skipped, output_dir)
 
+    described = datamodule.describe()
+    language = described.pop("language", None)
     results = {
         **module.test_results(test_metrics),
         "strategy": strategy_label(cfg) if with_strategies else None,
@@ -154,7 +156,7 @@ def fit_and_test(
         f"dev_{monitor.removeprefix('val_')}": (
             float(checkpoint.best_model_score) if best else None
         ),
-        "language": datamodule.describe().get("language"),
+        "language": language,
         "source": str(source) if source is not None else None,
         "transfer": options if source is not None else None,
         "drop_source_layers": options.get("drop_source_layers") if source is not None else None,
@@ -164,7 +166,7 @@ def fit_and_test(
         "run_dir": str(output_dir),
         "budget": {
             "max_epochs": max_epochs,
-            **{k: v for k, v in datamodule.describe().items() if k != "language"},
+            **described,  # what the data says of itself besides its language
             "n_hidden": cfg.model.get("n_hidden"),
             "source_epochs": cfg.source.max_epochs if source is not None else None,
         },
