@@ -13,7 +13,7 @@ cache is kept valid and dropped when its assumptions break:
 * the device or dtype of the outputs changes.
 
 The fit's coordinator attaches the cache to the module (:meth:`FrozenOutputCache.attach`)
-and :meth:`~FrozenOutputCache.prepare`\ s it before each batch; the module's
+and :meth:`~FrozenOutputCache.prepare` prepares it before each batch; the module's
 ``training_step`` asks :func:`cached_forward`.
 
 Outputs stay in memory up to ``memory_gb`` and go to files in a temporary folder past it.

@@ -27,9 +27,11 @@ def _source_settings(cfg: DictConfig) -> dict[str, Any]:
     data.pop("num_workers", None)
     if isinstance(data.get("corpus"), dict):
         data["corpus"].pop("cache_dir", None)
+    model = _plain(cfg.model)
+    model.pop("decoder", None)  # the source is tested with greedy decoding, whatever the run's
     return {
         "data": data,
-        "model": _plain(cfg.model),
+        "model": model,
         "max_epochs": cfg.source.max_epochs,
         "seed": cfg.source.seed,
         "version": PRETRAIN_VERSION,
@@ -55,6 +57,8 @@ def pretrained_source(cfg: DictConfig, fit_and_test: Callable[..., dict[str, Any
         # One process pretrains while the others wait on the cache lock, so it must not
         # start a multi-process strategy (DDP ranks would wait for each other forever).
         OmegaConf.update(source_cfg, "trainer.devices", 1)
+        if "decoder" in source_cfg.model:
+            OmegaConf.update(source_cfg, "model.decoder", "greedy")
         OmegaConf.update(source_cfg, "trainer.strategy", "auto", force_add=True)
         results = fit_and_test(
             source_cfg,

@@ -67,7 +67,10 @@ class SynthCorpus:
 
     Args:
         language: one of :data:`LANGUAGES` (``en`` source, ``de`` and ``ru`` targets).
-        n_train: training utterances.
+        n_train: training phrases.
+        voices_per_phrase: how many voices speak each training phrase (another variant,
+            rate and pitch each time): ``n_train * voices_per_phrase`` training utterances.
+            Perturbing speed and pitch at the source: the synthesiser renders them.
         n_dev: validation utterances.
         n_test: test utterances.
         vocabulary: how many of the language's most frequent words phrases draw from.
@@ -88,6 +91,7 @@ class SynthCorpus:
 
     language: str = "de"
     n_train: int = 2000
+    voices_per_phrase: int = 1
     n_dev: int = 200
     n_test: int = 200
     vocabulary: int = 2000
@@ -106,7 +110,7 @@ class SynthCorpus:
             raise ValueError(
                 f"Unknown corpus language {self.language!r}; choose one of {sorted(LANGUAGES)}."
             )
-        for name in ("n_train", "n_dev", "n_test", "vocabulary", "max_words"):
+        for name in ("n_train", "voices_per_phrase", "n_dev", "n_test", "vocabulary", "max_words"):
             if getattr(self, name) < 1:
                 raise ValueError(f"Expected `{name}` >= 1, but got {getattr(self, name)}.")
         if not self.train_variants or not self.heldout_variants:
@@ -178,34 +182,39 @@ class SynthCorpus:
         synth = Synthesizer()
         espeak_voice = LANGUAGES[self.language][0]
         splits = (
-            ("train", self.n_train, self.train_variants),
-            ("dev", self.n_dev, self.heldout_variants),
-            ("test", self.n_test, self.heldout_variants),
+            ("train", self.n_train, self.train_variants, self.voices_per_phrase),
+            ("dev", self.n_dev, self.heldout_variants, 1),
+            ("test", self.n_test, self.heldout_variants, 1),
         )
-        total = self.n_train + self.n_dev + self.n_test
+        total = self.n_train * self.voices_per_phrase + self.n_dev + self.n_test
         voices = [["wav_filename", "voice", "rate", "pitch"]]
         with tqdm(total=total, desc=f"Synthesising {self.language} corpus", unit="utt") as bar:
-            for split_index, (split, count, variants) in enumerate(splits):
+            for split_index, (split, count, variants, repeats) in enumerate(splits):
                 (folder / split).mkdir()
                 rows = [["wav_filename", "wav_filesize", "transcript"]]
                 for i in range(count):
                     rng = np.random.default_rng([self.seed, split_index, i])
                     n_words = int(rng.integers(1, self.max_words + 1))
                     text = " ".join(words[int(j)] for j in rng.integers(0, len(words), n_words))
-                    voice = Voice(
-                        espeak_voice,
-                        variants[int(rng.integers(0, len(variants)))],
-                        rate=int(rng.integers(self.rate[0], self.rate[1] + 1)),
-                        pitch=int(rng.integers(self.pitch[0], self.pitch[1] + 1)),
-                    )
-                    spoken = synth.speak(text, voice, seed=int(rng.integers(2**31)))
-                    audio = self._render(spoken, synth.sample_rate, rng)
-                    relative = f"{split}/{i:05d}.wav"
-                    soundfile.write(folder / relative, audio, self.sample_rate, subtype="PCM_16")
-                    size = (folder / relative).stat().st_size
-                    rows.append([relative, size, text])
-                    voices.append([relative, voice.name, voice.rate, voice.pitch])
-                    bar.update()
+                    for repeat in range(repeats):
+                        if repeat:  # the phrase again, in another voice
+                            rng = np.random.default_rng([self.seed, split_index, i, repeat])
+                        voice = Voice(
+                            espeak_voice,
+                            variants[int(rng.integers(0, len(variants)))],
+                            rate=int(rng.integers(self.rate[0], self.rate[1] + 1)),
+                            pitch=int(rng.integers(self.pitch[0], self.pitch[1] + 1)),
+                        )
+                        spoken = synth.speak(text, voice, seed=int(rng.integers(2**31)))
+                        audio = self._render(spoken, synth.sample_rate, rng)
+                        relative = f"{split}/{i:05d}{f'-{repeat}' if repeat else ''}.wav"
+                        soundfile.write(
+                            folder / relative, audio, self.sample_rate, subtype="PCM_16"
+                        )
+                        size = (folder / relative).stat().st_size
+                        rows.append([relative, size, text])
+                        voices.append([relative, voice.name, voice.rate, voice.pitch])
+                        bar.update()
                 _write_csv(folder / f"{split}.csv", rows)
         _write_csv(folder / "voices.csv", voices)
         self.alphabet.to_file(folder / "alphabet.txt")

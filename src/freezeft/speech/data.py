@@ -44,6 +44,8 @@ class SpeechDataModule(pl.LightningDataModule):
         sample_rate: the model's sample rate; other rates are resampled.
         on_bad_sample: ``"skip"`` (default) or ``"error"`` for rows that cannot be used.
         seed: seed of the batch-order shuffle.
+        language: the data's language as a ``wordfreq`` code (``de``, ``fr``...): the scorer
+            takes its words from that language's word list. A corpus knows its own.
 
     Example::
 
@@ -63,6 +65,7 @@ class SpeechDataModule(pl.LightningDataModule):
         sample_rate: int = 16000,
         on_bad_sample: Literal["skip", "error"] = "skip",
         seed: int = 0,
+        language: str | None = None,
     ) -> None:
         super().__init__()
         if (data_dir is None) == (corpus is None):
@@ -91,6 +94,7 @@ class SpeechDataModule(pl.LightningDataModule):
         self.sample_rate = sample_rate
         self.on_bad_sample = on_bad_sample
         self.seed = seed
+        self._language = language
         self._alphabet: Alphabet | None = None
         self.datasets: dict[str, SpeechDataset] = {}
 
@@ -137,14 +141,19 @@ class SpeechDataModule(pl.LightningDataModule):
         return self.datasets[split]
 
     # -- freezeft.task.TaskData: what `python -m freezeft.run` needs --------------------
+    @property
+    def language(self) -> str | None:
+        """The data's language: ``language`` if given, else the corpus' (``None``: unknown)."""
+        return self._language or getattr(self.corpus, "language", None)
+
     def model_kwargs(self) -> dict[str, Any]:
-        """The model's output labels: the alphabet's."""
-        return {"labels": self.alphabet.labels}
+        """The model's output labels (the alphabet's) and the data's language."""
+        return {"labels": self.alphabet.labels, "language": self.language}
 
     def describe(self) -> dict[str, Any]:
         """The language (synthesised corpora), training utterances and batch size."""
         return {
-            "language": getattr(self.corpus, "language", None),
+            "language": self.language,
             "train_utterances": len(self.dataset("train")),
             "batch_size": self.batch_size,
         }

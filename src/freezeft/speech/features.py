@@ -6,12 +6,60 @@ import torch
 import torchaudio
 from torch import Tensor, nn
 
-__all__ = ["MFCCFeatures", "STEP_MS", "WINDOW_MS"]
+__all__ = ["MFCCFeatures", "SpecAugment", "STEP_MS", "WINDOW_MS"]
 
 
 #: DeepSpeech's analysis window and frame step (ms): the features' and the data checks'.
 WINDOW_MS = 32.0
 STEP_MS = 20.0
+
+
+class SpecAugment(nn.Module):
+    """SpecAugment's frequency and time masks on a batch of log-mel spectrograms (training).
+
+    Each utterance gets its own masks (torchaudio's ``FrequencyMasking``/``TimeMasking``
+    with ``iid_masks``); masked values are set to the utterance's mean level, so a mask
+    hides information without adding an artificial silence.
+
+    Args:
+        freq_masks: frequency masks per utterance.
+        freq_width: widest frequency mask, in mel bands.
+        time_masks: time masks per utterance.
+        time_width: widest time mask, in frames.
+
+    Example::
+
+        augment = SpecAugment(freq_masks=2, freq_width=6, time_masks=2, time_width=8)
+    """
+
+    def __init__(
+        self, freq_masks: int = 2, freq_width: int = 6, time_masks: int = 2, time_width: int = 8
+    ) -> None:
+        super().__init__()
+        for name, value in (
+            ("freq_masks", freq_masks),
+            ("freq_width", freq_width),
+            ("time_masks", time_masks),
+            ("time_width", time_width),
+        ):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(
+                    f"Expected `spec_augment.{name}` an integer >= 0, but got {value!r}."
+                )
+        self.masks = nn.ModuleList(
+            [torchaudio.transforms.FrequencyMasking(freq_width, iid_masks=True)] * freq_masks
+            + [torchaudio.transforms.TimeMasking(time_width, iid_masks=True)] * time_masks
+        )
+
+    def forward(self, log_mels: Tensor) -> Tensor:
+        """``log_mels`` (B, n_mels, T) -> the same with masks (only in training mode)."""
+        if not self.training or not len(self.masks):
+            return log_mels
+        mean = log_mels.mean(dim=(1, 2), keepdim=True)
+        x = (log_mels - mean).unsqueeze(1)  # (B, 1, F, T): iid masks need a channel axis
+        for mask in self.masks:
+            x = mask(x)
+        return x.squeeze(1) + mean
 
 
 class MFCCFeatures(nn.Module):
@@ -29,6 +77,8 @@ class MFCCFeatures(nn.Module):
         window_ms: analysis window length.
         step_ms: frame step.
         n_mels: mel filterbank size the coefficients are taken from.
+        spec_augment: masks applied to the log-mel spectrogram while training (``None``:
+            none).
 
     Example::
 
@@ -44,6 +94,7 @@ class MFCCFeatures(nn.Module):
         window_ms: float = WINDOW_MS,
         step_ms: float = STEP_MS,
         n_mels: int = 40,
+        spec_augment: SpecAugment | None = None,
     ) -> None:
         super().__init__()
         if n_context < 0:
@@ -65,6 +116,7 @@ class MFCCFeatures(nn.Module):
             },
         )
         self.win_length = win_length
+        self.spec_augment = spec_augment
 
     @property
     def n_features(self) -> int:
@@ -81,7 +133,11 @@ class MFCCFeatures(nn.Module):
         if audio.shape[-1] < self.win_length:
             audio = nn.functional.pad(audio, (0, self.win_length - audio.shape[-1]))
         with torch.autocast(device_type=audio.device.type, enabled=False):
-            coeffs = self.mfcc(audio.float()).transpose(1, 2)  # (B, T, n_mfcc)
+            log_mels = self.mfcc.amplitude_to_DB(self.mfcc.MelSpectrogram(audio.float()))
+            if self.spec_augment is not None:
+                log_mels = self.spec_augment(log_mels)
+            # torchaudio's MFCC: the DCT of the log-mel spectrogram
+            coeffs = torch.matmul(log_mels.transpose(1, 2), self.mfcc.dct_mat)  # (B, T, n_mfcc)
         lengths = self.frame_lengths(audio_lengths).clamp(max=coeffs.shape[1])
         mask = torch.arange(coeffs.shape[1], device=audio.device)[None, :] < lengths[:, None]
         mask = mask.unsqueeze(-1).to(coeffs.dtype)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +17,9 @@ from freezeft.frozen_cache import cached_forward
 from freezeft.speech.alphabet import Alphabet
 from freezeft.speech.dataset import Skipped
 from freezeft.speech.decoding import error_counts, greedy_decode, sample_cer
-from freezeft.speech.features import MFCCFeatures
+from freezeft.speech.features import MFCCFeatures, SpecAugment
 from freezeft.speech.model import LAYER_NAMES, DeepSpeech
+from freezeft.speech.scorer import Decoder, Scorer
 from freezeft.speech.transfer import TransferReport, dropped_layers, transfer_weights
 
 log = logging.getLogger(__name__)
@@ -29,10 +31,13 @@ SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
 
 
 class SpeechModule(pl.LightningModule):
-    """DeepSpeech speech recogniser with MFCC features, CTC loss and greedy decoding.
+    """DeepSpeech speech recogniser with MFCC features, CTC loss and DeepSpeech's decoders.
 
-    Logs ``train_loss``, ``val_loss``, ``val_wer``, ``val_cer`` and the ``test_*``
-    equivalents (corpus-level WER/CER computed with jiwer). Its :meth:`layer_groups`
+    Logs ``train_loss``, ``val_loss``, ``val_wer``, ``val_cer`` (greedy decoding) and the
+    ``test_*`` equivalents (corpus-level WER/CER computed with jiwer). With
+    ``decoder=beam`` the test is decoded with the scorer (a lexicon and word LM, its weights
+    tuned on the dev set first): ``test_wer``/``test_cer`` are the scorer's, and
+    ``test_greedy_wer``/``test_greedy_cer`` the greedy ones. Its :meth:`layer_groups`
     are DeepSpeech's six layers, so every freezeft strategy works on it unchanged; it
     implements :class:`~freezeft.frozen_cache.PrefixCachable`, so ``cache_frozen=True``
     strategies train its head from cached outputs of the frozen layers.
@@ -47,10 +52,18 @@ class SpeechModule(pl.LightningModule):
         n_context: context frames on each side.
         noise_std: standard deviation of Gaussian noise added to the training audio
             (augmentation; 0 disables it, and a frozen-output cache needs it off).
+        spec_augment: SpecAugment's masks while training, the arguments of
+            :class:`~freezeft.speech.features.SpecAugment` (``None``: off; a frozen-output
+            cache needs it off).
         optimizer: a factory ``params -> Optimizer`` (Hydra ``_partial_: true``);
             default AdamW(lr=1e-3).
         scheduler: an optional factory ``optimizer -> LR scheduler``, stepped each epoch.
         scheduler_monitor: the metric a ``ReduceLROnPlateau`` scheduler watches.
+        decoder: how the test set is decoded: a :class:`~freezeft.speech.scorer.Decoder`,
+            its dict (Hydra's ``decoder`` group), or ``"greedy"``/``"beam"``.
+        language: the data's language (``wordfreq`` code); the scorer's words come from its
+            general word list unless ``decoder.lm_text`` names a text.
+        scorer_dir: where the scorer is written; default ``<trainer.default_root_dir>/scorer``.
 
     Example::
 
@@ -68,16 +81,38 @@ class SpeechModule(pl.LightningModule):
         n_mfcc: int = 26,
         n_context: int = 9,
         noise_std: float = 0.0,
+        spec_augment: dict[str, int] | None = None,
         optimizer: OptimizerFactory | None = None,
         scheduler: SchedulerFactory | None = None,
         scheduler_monitor: str = "val_loss",
+        decoder: Decoder | str | dict | None = None,
+        language: str | None = None,
+        scorer_dir: str | Path | None = None,
     ) -> None:
         super().__init__()
         labels = list(labels)
+        self.decoder = Decoder.from_config(decoder)
+        if self.decoder.beam and self.decoder.lm_text is None and language is None:
+            raise ValueError(
+                "decoder=beam builds its word LM from the data's language or a text, but the "
+                "data names no language: give it (`data.language=de`, a wordfreq code), or a "
+                "text of the language with `decoder.lm_text=PATH` (one sentence per line), or "
+                "use `decoder=greedy`."
+            )
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.hparams["labels"] = labels
+        self.hparams["decoder"] = asdict(self.decoder)
+        self.language = language
+        self.scorer_dir = scorer_dir
+        #: the scorer the test decodes with (built and tuned on dev when the test starts)
+        self.scorer: Scorer | None = None
         self.alphabet = Alphabet(labels)
-        self.features = MFCCFeatures(sample_rate=sample_rate, n_mfcc=n_mfcc, n_context=n_context)
+        self.features = MFCCFeatures(
+            sample_rate=sample_rate,
+            n_mfcc=n_mfcc,
+            n_context=n_context,
+            spec_augment=SpecAugment(**spec_augment) if spec_augment is not None else None,
+        )
         self.model = DeepSpeech(
             self.features.n_features, len(labels), n_hidden, dropout=dropout, relu_clip=relu_clip
         )
@@ -92,6 +127,7 @@ class SpeechModule(pl.LightningModule):
         #: ``(split, Skipped)`` for audio that failed to decode while training or testing
         self.unreadable: list[tuple[str, Skipped]] = []
         self._counts: Tensor | None = None
+        self._greedy_counts: Tensor | None = None
         self._samples: list[dict] = []
 
     # -- freezeft.task.TaskModule: what `python -m freezeft.run` needs -------------------
@@ -109,12 +145,26 @@ class SpeechModule(pl.LightningModule):
         dropped_layers(drop_source_layers)
 
     def test_results(self, metrics: dict[str, float]) -> dict[str, Any]:
-        """WER, CER and loss of the test set, its best and worst samples, skipped batches."""
+        """WER, CER (the scorer's with ``decoder=beam``) and loss of the test set, the greedy
+        WER and CER, the scorer, its best and worst samples, skipped batches."""
+        headline = f"test WER {metrics['test_wer']:.4f} CER {metrics['test_cer']:.4f}"
+        greedy = {"wer": metrics["test_wer"], "cer": metrics["test_cer"]}
+        if "test_greedy_wer" in metrics:
+            greedy = {"wer": metrics["test_greedy_wer"], "cer": metrics["test_greedy_cer"]}
+            headline += f" (scorer); greedy WER {greedy['wer']:.4f} CER {greedy['cer']:.4f}"
         return {
             "wer": metrics["test_wer"],
             "cer": metrics["test_cer"],
+            "greedy_wer": greedy["wer"],
+            "greedy_cer": greedy["cer"],
             "loss": metrics["test_loss"],
-            "headline": f"test WER {metrics['test_wer']:.4f} CER {metrics['test_cer']:.4f}",
+            "decoder": self.decoder.name,
+            "scorer": (
+                {"folder": str(self.scorer.folder), **asdict(self.scorer.settings)}
+                if self.scorer is not None
+                else None
+            ),
+            "headline": headline,
             "samples": self.test_samples[:1] + self.test_samples[-1:],
             "skipped_batches": self.skipped_batches,
         }
@@ -163,8 +213,8 @@ class SpeechModule(pl.LightningModule):
         return self.model.forward_layers(x, n_groups, len(LAYER_NAMES)), lengths
 
     def prefix_is_deterministic(self) -> bool:
-        """True unless training audio is augmented with noise."""
-        return self.noise_std == 0
+        """True unless training audio is augmented (noise or SpecAugment)."""
+        return self.noise_std == 0 and self.features.spec_augment is None
 
     def _usable(self, batch: dict, split: str) -> bool:
         """Record the batch's files that failed to decode; False if none is left."""
@@ -224,6 +274,14 @@ class SpeechModule(pl.LightningModule):
             self.alphabet.decode(ids)
             for ids in greedy_decode(logits, frame_lengths, self.model.blank)
         ]
+        if stage == "test" and self.scorer is not None:
+            greedy = torch.tensor(
+                error_counts(batch["transcripts"], hypotheses), dtype=torch.float64
+            )
+            self._greedy_counts = greedy + (
+                self._greedy_counts if self._greedy_counts is not None else 0
+            )
+            hypotheses = self.scorer.decode(logits.float().log_softmax(-1), frame_lengths)
         counts = torch.tensor(error_counts(batch["transcripts"], hypotheses), dtype=torch.float64)
         self._counts = counts if self._counts is None else self._counts + counts
         if stage == "test":
@@ -232,11 +290,9 @@ class SpeechModule(pl.LightningModule):
                 for p, r, h in zip(batch["paths"], batch["transcripts"], hypotheses, strict=True)
             ]
 
-    def _log_error_rates(self, stage: str) -> tuple[float, float]:
-        counts = self._counts if self._counts is not None else torch.zeros(4, dtype=torch.float64)
-        self._counts = None
-        if self.trainer.world_size > 1:
-            counts = self.all_gather(counts.to(self.device)).reshape(-1, 4).sum(dim=0).cpu()
+    def _log_error_rates(self, stage: str, counts: Tensor | None = None) -> tuple[float, float]:
+        counts = counts if counts is not None else torch.zeros(4, dtype=torch.float64)
+        counts = self._sum_over_ranks(counts)
         wer = float(counts[0] / counts[1]) if counts[1] else float("nan")
         cer = float(counts[2] / counts[3]) if counts[3] else float("nan")
         # every rank holds the gathered value: log it on each, so any rank can monitor it
@@ -244,23 +300,107 @@ class SpeechModule(pl.LightningModule):
         self.log(f"{stage}_cer", cer, prog_bar=stage == "val")
         return wer, cer
 
+    def _sum_over_ranks(self, counts: Tensor) -> Tensor:
+        """Error counts summed over DDP ranks (each rank evaluates its share)."""
+        if self.trainer.world_size == 1:
+            return counts
+        gathered = self.all_gather(counts.to(self.device))
+        return gathered.reshape(-1, *counts.shape).sum(dim=0).cpu()
+
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._evaluate(batch, "val")
 
     def on_validation_epoch_end(self) -> None:
-        self._log_error_rates("val")
+        counts, self._counts = self._counts, None
+        self._log_error_rates("val", counts)
+
+    def on_test_start(self) -> None:
+        if self.decoder.beam:
+            self.scorer = self._tuned_scorer()
 
     def on_test_epoch_start(self) -> None:
         self._samples = []
+        self._counts = self._greedy_counts = None
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         self._evaluate(batch, "test")
 
     def on_test_epoch_end(self) -> None:
-        wer, cer = self._log_error_rates("test")
+        counts, self._counts = self._counts, None
+        wer, cer = self._log_error_rates("test", counts)
+        if self.scorer is not None:
+            greedy, self._greedy_counts = self._greedy_counts, None
+            self._log_error_rates("test_greedy", greedy)
         self.test_samples = sorted(self._samples, key=lambda s: (s["cer"], s["path"]))
         if self.test_samples:
             rank_zero_info(format_samples(self.test_samples, wer, cer))
+
+    def _tuned_scorer(self) -> Scorer:
+        """Build the scorer into its folder (rank 0; the others wait for it) and tune its
+        LM weight and word score on the dev set (all ranks' shares)."""
+        d = self.decoder
+        folder = Path(self.scorer_dir or Path(self.trainer.default_root_dir) / "scorer")
+        if self.trainer.is_global_zero:
+            Scorer.build(
+                folder,
+                self.alphabet.labels,
+                language=None if d.lm_text else self.language,
+                lm_text=d.lm_text,
+                vocabulary=d.vocabulary,
+                beam_size=d.beam_size,
+                lm_weight=d.lm_weight if d.lm_weight is not None else d.lm_weights[0],
+                word_score=d.word_score if d.word_score is not None else d.word_scores[0],
+            )
+        self.trainer.strategy.barrier("freezeft-scorer")
+        scorer = Scorer.load(folder, self.alphabet.labels)
+        rank_zero_info(
+            f"Scorer: {scorer.settings.words} words from {scorer.settings.source}, "
+            f"{scorer.settings.order}-gram LM, beam {scorer.settings.beam_size} ({folder})"
+        )
+        if d.lm_weight is not None and d.word_score is not None:
+            return scorer
+        dev = self._dev_outputs()
+        if dev is None:
+            log.warning(
+                "decoder=beam tunes lm_weight and word_score on the dev set, but the trainer "
+                "has no datamodule with a val_dataloader; decoding with lm_weight="
+                f"{scorer.settings.lm_weight}, word_score={scorer.settings.word_score} untuned. "
+                "Set `decoder.lm_weight` and `decoder.word_score`, or test with a datamodule."
+            )
+            return scorer
+        tuned = scorer.tune(
+            *dev,
+            lm_weights=(d.lm_weight,) if d.lm_weight is not None else d.lm_weights,
+            word_scores=(d.word_score,) if d.word_score is not None else d.word_scores,
+            reduce=self._sum_over_ranks,
+        )
+        if self.trainer.is_global_zero:
+            tuned.save()
+        rank_zero_info(
+            f"Scorer tuned on dev: lm_weight={tuned.settings.lm_weight}, "
+            f"word_score={tuned.settings.word_score}, dev WER {tuned.settings.tuned_on['wer']}"
+        )
+        return tuned
+
+    @torch.no_grad()
+    def _dev_outputs(self) -> tuple[list[Tensor], list[Tensor], list[str]] | None:
+        """Log-probabilities, frame counts and transcripts of this rank's dev batches."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is None or not hasattr(datamodule, "val_dataloader"):
+            return None
+        was_training = self.training
+        self.eval()
+        log_probs, lengths, references = [], [], []
+        for batch in datamodule.val_dataloader():
+            if not batch["paths"]:
+                continue
+            batch = self.transfer_batch_to_device(batch, self.device, 0)
+            logits, frame_lengths = self(batch["audio"], batch["audio_lengths"])
+            log_probs.append(logits.float().log_softmax(-1).cpu())
+            lengths.append(frame_lengths.cpu())
+            references += batch["transcripts"]
+        self.train(was_training)
+        return log_probs, lengths, references
 
     def configure_optimizers(self) -> Any:
         params = list(self.parameters())

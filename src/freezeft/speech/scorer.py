@@ -1,0 +1,470 @@
+"""DeepSpeech's external scorer: CTC beam search with a lexicon and an n-gram word LM.
+
+A scorer is a folder: ``tokens.txt`` (the model's outputs in order, blank last),
+``lexicon.txt`` (each word spelled in tokens), ``lm.arpa`` (the word LM) and
+``scorer.json`` (its words' source, beam size and the LM weight and word score, DeepSpeech's
+alpha and beta). The search is torchaudio's :func:`~torchaudio.models.decoder.ctc_decoder`
+(flashlight-text, a KenLM reader included); the ARPA file is written here in Python, so no
+KenLM build tools are needed.
+
+Two sources of words:
+
+* a language's general word list from ``wordfreq`` (``language=``): tens of thousands of
+  its most frequent words, spelled with the alphabet, and a unigram LM of their frequencies;
+* a text file (``lm_text=``): its words and a bigram LM with absolute discounting.
+
+Example::
+
+    scorer = Scorer.build("run/scorer", labels, language="de", vocabulary=50000)
+    scorer = scorer.tune(log_probs, lengths, references)  # on dev, never on test
+    texts = scorer.decode(log_probs, lengths)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import sys
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from freezeft.speech.decoding import error_counts
+
+__all__ = [
+    "Decoder",
+    "Scorer",
+    "ScorerSettings",
+    "write_arpa",
+    "DEFAULT_LM_WEIGHTS",
+    "DEFAULT_WORD_SCORES",
+]
+
+#: The grid :meth:`Scorer.tune` searches by default (DeepSpeech's lm_alpha, lm_beta).
+DEFAULT_LM_WEIGHTS: tuple[float, ...] = (0.25, 0.5, 1.0, 1.5, 2.0)
+DEFAULT_WORD_SCORES: tuple[float, ...] = (-1.0, 0.0, 1.0, 2.0)
+
+_BLANK = "<blank>"
+_SILENCE = "|"
+_FILES = ("tokens.txt", "lexicon.txt", "lm.arpa", "scorer.json")
+
+
+@dataclass(frozen=True)
+class Decoder:
+    """How a speech model turns its outputs into text (the ``decoder`` config group).
+
+    Args:
+        name: ``"greedy"`` (best path, no word knowledge) or ``"beam"`` (the scorer).
+        beam_size: hypotheses kept at each frame (beam).
+        lm_weight: the LM's weight, DeepSpeech's ``lm_alpha``; ``None``: tuned on dev.
+        word_score: score per word, DeepSpeech's ``lm_beta``; ``None``: tuned on dev.
+        lm_text: a text file whose words and bigrams make the LM; ``None``: the corpus'
+            language's general word list from ``wordfreq``.
+        vocabulary: words taken from ``wordfreq`` (ignored with ``lm_text``).
+        lm_weights: the values of ``lm_weight`` tuning tries.
+        word_scores: the values of ``word_score`` tuning tries.
+    """
+
+    name: str = "greedy"
+    beam_size: int = 50
+    lm_weight: float | None = None
+    word_score: float | None = None
+    lm_text: str | None = None
+    vocabulary: int = 50000
+    lm_weights: Sequence[float] = DEFAULT_LM_WEIGHTS
+    word_scores: Sequence[float] = DEFAULT_WORD_SCORES
+
+    def __post_init__(self) -> None:
+        if self.name not in ("greedy", "beam"):
+            raise ValueError(f"Expected `decoder.name` 'greedy' or 'beam', but got {self.name!r}.")
+        for key in ("beam_size", "vocabulary"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"Expected `decoder.{key}` an integer >= 1, but got {value!r}.")
+        for key in ("lm_weights", "word_scores"):
+            values = tuple(getattr(self, key))
+            if not values or not all(isinstance(v, (int, float)) for v in values):
+                raise ValueError(f"Expected `decoder.{key}` a list of numbers, but got {values!r}.")
+            object.__setattr__(self, key, values)
+        if self.lm_text is not None and not Path(self.lm_text).is_file():
+            raise FileNotFoundError(
+                f"`decoder.lm_text={self.lm_text}` does not exist: give a UTF-8 text file "
+                "(one sentence per line) of the target language."
+            )
+
+    @classmethod
+    def from_config(cls, config: Decoder | str | dict | None) -> Decoder:
+        """A decoder from a name, a dict (Hydra's ``decoder`` group) or ``None`` (greedy)."""
+        if config is None:
+            return cls()
+        if isinstance(config, Decoder):
+            return config
+        if isinstance(config, str):
+            return cls(name=config)
+        unknown = sorted(set(config) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(
+                f"Unknown `decoder` key(s) {unknown}; known: {[f.name for f in fields(cls)]}."
+            )
+        return cls(**config)
+
+    @property
+    def beam(self) -> bool:
+        """Whether this decoder uses the scorer."""
+        return self.name == "beam"
+
+
+@dataclass(frozen=True)
+class ScorerSettings:
+    """What a scorer folder holds besides its files.
+
+    Args:
+        source: where its words came from (``wordfreq:<language>`` or the text file).
+        words: words in its lexicon.
+        order: the LM's n-gram order (1 for a word list, 2 for a text).
+        beam_size: hypotheses kept at each frame.
+        lm_weight: weight of the LM score (DeepSpeech's ``lm_alpha``).
+        word_score: score added per word (DeepSpeech's ``lm_beta``).
+        tuned_on: what ``lm_weight``/``word_score`` were tuned on (``None``: not tuned).
+    """
+
+    source: str
+    words: int
+    order: int
+    beam_size: int = 50
+    lm_weight: float = 1.0
+    word_score: float = 0.0
+    tuned_on: dict[str, Any] | None = None
+
+
+class Scorer:
+    """A built scorer folder: beam-search CTC decoding with its lexicon and LM.
+
+    Build one with :meth:`build`, open one with :meth:`load`.
+    """
+
+    def __init__(self, folder: str | Path, labels: Sequence[str], settings: ScorerSettings):
+        self.folder = Path(folder)
+        self.labels = list(labels)
+        self.settings = settings
+        self._decoder = None
+
+    # -- building -------------------------------------------------------------------
+    @classmethod
+    def build(
+        cls,
+        folder: str | Path,
+        labels: Sequence[str],
+        *,
+        language: str | None = None,
+        lm_text: str | Path | None = None,
+        vocabulary: int = 50000,
+        beam_size: int = 50,
+        lm_weight: float = 1.0,
+        word_score: float = 0.0,
+    ) -> Scorer:
+        """Write a scorer for a model with output ``labels`` into ``folder``.
+
+        Give ``lm_text`` (a UTF-8 text file, one sentence per line) or ``language`` (a
+        ``wordfreq`` language code, whose ``vocabulary`` most frequent words are used).
+
+        Raises:
+            ValueError: neither or both given, a bad setting, or no word spelled with the
+                labels (the message names the text file or language).
+        """
+        if (language is None) == (lm_text is None):
+            raise ValueError(
+                "A scorer needs exactly one source of words: `decoder.lm_text` (a text file) "
+                f"or the corpus' language, but got language={language!r}, lm_text={lm_text!r}."
+            )
+        if beam_size < 1:
+            raise ValueError(f"Expected `decoder.beam_size` >= 1, but got {beam_size}.")
+        if vocabulary < 1:
+            raise ValueError(f"Expected `decoder.vocabulary` >= 1, but got {vocabulary}.")
+        tokens = _tokens(labels)
+        spellable = set(labels) - {" "}
+        if lm_text is not None:
+            unigrams, bigrams = text_counts(lm_text, spellable)
+            source, order = str(lm_text), 2
+            if not unigrams:
+                raise ValueError(
+                    f"{lm_text}: no word spelled only with the model's labels "
+                    f"{''.join(sorted(spellable))!r}; a scorer needs such words."
+                )
+        else:
+            unigrams, bigrams = word_frequencies(language, spellable, vocabulary), None
+            source, order = f"wordfreq:{language}", 1
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        words = [w for w in unigrams if w not in ("<s>", "</s>")]
+        _write_lines(folder / "tokens.txt", tokens)
+        _write_lines(
+            folder / "lexicon.txt",
+            [f"{w}\t{' '.join(_SILENCE if c == ' ' else c for c in w)} {_SILENCE}" for w in words],
+        )
+        write_arpa(folder / "lm.arpa", unigrams, bigrams)
+        settings = ScorerSettings(
+            source=source,
+            words=len(words),
+            order=order,
+            beam_size=beam_size,
+            lm_weight=lm_weight,
+            word_score=word_score,
+        )
+        scorer = cls(folder, labels, settings)
+        scorer.save()
+        return scorer
+
+    @classmethod
+    def load(cls, folder: str | Path, labels: Sequence[str]) -> Scorer:
+        """Open a scorer folder written by :meth:`build` for a model with ``labels``.
+
+        Raises:
+            FileNotFoundError: a file is missing (named).
+            ValueError: its tokens are not the model's labels.
+        """
+        folder = Path(folder)
+        for name in _FILES:
+            if not (folder / name).is_file():
+                raise FileNotFoundError(f"Scorer folder {folder} has no {name}.")
+        saved = (folder / "tokens.txt").read_text(encoding="utf-8").splitlines()
+        if saved != _tokens(labels):
+            raise ValueError(
+                f"The scorer in {folder} was built for the tokens {saved}, but the model's are "
+                f"{_tokens(labels)}: build the scorer for this model's alphabet."
+            )
+        settings = json.loads((folder / "scorer.json").read_text(encoding="utf-8"))
+        return cls(folder, labels, ScorerSettings(**settings))
+
+    def save(self) -> None:
+        """Write :attr:`settings` to ``scorer.json``."""
+        temporary = self.folder / "scorer.json.tmp"
+        temporary.write_text(json.dumps(asdict(self.settings), indent=2) + "\n", encoding="utf-8")
+        os.replace(temporary, self.folder / "scorer.json")
+
+    def with_weights(self, lm_weight: float, word_score: float, **tuned: Any) -> Scorer:
+        """This scorer with another LM weight and word score (files shared, not rewritten)."""
+        settings = replace(self.settings, lm_weight=lm_weight, word_score=word_score, **tuned)
+        return Scorer(self.folder, self.labels, settings)
+
+    # -- decoding -------------------------------------------------------------------
+    def _search(self):
+        if self._decoder is None:
+            from torchaudio.models.decoder import ctc_decoder
+
+            with _quiet_stderr():  # KenLM prints a progress bar for every ARPA file it reads
+                self._decoder = ctc_decoder(
+                    lexicon=str(self.folder / "lexicon.txt"),
+                    tokens=str(self.folder / "tokens.txt"),
+                    lm=str(self.folder / "lm.arpa"),
+                    beam_size=self.settings.beam_size,
+                    lm_weight=self.settings.lm_weight,
+                    word_score=self.settings.word_score,
+                    blank_token=_BLANK,
+                    sil_token=_SILENCE,
+                )
+        return self._decoder
+
+    @torch.no_grad()
+    def decode(self, log_probs: Tensor, lengths: Tensor) -> list[str]:
+        """Transcripts of ``log_probs`` (B, T, labels + 1) with ``lengths`` (B,) valid frames."""
+        emissions = log_probs.detach().float().cpu().contiguous()
+        results = self._search()(emissions, lengths.detach().cpu().to(torch.int32))
+        return [" ".join(hyps[0].words) if hyps else "" for hyps in results]
+
+    def tune(
+        self,
+        log_probs: Sequence[Tensor],
+        lengths: Sequence[Tensor],
+        references: Sequence[str],
+        lm_weights: Iterable[float] = DEFAULT_LM_WEIGHTS,
+        word_scores: Iterable[float] = DEFAULT_WORD_SCORES,
+        reduce=None,
+    ) -> Scorer:
+        """The scorer whose LM weight and word score give the lowest WER on these utterances.
+
+        ``log_probs`` and ``lengths`` are batches (as the model gave them); ``references``
+        their transcripts in order. Tune on dev data only. ``reduce`` sums a (grid, 4) tensor
+        of error counts over processes (DDP); ties go to the smaller weight and score.
+        """
+        grid = [(float(a), float(b)) for a in lm_weights for b in word_scores]
+        counts = torch.zeros(len(grid), 4, dtype=torch.float64)
+        for index, (alpha, beta) in enumerate(grid):
+            candidate = self.with_weights(alpha, beta)
+            hypotheses = [
+                text
+                for batch, n in zip(log_probs, lengths, strict=True)
+                for text in candidate.decode(batch, n)
+            ]
+            if references:
+                counts[index] = torch.tensor(error_counts(references, hypotheses))
+        if reduce is not None:
+            counts = reduce(counts)
+        wer = counts[:, 0] / counts[:, 1].clamp(min=1)
+        best = int(torch.argmin(wer))
+        alpha, beta = grid[best]
+        return self.with_weights(
+            alpha,
+            beta,
+            tuned_on={
+                "reference_words": int(counts[best, 1]),
+                "wer": round(float(wer[best]), 4),
+                "grid": {
+                    "lm_weight": sorted({a for a, _ in grid}),
+                    "word_score": sorted({b for _, b in grid}),
+                },
+            },
+        )
+
+
+def _tokens(labels: Sequence[str]) -> list[str]:
+    """The decoder's token list: the labels (space as the word boundary ``|``), blank last."""
+    tokens = []
+    for label in labels:
+        if label in (_SILENCE, _BLANK) or (label.isspace() and label != " "):
+            raise ValueError(
+                f"Alphabet label {label!r} cannot be used with the scorer (it stands for the "
+                "word boundary or the blank there); use `decoder=greedy`."
+            )
+        tokens.append(_SILENCE if label == " " else label)
+    if _SILENCE not in tokens:
+        raise ValueError(
+            "The scorer needs a space label between words, but the alphabet has none; "
+            "use `decoder=greedy`."
+        )
+    return [*tokens, _BLANK]
+
+
+def word_frequencies(language: str, letters: set[str], vocabulary: int) -> dict[str, float]:
+    """The ``vocabulary`` most frequent words of ``language`` spelled with ``letters``,
+    with their frequencies (``wordfreq``'s large lists where there is one)."""
+    import wordfreq
+
+    if language not in wordfreq.available_languages():
+        raise ValueError(
+            f"wordfreq has no word list for language {language!r}; give a text file with "
+            "`decoder.lm_text=...` instead."
+        )
+    wordlist = "large" if language in wordfreq.available_languages("large") else "best"
+    words: dict[str, float] = {}
+    for word in wordfreq.iter_wordlist(language, wordlist):
+        word = word.lower()
+        if word in words or not set(word) <= letters or word.strip("'") != word:
+            continue
+        words[word] = wordfreq.word_frequency(word, language, wordlist)
+        if len(words) == vocabulary:
+            break
+    if not words:
+        raise ValueError(f"No word of wordfreq's {language!r} list is spelled with {letters}.")
+    return words
+
+
+def text_counts(path: str | Path, letters: set[str]) -> tuple[Counter, Counter]:
+    """Unigram and bigram counts of a text, one sentence per line, lower-cased.
+
+    Words with a character outside ``letters`` split the sentence there (they are not
+    in the lexicon, so no n-gram spans them). Sentence marks ``<s>``/``</s>`` are counted.
+    """
+    unigrams: Counter = Counter()
+    bigrams: Counter = Counter()
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"The scorer's text file {path} (decoder.lm_text) does not exist."
+        ) from None
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} (decoder.lm_text) is not UTF-8 text: {err}") from None
+    for line in text.lower().splitlines():
+        run: list[str] = []
+        for word in [*line.split(), None]:
+            if word is not None and set(word) <= letters:
+                run.append(word)
+                continue
+            if run:
+                sentence = ["<s>", *run, "</s>"]
+                unigrams.update(sentence[1:])
+                unigrams["<s>"] += 1
+                bigrams.update(zip(sentence[:-1], sentence[1:], strict=True))
+            run = []
+    return unigrams, bigrams
+
+
+def write_arpa(
+    path: str | Path, unigrams: dict[str, float], bigrams: dict[tuple[str, str], int] | None = None
+) -> None:
+    """Write an ARPA LM: unigrams from counts or frequencies, and bigrams with absolute
+    discounting (D = 0.75) backing off to them when ``bigrams`` is given.
+
+    KenLM's reader needs a bigram section, so a unigram LM gets one entry ``<s> </s>``.
+    """
+    counts = {w: float(c) for w, c in unigrams.items() if w != "<s>"}
+    counts.setdefault("</s>", max(counts.values(), default=1.0) * 1e-3)
+    total = sum(counts.values())
+    unigram_p = {w: c / total for w, c in counts.items()}
+    lines_2: list[str] = []
+    backoff: dict[str, float] = {}
+    if bigrams:
+        discount = 0.75
+        by_history: dict[str, list[tuple[str, int]]] = {}
+        for (h, w), c in bigrams.items():
+            by_history.setdefault(h, []).append((w, c))
+        for h, followers in sorted(by_history.items()):
+            n = sum(c for _, c in followers)
+            reserved = discount * len(followers) / n
+            seen_p = 0.0
+            seen_uni = 0.0
+            for w, c in sorted(followers):
+                p = (c - discount) / n + reserved * unigram_p[w]
+                seen_p += p
+                seen_uni += unigram_p[w]
+                lines_2.append(f"{math.log10(p):.6f}\t{h} {w}")
+            backoff[h] = math.log10(max(1.0 - seen_p, 1e-12) / max(1.0 - seen_uni, 1e-12))
+    else:
+        lines_2.append(f"{math.log10(unigram_p['</s>']):.6f}\t<s> </s>")
+    lines_1 = [f"-99.000000\t<s>\t{backoff.get('<s>', 0.0):.6f}"]
+    lines_1 += [
+        f"{math.log10(p):.6f}\t{w}\t{backoff.get(w, 0.0):.6f}" for w, p in unigram_p.items()
+    ]
+    lines_1.append("-99.000000\t<unk>\t0.000000")
+    body = [
+        "\\data\\",
+        f"ngram 1={len(lines_1)}",
+        f"ngram 2={len(lines_2)}",
+        "",
+        "\\1-grams:",
+        *lines_1,
+        "",
+        "\\2-grams:",
+        *lines_2,
+        "",
+        "\\end\\",
+    ]
+    _write_lines(Path(path), body)
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Send what C++ code writes to file descriptor 2 to /dev/null meanwhile."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _write_lines(path: Path, lines: Iterable[str]) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    os.replace(temporary, path)
