@@ -5,6 +5,10 @@ anything else libsndfile reads, at any sample rate (resampled) and channel count
 (downmixed). A file that cannot be read gets a message on stderr naming it and why; the
 others are still transcribed, and the exit code is 1.
 
+Decoding is the run's: with the scorer the run built and tuned (``<run dir>/scorer``, next
+to the checkpoint's ``checkpoints/`` folder) when it used ``decoder=beam``, else greedy.
+``--decoder greedy`` skips the scorer; ``--scorer DIR`` names another scorer folder.
+
     python -m freezeft.transcribe outputs/2026-11-23/16-03-19-4242/checkpoints/last.ckpt \\
         hallo.wav welt.flac
 """
@@ -23,10 +27,11 @@ from freezeft.checkpointing import load_checkpoint
 from freezeft.speech.audio import load_audio
 from freezeft.speech.decoding import greedy_decode
 from freezeft.speech.module import SpeechModule
+from freezeft.speech.scorer import Scorer
 
-__all__ = ["transcribe", "main"]
+__all__ = ["transcribe", "main", "load_model", "find_scorer"]
 
-DECODERS = ("greedy",)
+DECODERS = ("greedy", "beam")
 
 
 def load_model(checkpoint: str | Path) -> SpeechModule:
@@ -37,31 +42,55 @@ def load_model(checkpoint: str | Path) -> SpeechModule:
         FileNotFoundError, IsADirectoryError, ValueError: not a readable checkpoint of a
             speech model (the message names the file).
     """
-    load_checkpoint(checkpoint)  # its errors name the file and what is wrong with it
+    saved = load_checkpoint(checkpoint)  # its errors name the file and what is wrong with it
     try:
+        # the run's scorer is already built: its source text need not exist here
         model = SpeechModule.load_from_checkpoint(
-            checkpoint, map_location="cpu", weights_only=False
+            checkpoint, map_location="cpu", weights_only=False, decoder="greedy"
         )
     except (KeyError, TypeError, RuntimeError) as err:
         raise ValueError(
             f"{checkpoint} is not a checkpoint of freezeft's speech model: {err}"
         ) from None
+    decoder = saved.get("hyper_parameters", {}).get("decoder") or {}
+    #: how the run that wrote the checkpoint decoded ("greedy" or "beam")
+    model.trained_decoder = decoder.get("name", "greedy") if isinstance(decoder, dict) else "greedy"
     return model.eval()
 
 
+def find_scorer(checkpoint: str | Path, model: SpeechModule) -> Scorer | None:
+    """The scorer the checkpoint's run built (``<run dir>/scorer``), or ``None`` if the run
+    decoded greedily.
+
+    Raises:
+        FileNotFoundError: the run used ``decoder=beam`` but its scorer folder is gone.
+    """
+    trained_with = getattr(model, "trained_decoder", "greedy")
+    folder = Path(checkpoint).resolve().parent.parent / "scorer"
+    if trained_with != "beam" and not folder.is_dir():
+        return None
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"{checkpoint} comes from a run with decoder=beam, but its scorer folder {folder} "
+            "is missing: name one with --scorer DIR, or use --decoder greedy."
+        )
+    return Scorer.load(folder, model.alphabet.labels)
+
+
 @torch.no_grad()
-def transcribe(model: SpeechModule, audio_file: str | Path, decoder: str = "greedy") -> str:
-    """The transcript of one audio file (``decoder``: ``"greedy"``).
+def transcribe(model: SpeechModule, audio_file: str | Path, scorer: Scorer | None = None) -> str:
+    """The transcript of one audio file, with ``scorer`` if given, else greedy.
 
     Raises:
         OSError, RuntimeError: the file cannot be read as audio.
     """
-    if decoder not in DECODERS:
-        raise ValueError(f"Expected `decoder` in {DECODERS}, but got {decoder!r}.")
     if not Path(audio_file).is_file():
         raise FileNotFoundError(f"no such file: {audio_file}")
     audio = torch.from_numpy(load_audio(Path(audio_file), model.hparams.sample_rate))
     logits, lengths = model(audio[None], torch.tensor([len(audio)]))
+    if scorer is not None:
+        (text,) = scorer.decode(logits.float().log_softmax(-1), lengths)
+        return text
     (ids,) = greedy_decode(logits, lengths, model.model.blank)
     return model.alphabet.decode(ids)
 
@@ -75,18 +104,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("checkpoint", help="a .ckpt written by python -m freezeft.run")
     parser.add_argument("audio", nargs="+", help="audio files (WAV, FLAC, ...; any rate)")
     parser.add_argument(
-        "--decoder", choices=DECODERS, default="greedy", help="CTC decoding (default: greedy)"
+        "--decoder",
+        choices=DECODERS,
+        default=None,
+        help="greedy, or beam (the scorer); default: the run's (beam if it built a scorer)",
     )
+    parser.add_argument("--scorer", help="a scorer folder (default: <run dir>/scorer)")
     args = parser.parse_args(argv)
     try:
         model = load_model(args.checkpoint)
+        scorer = None
+        if args.scorer and args.decoder != "greedy":
+            scorer = Scorer.load(args.scorer, model.alphabet.labels)
+        elif args.decoder != "greedy":
+            scorer = find_scorer(args.checkpoint, model)
+            if scorer is None and args.decoder == "beam":
+                raise FileNotFoundError(
+                    f"--decoder beam: {args.checkpoint}'s run built no scorer (it decoded "
+                    "greedily); name one with --scorer DIR."
+                )
     except (OSError, ValueError) as err:
         print(f"freezeft.transcribe: error: {err}", file=sys.stderr)
         return 1
     failed = 0
     for audio_file in args.audio:
         try:
-            text = transcribe(model, audio_file, args.decoder)
+            text = transcribe(model, audio_file, scorer)
         except (OSError, RuntimeError, soundfile.LibsndfileError) as err:
             failed += 1
             print(f"freezeft.transcribe: cannot read {audio_file}: {err}", file=sys.stderr)

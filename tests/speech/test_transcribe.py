@@ -9,7 +9,8 @@ import soundfile
 
 from freezeft.speech.data import SpeechDataModule
 from freezeft.speech.module import SpeechModule
-from freezeft.transcribe import main
+from freezeft.speech.scorer import Scorer
+from freezeft.transcribe import load_model, main, transcribe
 
 
 @pytest.fixture(scope="module")
@@ -46,3 +47,47 @@ def test_a_file_that_is_no_checkpoint_is_one_message(tmp_path, capsys):
     (tmp_path / "x.ckpt").write_text("no")
     assert main([str(tmp_path / "x.ckpt"), "a.wav"]) == 1
     assert "is not a readable checkpoint" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def beam_run(tmp_path_factory, german_corpus):
+    """A run dir as `python -m freezeft.run decoder=beam` leaves it: checkpoints/ and scorer/."""
+    run = tmp_path_factory.mktemp("run")
+    text = run / "words.txt"
+    text.write_text("die katze\nder hund\nein haus\n")
+    data = SpeechDataModule(data_dir=german_corpus, batch_size=8, num_workers=0)
+    decoder = {"name": "beam", "lm_text": str(text), "lm_weight": 1.0, "word_score": 0.0}
+    module = SpeechModule(labels=data.alphabet.labels, n_hidden=32, decoder=decoder)
+    trainer = pl.Trainer(
+        max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+    )  # fmt: skip
+    trainer.fit(module, datamodule=data)
+    trainer.save_checkpoint(run / "checkpoints" / "best.ckpt")
+    Scorer.build(run / "scorer", data.alphabet.labels, lm_text=text)
+    text.unlink()  # the text is not needed once the scorer is built
+    return run
+
+
+def test_a_beam_run_is_transcribed_with_its_scorer(beam_run, german_corpus, capsys):
+    wav = str(german_corpus / "test" / "00000.wav")
+    checkpoint = str(beam_run / "checkpoints" / "best.ckpt")
+    assert main([checkpoint, wav]) == 0
+    (line,) = capsys.readouterr().out.splitlines()
+    words = line.split("\t")[1].split()
+    assert words and set(words) <= {"die", "katze", "der", "hund", "ein", "haus"}
+    assert main([checkpoint, wav, "--decoder", "greedy"]) == 0
+    greedy = capsys.readouterr().out.split("\t")[1].strip()
+    model = load_model(checkpoint)
+    assert greedy == transcribe(model, wav)  # no scorer: greedy
+
+
+def test_a_beam_run_without_its_scorer_says_how_to_go_on(beam_run, tmp_path, capsys):
+    moved = tmp_path / "checkpoints"
+    moved.mkdir()
+    (moved / "best.ckpt").write_bytes((beam_run / "checkpoints" / "best.ckpt").read_bytes())
+    assert main([str(moved / "best.ckpt"), "a.wav"]) == 1
+    err = capsys.readouterr().err
+    assert "scorer folder" in err and "--scorer DIR" in err and "--decoder greedy" in err
+    assert main([str(moved / "best.ckpt"), "a.wav", "--scorer", str(beam_run / "scorer")]) == 1
+    assert "cannot read a.wav" in capsys.readouterr().err  # the scorer loaded; the file is gone
