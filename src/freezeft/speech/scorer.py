@@ -28,7 +28,7 @@ import math
 import os
 import sys
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -48,7 +48,7 @@ __all__ = [
 ]
 
 #: The grid :meth:`Scorer.tune` searches by default (DeepSpeech's lm_alpha, lm_beta).
-DEFAULT_LM_WEIGHTS: tuple[float, ...] = (0.25, 0.5, 1.0, 1.5, 2.0)
+DEFAULT_LM_WEIGHTS: tuple[float, ...] = (0.5, 1.0, 1.5, 2.0, 2.5, 3.0)
 DEFAULT_WORD_SCORES: tuple[float, ...] = (-1.0, 0.0, 1.0, 2.0)
 
 _BLANK = "<blank>"
@@ -286,40 +286,59 @@ class Scorer:
         references: Sequence[str],
         lm_weights: Iterable[float] = DEFAULT_LM_WEIGHTS,
         word_scores: Iterable[float] = DEFAULT_WORD_SCORES,
-        reduce=None,
+        reduce: Callable[[Tensor], Tensor] | None = None,
     ) -> Scorer:
         """The scorer whose LM weight and word score give the lowest WER on these utterances.
 
-        ``log_probs`` and ``lengths`` are batches (as the model gave them); ``references``
-        their transcripts in order. Tune on dev data only. ``reduce`` sums a (grid, 4) tensor
-        of error counts over processes (DDP); ties go to the smaller weight and score.
+        A coordinate search: each of ``lm_weights`` with the word score nearest 0, then each
+        of ``word_scores`` with the best weight (ties go to the earlier value). ``log_probs``
+        and ``lengths`` are batches as the model gave them, ``references`` their transcripts
+        in order: dev data, never test. ``reduce`` sums an error-count tensor over processes
+        (DDP), so every process picks the same weights.
         """
-        grid = [(float(a), float(b)) for a in lm_weights for b in word_scores]
-        counts = torch.zeros(len(grid), 4, dtype=torch.float64)
-        for index, (alpha, beta) in enumerate(grid):
-            candidate = self.with_weights(alpha, beta)
-            hypotheses = [
-                text
-                for batch, n in zip(log_probs, lengths, strict=True)
-                for text in candidate.decode(batch, n)
-            ]
-            if references:
-                counts[index] = torch.tensor(error_counts(references, hypotheses))
-        if reduce is not None:
-            counts = reduce(counts)
-        wer = counts[:, 0] / counts[:, 1].clamp(min=1)
-        best = int(torch.argmin(wer))
-        alpha, beta = grid[best]
+        lm_weights = [float(a) for a in lm_weights]
+        word_scores = [float(b) for b in word_scores]
+        tried: dict[tuple[float, float], Tensor] = {}
+
+        def wer_of(points: list[tuple[float, float]]) -> list[float]:
+            counts = torch.zeros(len(points), 4, dtype=torch.float64)
+            for index, (alpha, beta) in enumerate(points):
+                candidate = self.with_weights(alpha, beta)
+                hypotheses = [
+                    text
+                    for batch, n in zip(log_probs, lengths, strict=True)
+                    for text in candidate.decode(batch, n)
+                ]
+                if references:
+                    counts[index] = torch.tensor(error_counts(references, hypotheses))
+            if reduce is not None:
+                counts = reduce(counts)
+            for point, row in zip(points, counts, strict=True):
+                tried[point] = row
+            return [float(row[0] / row[1].clamp(min=1)) for row in counts]
+
+        start = min(word_scores, key=abs)
+        first = [(alpha, start) for alpha in lm_weights]
+        wers = wer_of(first)
+        alpha = first[wers.index(min(wers))][0]
+        second = [(alpha, beta) for beta in word_scores if (alpha, beta) not in tried]
+        wer_of(second)
+        candidates = [(alpha, beta) for beta in word_scores]
+        wers = [float(tried[p][0] / tried[p][1].clamp(min=1)) for p in candidates]
+        best = candidates[wers.index(min(wers))]
         return self.with_weights(
-            alpha,
-            beta,
+            *best,
             tuned_on={
-                "reference_words": int(counts[best, 1]),
-                "wer": round(float(wer[best]), 4),
-                "grid": {
-                    "lm_weight": sorted({a for a, _ in grid}),
-                    "word_score": sorted({b for _, b in grid}),
-                },
+                "reference_words": int(tried[best][1]),
+                "wer": round(min(wers), 4),
+                "tried": [
+                    {
+                        "lm_weight": a,
+                        "word_score": b,
+                        "wer": round(float(c[0] / c[1].clamp(min=1)), 4),
+                    }
+                    for (a, b), c in tried.items()
+                ],
             },
         )
 
