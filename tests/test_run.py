@@ -52,8 +52,13 @@ def test_transfer_run_writes_results_and_ends_with_a_summary(transfer_run):
         "epochs",
         "train_seconds",
         "trainable_params",
+        "greedy_wer",
+        "greedy_cer",
+        "scorer",
     )
     assert set(required) <= set(results)
+    assert results["decoder"] == "beam" and (out / "scorer" / "scorer.json").is_file()
+    assert results["scorer"]["tuned_on"]["tried"]  # tuned on dev
     assert results["strategy"] == "naive" and results["seed"] == 0 and results["epochs"] == 1
     assert 0 <= results["cer"] and results["trainable_params"] == results["total_params"] > 0
     last = stdout.strip().splitlines()[-1]
@@ -93,8 +98,10 @@ def test_evaluation_after_transfer_uses_the_transferred_weights(tmp_path, cache_
     )
     results = json.loads((out / "results.json").read_text())
     source = json.loads((Path(results["source"]).parent / "results.json").read_text())
-    assert results["cer"] == pytest.approx(source["cer"], abs=1e-9)
-    assert results["wer"] == pytest.approx(source["wer"], abs=1e-9)
+    # the source is tested with greedy decoding, the run with its scorer and greedy too
+    assert source["decoder"] == "greedy" and results["decoder"] == "beam"
+    assert results["greedy_cer"] == pytest.approx(source["cer"], abs=1e-9)
+    assert results["greedy_wer"] == pytest.approx(source["wer"], abs=1e-9)
 
 
 def test_scratch_baseline_and_pretrain_stage(tmp_path, cache_dir, german_corpus, english_corpus):

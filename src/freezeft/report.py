@@ -3,7 +3,8 @@
 Reads every job's ``results.json`` (and ``failure.json``) under a Hydra multirun dir and
 writes, into that dir:
 
-* ``report.md``: per strategy the mean ± std over seeds of test CER and WER, best epoch,
+* ``report.md``: per strategy the mean ± std over seeds of test CER and WER (the scorer's
+  with ``decoder=beam``), greedy CER and WER, epochs trained, best epoch,
   training seconds and trainable parameters, best (lowest mean test CER) first, with the
   machine, the budget, the command that reproduces the sweep, failed jobs and the plots;
 * ``report.csv``: the same table, one row per strategy, mean and std in their own columns;
@@ -41,8 +42,11 @@ log = logging.getLogger(__name__)
 
 #: results.json keys summarised per strategy, with how the Markdown table prints them.
 METRICS = {
-    "cer": ("test CER", "{:.3f}"),
+    "cer": ("test CER", "{:.3f}"),  # the scorer's with decoder=beam, else greedy
     "wer": ("test WER", "{:.3f}"),
+    "greedy_cer": ("greedy CER", "{:.3f}"),
+    "greedy_wer": ("greedy WER", "{:.3f}"),
+    "epochs": ("epochs", "{:.1f}"),
     "best_epoch": ("best epoch", "{:.1f}"),
     "train_seconds": ("training s", "{:.0f}"),
     "trainable_params": ("trainable params", "{:,.0f}"),
@@ -124,6 +128,18 @@ def _cell(summary: StrategySummary, key: str) -> str:
     if math.isnan(mean):
         return "–"
     return fmt.format(mean) + (f" ± {fmt.format(std)}" if std is not None else "")
+
+
+def _decoding(runs: list[Run]) -> str:
+    """What test CER/WER were decoded with: the scorer (its words) or greedy."""
+    scorers = [r.results.get("scorer") for r in runs if r.results.get("scorer")]
+    if not scorers:
+        return "greedy (test CER/WER = greedy CER/WER)"
+    words = _distinct([f"{s['words']} words from {s['source']}" for s in scorers])
+    return (
+        f"test CER/WER with the scorer ({words}; lm_weight and word_score tuned on dev per "
+        "run), greedy CER/WER without it"
+    )
 
 
 def _distinct(values: Sequence[Any]) -> str:
@@ -327,6 +343,7 @@ def write_report(sweep_dir: str | Path) -> Path:
         "",
         f"- Machine: {machines}",
         f"- Budget: {_budget(runs)}",
+        f"- Decoding: {_decoding(runs)}",
         f"- Jobs: {len(runs)} finished, {len(failures)} failed; "
         f"training {sum(r.results['train_seconds'] for r in runs):.0f} s in all"
         + (f", sweep wall time {wall:.0f} s" if wall is not None else ""),
