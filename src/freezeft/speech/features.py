@@ -6,60 +6,14 @@ import torch
 import torchaudio
 from torch import Tensor, nn
 
-__all__ = ["MFCCFeatures", "SpecAugment", "STEP_MS", "WINDOW_MS"]
+from freezeft.speech.augment import SpecAugment
+
+__all__ = ["MFCCFeatures", "STEP_MS", "WINDOW_MS"]
 
 
 #: DeepSpeech's analysis window and frame step (ms): the features' and the data checks'.
 WINDOW_MS = 32.0
 STEP_MS = 20.0
-
-
-class SpecAugment(nn.Module):
-    """SpecAugment's frequency and time masks on a batch of log-mel spectrograms (training).
-
-    Each utterance gets its own masks (torchaudio's ``FrequencyMasking``/``TimeMasking``
-    with ``iid_masks``); masked values are set to the utterance's mean level, so a mask
-    hides information without adding an artificial silence.
-
-    Args:
-        freq_masks: frequency masks per utterance.
-        freq_width: widest frequency mask, in mel bands.
-        time_masks: time masks per utterance.
-        time_width: widest time mask, in frames.
-
-    Example::
-
-        augment = SpecAugment(freq_masks=2, freq_width=6, time_masks=2, time_width=8)
-    """
-
-    def __init__(
-        self, freq_masks: int = 2, freq_width: int = 6, time_masks: int = 2, time_width: int = 8
-    ) -> None:
-        super().__init__()
-        for name, value in (
-            ("freq_masks", freq_masks),
-            ("freq_width", freq_width),
-            ("time_masks", time_masks),
-            ("time_width", time_width),
-        ):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(
-                    f"Expected `spec_augment.{name}` an integer >= 0, but got {value!r}."
-                )
-        self.masks = nn.ModuleList(
-            [torchaudio.transforms.FrequencyMasking(freq_width, iid_masks=True)] * freq_masks
-            + [torchaudio.transforms.TimeMasking(time_width, iid_masks=True)] * time_masks
-        )
-
-    def forward(self, log_mels: Tensor) -> Tensor:
-        """``log_mels`` (B, n_mels, T) -> the same with masks (only in training mode)."""
-        if not self.training or not len(self.masks):
-            return log_mels
-        mean = log_mels.mean(dim=(1, 2), keepdim=True)
-        x = (log_mels - mean).unsqueeze(1)  # (B, 1, F, T): iid masks need a channel axis
-        for mask in self.masks:
-            x = mask(x)
-        return x.squeeze(1) + mean
 
 
 class MFCCFeatures(nn.Module):

@@ -15,9 +15,10 @@ from torch import Tensor, nn
 
 from freezeft.frozen_cache import cached_forward
 from freezeft.speech.alphabet import Alphabet
+from freezeft.speech.augment import SpecAugment, SpeedPerturbation
 from freezeft.speech.dataset import Skipped
 from freezeft.speech.decoding import error_counts, greedy_decode, sample_cer
-from freezeft.speech.features import MFCCFeatures, SpecAugment
+from freezeft.speech.features import MFCCFeatures
 from freezeft.speech.model import LAYER_NAMES, DeepSpeech
 from freezeft.speech.scorer import Decoder, Scorer
 from freezeft.speech.transfer import TransferReport, dropped_layers, transfer_weights
@@ -53,8 +54,10 @@ class SpeechModule(pl.LightningModule):
         noise_std: standard deviation of Gaussian noise added to the training audio
             (augmentation; 0 disables it, and a frozen-output cache needs it off).
         spec_augment: SpecAugment's masks while training, the arguments of
-            :class:`~freezeft.speech.features.SpecAugment` (``None``: off; a frozen-output
+            :class:`~freezeft.speech.augment.SpecAugment` (``None``: off; a frozen-output
             cache needs it off).
+        speed_perturbation: speeds each training batch is played at, drawn per batch (e.g.
+            ``[0.9, 1.0, 1.1]``; ``None``: off; a frozen-output cache needs it off).
         optimizer: a factory ``params -> Optimizer`` (Hydra ``_partial_: true``);
             default AdamW(lr=1e-3).
         scheduler: an optional factory ``optimizer -> LR scheduler``, stepped each epoch.
@@ -82,6 +85,7 @@ class SpeechModule(pl.LightningModule):
         n_context: int = 9,
         noise_std: float = 0.0,
         spec_augment: dict[str, int] | None = None,
+        speed_perturbation: Sequence[float] | None = None,
         optimizer: OptimizerFactory | None = None,
         scheduler: SchedulerFactory | None = None,
         scheduler_monitor: str = "val_loss",
@@ -112,6 +116,9 @@ class SpeechModule(pl.LightningModule):
             n_mfcc=n_mfcc,
             n_context=n_context,
             spec_augment=SpecAugment(**spec_augment) if spec_augment is not None else None,
+        )
+        self.speed_perturbation = (
+            SpeedPerturbation(speed_perturbation, sample_rate) if speed_perturbation else None
         )
         self.model = DeepSpeech(
             self.features.n_features, len(labels), n_hidden, dropout=dropout, relu_clip=relu_clip
@@ -213,8 +220,12 @@ class SpeechModule(pl.LightningModule):
         return self.model.forward_layers(x, n_groups, len(LAYER_NAMES)), lengths
 
     def prefix_is_deterministic(self) -> bool:
-        """True unless training audio is augmented (noise or SpecAugment)."""
-        return self.noise_std == 0 and self.features.spec_augment is None
+        """True unless training audio is augmented (noise, speed or SpecAugment)."""
+        return (
+            self.noise_std == 0
+            and self.features.spec_augment is None
+            and self.speed_perturbation is None
+        )
 
     def _usable(self, batch: dict, split: str) -> bool:
         """Record the batch's files that failed to decode; False if none is left."""
@@ -230,10 +241,12 @@ class SpeechModule(pl.LightningModule):
             return self._nothing_to_train()
         output = cached_forward(self, batch)  # None unless a strategy caches frozen outputs
         if output is None:
-            audio = batch["audio"]
+            audio, lengths = batch["audio"], batch["audio_lengths"]
+            if self.speed_perturbation is not None:
+                audio, lengths = self.speed_perturbation(audio, lengths)
             if self.noise_std > 0:
                 audio = audio + self.noise_std * torch.randn_like(audio)
-            output = self(audio, batch["audio_lengths"])
+            output = self(audio, lengths)
         logits, frame_lengths = output
         loss = self._loss(logits, frame_lengths, batch)
         if not torch.isfinite(loss):
