@@ -236,3 +236,20 @@ def test_train_runs_in_process_from_a_composed_config(tmp_path, cache_dir, germa
     assert results["stage"] == "transfer" and results["strategy"] == "scratch"
     assert results["monitor"] == "val_cer" and results["dev_cer"] is not None
     assert json.loads((tmp_path / "run" / "results.json").read_text())["cer"] == results["cer"]
+
+
+def test_the_converge_protocol_stops_when_dev_stops_improving(tmp_path, cache_dir, transfer_run):
+    out, _ = run(
+        tmp_path,
+        cache_dir,
+        "protocol=converge",
+        "callbacks.early_stopping.patience=1",
+        "decoder=greedy",
+    )
+    results = json.loads((out / "results.json").read_text())
+    assert results["budget"]["protocol"] == "converge" and results["budget"]["max_epochs"] == 40
+    epochs = read_history(out)
+    cers = [e["val_cer"] for e in epochs]
+    # it stopped at the first validation that did not beat the best before it
+    stop = next(i for i in range(1, len(cers)) if cers[i] >= min(cers[:i]))
+    assert len(epochs) == stop + 1 < 40 and results["epochs"] == stop + 1

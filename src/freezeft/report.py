@@ -152,8 +152,10 @@ def _distinct(values: Sequence[Any]) -> str:
 
 def _budget(runs: Sequence[Run]) -> str:
     budgets = [r.results.get("budget") or {} for r in runs]
+    protocols = [b.get("protocol") for b in budgets if b.get("protocol")]
     parts = [
-        f"max_epochs={_distinct([b.get('max_epochs') for b in budgets])} per job on "
+        (f"protocol {_distinct(protocols)}, " if protocols else "")
+        + f"max_epochs={_distinct([b.get('max_epochs') for b in budgets])} per job on "
         f"{_distinct([b.get('train_utterances') for b in budgets])} training utterances "
         f"({_distinct([r.results.get('language') for r in runs])}), batch "
         f"{_distinct([b.get('batch_size') for b in budgets])}, n_hidden "

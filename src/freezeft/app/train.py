@@ -166,6 +166,7 @@ def fit_and_test(
         "run_dir": str(output_dir),
         "budget": {
             "max_epochs": max_epochs,
+            "protocol": cfg.get("protocol"),  # fixed budget or to convergence
             **described,  # what the data says of itself besides its language
             "n_hidden": cfg.model.get("n_hidden"),
             "source_epochs": cfg.source.max_epochs if source is not None else None,
