@@ -3,6 +3,7 @@ metric-triggered strategy and a checkpoint that monitor it agree across ranks.""
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -23,7 +24,11 @@ def test_ranks_monitor_the_same_val_cer_and_stay_identical(tmp_path, german_corp
         timeout=300,
     )
     seen = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
-    assert seen[0] == seen[1]  # same metric, same phase change, same best checkpoint
+    assert seen[0] == seen[1]  # same metric, phase change, best checkpoint, scorer, test
+    with (german_corpus / "dev.csv").open() as handle:
+        dev_words = sum(len(row["transcript"].split()) for row in csv.DictReader(handle))
+    assert seen[0]["scorer"]["reference_words"] == dev_words  # both ranks' shares of dev
+    assert {"test_wer", "test_greedy_wer"} <= set(seen[0]["test"])
     weights = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     for key in weights[0]:
         assert torch.equal(weights[0][key], weights[1][key]), key
