@@ -190,17 +190,24 @@ class Coordinator:
         if flags is None or plan is None or flags == plan.trainable:
             return
         before = plan.trainable_params()
-        unfrozen = [i for i in plan.set_trainable(flags) if plan.trains(i)]
+        changed = plan.set_trainable(flags)
+        unfrozen = [i for i in changed if plan.trains(i)]
+        frozen = [i for i in changed if not plan.trains(i)]
         if unfrozen:
             for strategy in self.strategies:
                 strategy.on_groups_unfrozen(unfrozen, trainer.global_step)
             if any(s.resets_optimizer_on_unfreeze() for s in self.strategies):
                 for optimizer in trainer.optimizers:
                     plan.reset_optimizer_state(optimizer)
+        moves = [
+            f"{verb} {[self.groups[i].name for i in indices]}"
+            for verb, indices in (("unfroze", unfrozen), ("froze", frozen))
+            if indices
+        ]
         rank_zero_info(
             f"{type(self.schedule).__name__}: epoch {trainer.current_epoch}: "
-            f"unfroze {[self.groups[i].name for i in unfrozen]}; trainable parameters "
-            f"{before:,} -> {plan.trainable_params():,}"
+            f"{' and '.join(moves)}; trainable parameters {before:,} -> "
+            f"{plan.trainable_params():,} (step {trainer.global_step})"
         )
 
     def batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

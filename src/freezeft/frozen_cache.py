@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import torch
+from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 __all__ = ["PrefixCachable", "FrozenOutputCache", "cached_forward"]
@@ -80,6 +81,7 @@ class FrozenOutputCache:
         self.hits = 0
         self.misses = 0
         self.invalidations: list[str] = []
+        self._said_augmented = False  # the "cannot cache augmented input" warning, once
         #: Whether :func:`cached_forward` uses the cache for the coming batch (set by
         #: :meth:`prepare` each batch).
         self.active = False
@@ -101,6 +103,13 @@ class FrozenOutputCache:
             return False
         if not module.prefix_is_deterministic():  # type: ignore[attr-defined]
             self.clear("the frozen prefix is not deterministic (augmentation is on)")
+            if not self._said_augmented:
+                self._said_augmented = True
+                rank_zero_warn(
+                    "cache_frozen=True: the training input is augmented (noise, speed, "
+                    "SpecAugment), so the frozen layers' outputs change every epoch and "
+                    "cannot be cached; they run forward each step (still without backward)."
+                )
             return False
         fingerprint = _fingerprint(prefix)
         if n_groups != self.n_groups:

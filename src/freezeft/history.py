@@ -3,7 +3,9 @@
 :class:`History` is a Lightning callback that writes, into its folder and after every
 validation and training epoch (so an interrupted run keeps what it had):
 
-* ``history.json``: ``{"epochs": [{"epoch": 0, "val_cer": ..., "train_loss": ...}, ...]}``;
+* ``history.json``: ``{"epochs": [{"epoch": 0, "val_cer": ..., "train_loss": ...}, ...],
+  "decisions": [...]}``, the decisions strategies made as they went (a callback's
+  ``decisions`` list, e.g. :class:`~freezeft.callbacks.AutoFreeze`'s freezes);
 * ``lr_schedule.csv``: ``step,epoch,<group>,...``, the LR each param group trained at in
   that optimizer step: after warmup factors, and 0 while the group is frozen.
 
@@ -24,7 +26,7 @@ from typing import Any
 import pytorch_lightning as pl
 from typing_extensions import override
 
-__all__ = ["History", "read_history", "read_lr_schedule"]
+__all__ = ["History", "read_decisions", "read_history", "read_lr_schedule"]
 
 HISTORY_FILE = "history.json"
 LR_FILE = "lr_schedule.csv"
@@ -42,6 +44,7 @@ class History(pl.Callback):
         self.epochs: list[dict[str, float | int]] = []
         self.lr_rows: list[dict[str, float | int]] = []
         self.group_names: list[str] = []
+        self.decisions: list[dict[str, Any]] = []
 
     @override
     def on_before_optimizer_step(
@@ -78,6 +81,12 @@ class History(pl.Callback):
         if not self.epochs or self.epochs[-1]["epoch"] != trainer.current_epoch:
             self.epochs.append({"epoch": trainer.current_epoch})
         self.epochs[-1].update(metrics)
+        self.decisions = [
+            {"strategy": type(callback).__name__, **decision}
+            for callback in trainer.callbacks
+            for decision in getattr(callback, "decisions", None) or []
+            if isinstance(decision, dict)
+        ]
         self.write()
 
     @override
@@ -93,11 +102,18 @@ class History(pl.Callback):
     def write(self) -> None:
         """Write both files (called after every epoch)."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        (self.folder / HISTORY_FILE).write_text(json.dumps({"epochs": self.epochs}, indent=1))
+        history = {"epochs": self.epochs, "decisions": self.decisions}
+        (self.folder / HISTORY_FILE).write_text(json.dumps(history, indent=1))
         with open(self.folder / LR_FILE, "w", newline="") as stream:
             writer = csv.DictWriter(stream, ["step", "epoch", *self.group_names], restval="")
             writer.writeheader()
             writer.writerows(self.lr_rows)
+
+
+def read_decisions(run_dir: Path) -> list[dict[str, Any]]:
+    """The strategies' decisions a :class:`History` wrote in ``run_dir`` ([] if none)."""
+    path = Path(run_dir) / HISTORY_FILE
+    return json.loads(path.read_text()).get("decisions", []) if path.exists() else []
 
 
 def read_history(run_dir: Path) -> list[dict[str, float]]:

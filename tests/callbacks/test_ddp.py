@@ -29,3 +29,22 @@ def test_unfrozen_groups_stay_identical_across_ranks_and_use_averaged_gradients(
     assert unfrozen and all("net.0.weight" in s["diffs"] for s in unfrozen)
     # every gradient the optimizer used is the average of the ranks' own gradients
     assert max(d for s in steps for d in s["diffs"].values()) < 1e-6
+
+
+def test_auto_freeze_decides_the_same_on_every_rank(tmp_path):
+    script = Path(__file__).with_name("ddp_auto_freeze.py")
+    env = {"PL_DISABLE_FORK": "1", "OMP_NUM_THREADS": "1"}
+    run_python([str(script), str(tmp_path)], cwd=tmp_path, env=env, timeout=300)
+    seen = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert seen[0]["decisions"] and seen[0] == seen[1]  # same statistics, same freezes
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    for key in rank0:
+        assert torch.equal(rank0[key], rank1[key]), key
+
+
+def test_auto_freeze_under_plain_ddp_says_which_strategy_it_needs(tmp_path):
+    script = Path(__file__).with_name("ddp_auto_freeze.py")
+    env = {"PL_DISABLE_FORK": "1", "OMP_NUM_THREADS": "1"}
+    proc = run_python([str(script), str(tmp_path), "ddp"], cwd=tmp_path, env=env, timeout=300,
+                      check=False)  # fmt: skip
+    assert proc.returncode != 0 and "ddp_find_unused_parameters_true" in proc.stderr

@@ -1,5 +1,6 @@
 """Transfer-learning strategies as Lightning callbacks; combine them in any order."""
 
+from freezeft.callbacks.auto_freeze import AutoFreeze
 from freezeft.callbacks.base import StrategyCallback
 from freezeft.callbacks.discriminative_lr import DiscriminativeLR
 from freezeft.callbacks.freeze_then_unfreeze import FreezeThenUnfreeze
@@ -14,6 +15,7 @@ __all__ = [
     "FrozenEncoder",
     "FreezeThenUnfreeze",
     "GradualUnfreeze",
+    "AutoFreeze",
     "DiscriminativeLR",
     "LRWarmup",
 ]

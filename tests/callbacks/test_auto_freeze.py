@@ -1,0 +1,137 @@
+"""AutoFreeze: freezes from the input side what stopped changing, as its formula says, never
+the head; decisions survive resume bit for bit."""
+
+from __future__ import annotations
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from tiny_models import Task, fit, snapshot
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from freezeft.callbacks import AutoFreeze, DiscriminativeLR, LRWarmup
+
+
+class Settled(pl.LightningModule):
+    """``first`` is a layer whose training signal has settled: its gradient is the same
+    every step (a constant pull, independent of the data); ``body`` and ``head`` learn a
+    regression, so their gradient norms keep changing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.first = nn.Linear(4, 4)
+        self.body = nn.Linear(4, 8)
+        self.head = nn.Linear(8, 1)
+
+    def layer_groups(self) -> list[str]:
+        return ["first", "body", "head"]
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        fit_loss = nn.functional.mse_loss(self.head(torch.tanh(self.body(x))), y)
+        return fit_loss + 0.01 * self.first.weight.sum() + 0.0 * self.first(x).sum()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+    def loaders(self):
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(64, 4, generator=g)
+        y = (x[:, :1] * 2 - x[:, 1:2]).sin()
+        return (DataLoader(TensorDataset(x, y), batch_size=8),)
+
+
+def test_a_settled_first_layer_is_frozen_first_and_a_learning_one_is_not():
+    module = Settled()
+    strategy = AutoFreeze(threshold=1e-6, check_every_n_steps=4, patience=1, min_epochs=0)
+    trainer = fit(module, [strategy], epochs=3)
+    assert [d["group"] for d in strategy.decisions] == ["first"]
+    decision = strategy.decisions[0]
+    assert decision["step"] == 8  # the second window: the first with a window before it
+    assert decision["rate"] < 1e-6
+    assert trainer.global_step == 24 and len(strategy.windows) == 6
+    # body's rate stayed above the threshold every time it was the candidate
+    assert strategy.windows[-1]["grad_norms"][0] is None  # frozen groups are not measured
+
+
+def test_decisions_follow_the_formula_on_the_recorded_gradient_norms():
+    module = Task("sequential", lr=0.05)
+    strategy = AutoFreeze(threshold=0.3, check_every_n_steps=2, patience=2, min_epochs=1)
+    fit(module, [strategy], epochs=6)
+    expected, frozen, calm = [], 0, 0
+    names = [g.name for g in strategy.groups]
+    for before, now in zip(strategy.windows, strategy.windows[1:], strict=False):
+        if frozen >= len(names) - 1 or now["epoch"] < 1:
+            continue
+        a, b = before["grad_norms"][frozen], now["grad_norms"][frozen]
+        calm = calm + 1 if abs(b - a) / a < 0.3 else 0
+        if calm == 2:
+            expected.append((names[frozen], now["step"]))
+            frozen, calm = frozen + 1, 0
+    assert [(d["group"], d["step"]) for d in strategy.decisions] == expected
+    assert expected, "the threshold should have frozen something in this run"
+
+
+class Weights(pl.Callback):
+    """The module's weights after every optimizer step, by global step."""
+
+    def __init__(self) -> None:
+        self.at: dict[int, dict[str, torch.Tensor]] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.at[trainer.global_step] = snapshot(pl_module)
+
+
+def test_the_head_is_never_frozen_and_frozen_groups_stay_put():
+    module = Task("sequential", lr=0.05)
+    strategy = AutoFreeze(head=1, threshold=1e9, check_every_n_steps=2, patience=1, min_epochs=0)
+    weights = Weights()
+    fit(module, [strategy, weights], epochs=4)
+    names = [g.name for g in strategy.groups]
+    assert [d["group"] for d in strategy.decisions] == names[:-1]  # all but the head
+    last = max(weights.at)
+    for decision in strategy.decisions:
+        prefix = decision["group"] + "."
+        for step in range(decision["step"], last + 1):
+            for key, value in weights.at[step].items():
+                if key.startswith(prefix):
+                    assert torch.equal(value, weights.at[decision["step"]][key]), (key, step)
+    head = [k for k in weights.at[last] if k.startswith(names[-1] + ".")]
+    assert head and not torch.equal(weights.at[last][head[0]], weights.at[last - 1][head[0]])
+
+
+@pytest.mark.parametrize("stop_at", [1, 3])
+def test_resume_mid_run_decides_as_an_uninterrupted_run(tmp_path, stop_at):
+    def strategies():
+        return [
+            AutoFreeze(threshold=0.5, check_every_n_steps=3, patience=1, min_epochs=1),
+            DiscriminativeLR(decay=0.5),
+            LRWarmup(warmup_steps=3),
+        ]
+
+    whole = Task("sequential", lr=0.05)
+    full = strategies()
+    fit(whole, full, epochs=5)
+    # stop after `stop_at` epochs (4 steps each: inside a window of 3 steps), then resume
+    first = Task("sequential", lr=0.05)
+    trainer = fit(first, strategies(), epochs=stop_at)
+    trainer.save_checkpoint(tmp_path / "stop.ckpt")
+    resumed = Task("sequential", lr=0.05)
+    again = strategies()
+    fit(resumed, again, epochs=5, ckpt_path=tmp_path / "stop.ckpt")
+    assert full[0].decisions, "the threshold should have frozen something in this run"
+    assert again[0].decisions == full[0].decisions
+    assert again[0].windows == full[0].windows
+    for key, value in whole.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[key]), key
+
+
+def test_bad_arguments_say_which():
+    with pytest.raises(ValueError, match="threshold"):
+        AutoFreeze(threshold=0)
+    with pytest.raises(ValueError, match="check_every_n_steps"):
+        AutoFreeze(check_every_n_steps=0)
+    with pytest.raises(ValueError, match="patience"):
+        AutoFreeze(patience=0)
