@@ -253,3 +253,34 @@ def test_the_converge_protocol_stops_when_dev_stops_improving(tmp_path, cache_di
     # it stopped at the first validation that did not beat the best before it
     stop = next(i for i in range(1, len(cers)) if cers[i] >= min(cers[:i]))
     assert len(epochs) == stop + 1 < 40 and results["epochs"] == stop + 1
+
+
+def test_auto_freeze_decisions_reach_history_lr_schedule_and_report(tmp_path, cache_dir,
+                                                                    transfer_run):  # fmt: skip
+    from freezeft.history import read_decisions
+    from freezeft.report import write_report
+
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    out, _ = run(
+        sweep,
+        cache_dir,
+        "strategy=auto_freeze",
+        "strategy.callbacks.auto_freeze.threshold=1e9",  # freeze at every chance
+        "strategy.callbacks.auto_freeze.check_every_n_steps=1",
+        "strategy.callbacks.auto_freeze.patience=1",
+        "strategy.callbacks.auto_freeze.min_epochs=0",
+        "trainer.max_epochs=3",
+        "decoder=greedy",
+    )
+    decisions = read_decisions(out)
+    assert [d["group"] for d in decisions][:2] == ["model.layer_1", "model.layer_2"]
+    assert all(d["strategy"] == "AutoFreeze" for d in decisions)
+    schedule = read_lr_schedule(out)
+    first = decisions[0]
+    after = [lr for step, lr in zip(schedule["step"], schedule["model.layer_1"], strict=True)
+             if step >= first["step"]]  # fmt: skip
+    assert after and all(lr == 0 for lr in after)
+    assert any(lr > 0 for lr in schedule["model.layer_6"][-2:])  # the head still trains
+    write_report(sweep)  # a sweep dir of one job: the run dir
+    assert (sweep / "lr_schedule.png").read_bytes().startswith(b"\x89PNG")

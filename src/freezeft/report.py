@@ -33,7 +33,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from freezeft.history import read_history, read_lr_schedule
+from freezeft.history import read_decisions, read_history, read_lr_schedule
 from freezeft.machine import summary as machine_summary
 
 __all__ = ["Run", "StrategySummary", "collect", "summarise", "write_report", "ReportCallback"]
@@ -279,7 +279,12 @@ def plot_learning_curves(summaries: Sequence[StrategySummary], path: Path) -> bo
 
 
 def _lr_run(summaries: Sequence[StrategySummary]) -> Run | None:
-    """The best run of the best strategy whose groups train at different LRs, else the best."""
+    """The best run with strategy decisions (AutoFreeze's freezes), else the best run of the
+    best strategy whose groups train at different LRs, else the best."""
+    for summary in summaries:
+        for run in sorted(summary.runs, key=lambda r: r.results["cer"]):
+            if read_decisions(run.dir):
+                return run
     fallback = None
     for summary in summaries:
         for run in sorted(summary.runs, key=lambda r: r.results["cer"]):
@@ -301,6 +306,16 @@ def plot_lr_schedule(run: Run, path: Path) -> None:
         (k, v) for k, v in schedule.items() if k not in ("step", "epoch")
     ):
         ax.plot(schedule["step"], values, color=f"C{i % 10}", label=name, linewidth=1.2)
+    for decision in read_decisions(run.dir):  # e.g. AutoFreeze: which group froze when
+        ax.axvline(decision["step"], color="0.4", linestyle=":", linewidth=1)
+        ax.annotate(
+            f"{decision.get('strategy', '')}: froze {decision['group']}",
+            (decision["step"], 0),
+            rotation=90,
+            fontsize=6,
+            xytext=(2, 4),
+            textcoords="offset points",
+        )
     ax.set(
         xlabel="optimizer step",
         ylabel="learning rate (0 = frozen)",
