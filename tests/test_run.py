@@ -276,6 +276,8 @@ def test_auto_freeze_decisions_reach_history_lr_schedule_and_report(tmp_path, ca
     decisions = read_decisions(out)
     assert [d["group"] for d in decisions][:2] == ["model.layer_1", "model.layer_2"]
     assert all(d["strategy"] == "AutoFreeze" for d in decisions)
+    assert len({(d["group"], d["step"]) for d in decisions}) == len(decisions)  # once each
+    assert "AutoFreeze: epoch 0: froze ['model.layer_1']" in (out / "run.log").read_text()
     schedule = read_lr_schedule(out)
     first = decisions[0]
     after = [lr for step, lr in zip(schedule["step"], schedule["model.layer_1"], strict=True)

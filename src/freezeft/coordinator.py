@@ -189,10 +189,9 @@ class Coordinator:
         plan = self.plan
         if flags is None or plan is None or flags == plan.trainable:
             return
-        before = plan.trainable_params()
-        changed = plan.set_trainable(flags)
-        unfrozen = [i for i in changed if plan.trains(i)]
-        frozen = [i for i in changed if not plan.trains(i)]
+        before, was = plan.trainable_params(), list(plan.trainable)
+        unfrozen = [i for i in plan.set_trainable(flags) if plan.trains(i)]
+        frozen = [i for i, (a, b) in enumerate(zip(was, flags, strict=True)) if a and not b]
         if unfrozen:
             for strategy in self.strategies:
                 strategy.on_groups_unfrozen(unfrozen, trainer.global_step)

@@ -84,6 +84,7 @@ class History(pl.Callback):
         self.decisions = [
             {"strategy": type(callback).__name__, **decision}
             for callback in trainer.callbacks
+            if callback is not self
             for decision in getattr(callback, "decisions", None) or []
             if isinstance(decision, dict)
         ]

@@ -135,3 +135,16 @@ def test_bad_arguments_say_which():
         AutoFreeze(check_every_n_steps=0)
     with pytest.raises(ValueError, match="patience"):
         AutoFreeze(patience=0)
+
+
+def test_groups_the_user_froze_are_passed_over_and_a_new_fit_starts_unfrozen():
+    module = Task("sequential", lr=0.05)
+    module.model[0].requires_grad_(False)  # as peft leaves the embeddings: nothing to train
+    strategy = AutoFreeze(threshold=1e9, check_every_n_steps=2, patience=1, min_epochs=0)
+    fit(module, [strategy], epochs=2)
+    names = [g.name for g in strategy.groups]
+    assert [d["group"] for d in strategy.decisions] == names[1:-1]
+    assert all(w["grad_norms"][0] is None for w in strategy.windows)
+    assert not module.model[0].weight.requires_grad  # still the user's
+    fit(module, [strategy], epochs=1)  # the same callback in a new fit: a fresh start
+    assert strategy.windows[0]["step"] == 2 and strategy.decisions[0]["step"] == 4

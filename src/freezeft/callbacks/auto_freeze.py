@@ -117,6 +117,10 @@ class AutoFreeze(FrozenEncoder):
                     "strategy='ddp_find_unused_parameters_true' (or DDPStrategy("
                     "find_unused_parameters=True))."
                 )
+        if stage == "fit":  # a new fit starts unfrozen (a resumed one loads its state after this)
+            self.n_frozen, self.decisions, self.windows = 0, [], []
+            self._window.zero_()
+            self._steps, self._previous, self._calm = 0, None, 0
         super().setup(trainer, pl_module, stage)
 
     @override
@@ -125,7 +129,15 @@ class AutoFreeze(FrozenEncoder):
 
     def _candidate(self) -> int | None:
         """The next group to freeze: the first trainable one from the input side, unless
-        it is a head group."""
+        it is a head group. Groups holding only parameters the user froze (a LoRA model's
+        embeddings) are passed over: they have nothing to freeze."""
+        while (
+            self.plan is not None
+            and self.n_frozen < len(self.groups)
+            and self.n_frozen not in self._head
+            and not self.plan.has_own_params(self.n_frozen)
+        ):
+            self.n_frozen += 1
         n = self.n_frozen
         if n >= len(self.groups) or n in self._head:
             return None
@@ -162,7 +174,10 @@ class AutoFreeze(FrozenEncoder):
         means = means.double()
         self._window.zero_()
         self._steps = 0
-        norms = [float(m) if i >= self.n_frozen else None for i, m in enumerate(means)]
+        norms = [
+            float(m) if i >= self.n_frozen and self.plan.has_own_params(i) else None
+            for i, m in enumerate(means)
+        ]
         self.windows.append(
             {"step": trainer.global_step, "epoch": trainer.current_epoch, "grad_norms": norms}
         )
@@ -179,8 +194,6 @@ class AutoFreeze(FrozenEncoder):
             return
         self._calm = 0
         self.n_frozen = index + 1
-        while self._candidate() is not None and not self.plan.has_own_params(self.n_frozen):
-            self.n_frozen += 1  # groups with nothing of their own to train (user-frozen)
         decision = {
             "group": self.groups[index].name,
             "epoch": trainer.current_epoch,

@@ -52,6 +52,10 @@ class FrozenEncoder(StrategyCallback):
     ) -> None:
         super().__init__(groups, bn)
         self.head = check_head(head, type(self).__name__)
+        if isinstance(cache_memory_gb, bool) or not isinstance(cache_memory_gb, (int, float)):
+            raise ValueError(
+                f"Expected `cache_memory_gb` to be a number, but got {cache_memory_gb!r}."
+            )
         if cache_memory_gb < 0:
             raise ValueError(f"Expected `cache_memory_gb` >= 0, but got {cache_memory_gb}.")
         self.cache_frozen = bool(cache_frozen)

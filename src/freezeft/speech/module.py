@@ -118,7 +118,9 @@ class SpeechModule(pl.LightningModule):
             spec_augment=SpecAugment(**spec_augment) if spec_augment is not None else None,
         )
         self.speed_perturbation = (
-            SpeedPerturbation(speed_perturbation, sample_rate) if speed_perturbation else None
+            SpeedPerturbation(speed_perturbation, sample_rate)
+            if speed_perturbation and any(float(f) != 1.0 for f in speed_perturbation)
+            else None  # no factor but 1: nothing to perturb (and the prefix stays cachable)
         )
         self.model = DeepSpeech(
             self.features.n_features, len(labels), n_hidden, dropout=dropout, relu_clip=relu_clip
