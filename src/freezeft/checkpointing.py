@@ -150,6 +150,16 @@ class InterruptCheckpoint(pl.Callback):
         self._restore_sigint()
 
     @override
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Ctrl+C while testing (scorer tuning included) also stops at the next check
+        if _in_main_thread() and self._previous_sigint is None:
+            self._previous_sigint = signal.signal(signal.SIGINT, self._on_sigint)
+
+    @override
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._restore_sigint()
+
+    @override
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:

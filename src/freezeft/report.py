@@ -12,8 +12,9 @@ writes, into that dir:
 * ``learning_curves.png``: dev CER per epoch, the mean over seeds per strategy;
 * ``lr_schedule.png``: the per-group learning rate, step by step, of one run.
 
-Runs that differ in ``transfer.drop_source_layers`` within a sweep are reported apart
-(``naive drop=2``). :class:`ReportCallback` runs this at the end of every multirun.
+Runs that differ in ``transfer.drop_source_layers`` or in ``decoder`` within a sweep are
+reported apart (``naive drop=2``, ``naive decoder=greedy``). :class:`ReportCallback` runs
+this at the end of every multirun.
 """
 
 from __future__ import annotations
@@ -94,11 +95,14 @@ def collect(sweep_dir: Path) -> tuple[list[Run], list[dict[str, Any]]]:
         for path in sorted(sweep_dir.rglob("failure.json"), key=_job_order)
     ]
     drops = {r.results.get("drop_source_layers") for r in runs} - {None}
+    decoders = {r.results.get("decoder") for r in runs}
     for run in runs:
         run.variant = str(run.results.get("strategy") or "none")
         drop = run.results.get("drop_source_layers")
         if len(drops) > 1 and drop is not None:
             run.variant += f" drop={drop}"
+        if len(decoders) > 1:  # a scorer's CER and a greedy one are different measures
+            run.variant += f" decoder={run.results.get('decoder') or 'greedy'}"
     return runs, failures
 
 

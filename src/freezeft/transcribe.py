@@ -84,6 +84,8 @@ def transcribe(model: SpeechModule, audio_file: str | Path, scorer: Scorer | Non
     Raises:
         OSError, RuntimeError: the file cannot be read as audio.
     """
+    if Path(audio_file).is_dir():
+        raise IsADirectoryError(f"{audio_file} is a folder, not an audio file")
     if not Path(audio_file).is_file():
         raise FileNotFoundError(f"no such file: {audio_file}")
     audio = torch.from_numpy(load_audio(Path(audio_file), model.hparams.sample_rate))
@@ -123,6 +125,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     f"--decoder beam: {args.checkpoint}'s run built no scorer (it decoded "
                     "greedily); name one with --scorer DIR."
                 )
+        if scorer is not None:
+            scorer.open()  # a broken scorer file is the scorer's error, not the audio's
     except (OSError, ValueError) as err:
         print(f"freezeft.transcribe: error: {err}", file=sys.stderr)
         return 1

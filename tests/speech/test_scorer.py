@@ -173,3 +173,57 @@ def test_the_test_is_decoded_with_a_scorer_tuned_on_dev(german_corpus, tmp_path)
     lexicon = {line.split("\t")[0] for line in (tmp_path / "scorer" / "lexicon.txt").open()}
     assert all(set(s["hypothesis"].split()) <= lexicon for s in module.test_samples)
     assert not math.isnan(results["wer"])
+
+
+def test_sentence_text_from_excel_keeps_its_words(tmp_path):
+    text = tmp_path / "excel.txt"  # a BOM, CRLF line ends, punctuation around words
+    text.write_bytes("\ufeffWürde er kommen?\r\n„Ja“, sagte sie: der Hund.\r\n".encode())
+    unigrams, bigrams = text_counts(text, set(LABELS) - {" "})
+    assert {"würde", "er", "kommen", "ja", "sagte", "sie", "der", "hund"} <= set(unigrams)
+    assert bigrams[("der", "hund")] == 1 and bigrams[("hund", "</s>")] == 1
+
+
+@pytest.mark.parametrize(
+    ("decoder", "language", "message"),
+    [
+        ({"name": "beam", "lm_text": "EMPTY"}, None, "has no word spelled.*it is empty"),
+        ({"name": "beam", "lm_text": "LATIN1"}, None, "is not UTF-8"),
+        ({"name": "beam", "lm_text": "DIR"}, None, "is a folder"),
+        ({"name": "beam", "vocabulary": 2000}, "xx", "no word list for language 'xx'"),
+        ({"name": "beam", "vocabulary": 2000}, "ru", "Only [0-9]+ of the 1000 most frequent 'ru'"),
+        ({"name": "beam", "lm_weight": "abc"}, "de", "decoder.lm_weight"),
+        ({"name": "beam", "word_score": float("-inf")}, "de", "decoder.word_score"),
+        ({"name": "beam", "lm_weights": [True]}, "de", "decoder.lm_weights"),
+    ],
+)
+def test_a_scorer_that_cannot_be_built_is_refused_before_training(tmp_path, decoder, language,
+                                                                  message):  # fmt: skip
+    files = {"EMPTY": tmp_path / "empty.txt", "LATIN1": tmp_path / "l1.txt", "DIR": tmp_path}
+    files["EMPTY"].write_text("")
+    files["LATIN1"].write_bytes("Grüße aus Köln\n".encode("latin-1"))
+    if decoder.get("lm_text") in files:
+        decoder = {**decoder, "lm_text": str(files[decoder["lm_text"]])}
+    with pytest.raises((ValueError, OSError), match=message):
+        SpeechModule(labels=LABELS, n_hidden=8, decoder=decoder, language=language)
+
+
+@pytest.mark.slow
+def test_a_signal_while_the_scorer_is_tuned_stops_the_test(german_corpus, tmp_path):
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+    class SignalAtTestStart(pl.Callback):  # as if SIGTERM came just before tuning
+        def on_test_start(self, trainer, pl_module):
+            trainer._signal_connector.received_sigterm = True
+
+    data = SpeechDataModule(data_dir=german_corpus, batch_size=4, num_workers=0, language="de")
+    decoder = Decoder(name="beam", vocabulary=2000, lm_weights=(0.5, 1.0), word_scores=(0.0,))
+    module = SpeechModule(labels=data.alphabet.labels, n_hidden=8, decoder=decoder, language="de")
+    trainer = pl.Trainer(
+        logger=False, enable_progress_bar=False, enable_model_summary=False,
+        default_root_dir=tmp_path, callbacks=[SignalAtTestStart()],
+    )  # fmt: skip
+    with pytest.raises(SIGTERMException):
+        trainer.test(module, datamodule=data)
+    assert "tuned_on" not in (tmp_path / "scorer" / "scorer.json").read_text() or (
+        json.loads((tmp_path / "scorer" / "scorer.json").read_text())["tuned_on"] is None
+    )

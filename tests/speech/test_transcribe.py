@@ -53,6 +53,7 @@ def test_a_file_that_is_no_checkpoint_is_one_message(tmp_path, capsys):
 def beam_run(tmp_path_factory, german_corpus):
     """A run dir as `python -m freezeft.run decoder=beam` leaves it: checkpoints/ and scorer/."""
     run = tmp_path_factory.mktemp("run")
+    pl.seed_everything(0)
     text = run / "words.txt"
     text.write_text("die katze\nder hund\nein haus\n")
     data = SpeechDataModule(data_dir=german_corpus, batch_size=8, num_workers=0)
@@ -74,11 +75,13 @@ def test_a_beam_run_is_transcribed_with_its_scorer(beam_run, german_corpus, caps
     checkpoint = str(beam_run / "checkpoints" / "best.ckpt")
     assert main([checkpoint, wav]) == 0
     (line,) = capsys.readouterr().out.splitlines()
-    words = line.split("\t")[1].split()
-    assert words and set(words) <= {"die", "katze", "der", "hund", "ein", "haus"}
+    text = line.split("\t")[1]
+    assert set(text.split()) <= {"die", "katze", "der", "hund", "ein", "haus"}
+    model = load_model(checkpoint)
+    scorer = Scorer.load(beam_run / "scorer", model.alphabet.labels)
+    assert text == transcribe(model, wav, scorer)  # the run's scorer decoded it
     assert main([checkpoint, wav, "--decoder", "greedy"]) == 0
     greedy = capsys.readouterr().out.split("\t")[1].strip()
-    model = load_model(checkpoint)
     assert greedy == transcribe(model, wav)  # no scorer: greedy
 
 
@@ -91,3 +94,15 @@ def test_a_beam_run_without_its_scorer_says_how_to_go_on(beam_run, tmp_path, cap
     assert "scorer folder" in err and "--scorer DIR" in err and "--decoder greedy" in err
     assert main([str(moved / "best.ckpt"), "a.wav", "--scorer", str(beam_run / "scorer")]) == 1
     assert "cannot read a.wav" in capsys.readouterr().err  # the scorer loaded; the file is gone
+
+
+def test_a_broken_scorer_is_named_not_blamed_on_the_audio(beam_run, tmp_path, capsys):
+    broken = tmp_path / "scorer"
+    broken.mkdir()
+    for item in (beam_run / "scorer").iterdir():
+        (broken / item.name).write_bytes(item.read_bytes())
+    (broken / "lm.arpa").write_text((broken / "lm.arpa").read_text()[:60])  # truncated
+    checkpoint = str(beam_run / "checkpoints" / "best.ckpt")
+    assert main([checkpoint, "a.wav", "--scorer", str(broken)]) == 1
+    err = capsys.readouterr().err
+    assert f"The scorer in {broken} cannot be read" in err and "a.wav" not in err

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import pytorch_lightning as pl
-from pytorch_lightning.utilities import rank_zero_info
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from freezeft.callbacks.base import expect_int
@@ -144,6 +144,21 @@ class FreezeThenUnfreeze(FrozenEncoder):
                     f"{type(self).__name__}: {self.monitor} did not improve for "
                     f"{self.phase2_wait} validations of phase 2; training stops."
                 )
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        phase2 = self.phase2_epoch
+        if phase2 is None or phase2 >= trainer.current_epoch:  # epochs trained
+            reason = (
+                f"{self.monitor} kept improving in phase 1"
+                if self.monitor
+                else f"unfreeze_at_epoch={self.unfreeze_at_epoch} >= max_epochs"
+            )
+            rank_zero_warn(
+                f"{type(self).__name__}: phase 2 (everything trains) never started: {reason} "
+                f"within the {trainer.current_epoch} epochs trained, so only the head trained. "
+                "Give it more epochs (python -m freezeft.run: protocol=converge)."
+            )
 
     def _follow(self, value: float, best: float, wait: int) -> tuple[float, int]:
         """The new best and the validations since it."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict
@@ -11,6 +12,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_info
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 from torch import Tensor, nn
 
 from freezeft.frozen_cache import cached_forward
@@ -20,7 +22,7 @@ from freezeft.speech.dataset import Skipped
 from freezeft.speech.decoding import error_counts, greedy_decode, sample_cer
 from freezeft.speech.features import MFCCFeatures
 from freezeft.speech.model import LAYER_NAMES, DeepSpeech
-from freezeft.speech.scorer import Decoder, Scorer
+from freezeft.speech.scorer import Decoder, Scorer, check_words
 from freezeft.speech.transfer import TransferReport, dropped_layers, transfer_weights
 
 log = logging.getLogger(__name__)
@@ -103,6 +105,8 @@ class SpeechModule(pl.LightningModule):
                 "text of the language with `decoder.lm_text=PATH` (one sentence per line), or "
                 "use `decoder=greedy`."
             )
+        if self.decoder.beam:  # before any training: a bad word source fails now
+            check_words(labels, language, self.decoder.lm_text, self.decoder.vocabulary)
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.hparams["labels"] = labels
         self.hparams["decoder"] = asdict(self.decoder)
@@ -111,6 +115,18 @@ class SpeechModule(pl.LightningModule):
         #: the scorer the test decodes with (built and tuned on dev when the test starts)
         self.scorer: Scorer | None = None
         self.alphabet = Alphabet(labels)
+        if speed_perturbation is not None and not isinstance(speed_perturbation, (list, tuple)):
+            raise ValueError(
+                "Expected `speed_perturbation` a list of speeds such as [0.9, 1.0, 1.1], but "
+                f"got {speed_perturbation!r}."
+            )
+        if spec_augment is not None:
+            known = set(inspect.signature(SpecAugment).parameters)
+            if not isinstance(spec_augment, dict) or set(spec_augment) - known:
+                raise ValueError(
+                    f"Expected `spec_augment` a dict with keys from {sorted(known)}, but got "
+                    f"{spec_augment!r}."
+                )
         self.features = MFCCFeatures(
             sample_rate=sample_rate,
             n_mfcc=n_mfcc,
@@ -374,7 +390,18 @@ class SpeechModule(pl.LightningModule):
         )
         if d.lm_weight is not None and d.word_score is not None:
             return scorer
-        dev = self._dev_outputs()
+        try:
+            dev = self._dev_outputs()
+            if dev is not None:
+                tuned = scorer.tune(
+                    *dev,
+                    lm_weights=(d.lm_weight,) if d.lm_weight is not None else d.lm_weights,
+                    word_scores=(d.word_score,) if d.word_score is not None else d.word_scores,
+                    reduce=self._sum_over_ranks,
+                    should_stop=lambda: self.trainer.received_sigterm,
+                )
+        except InterruptedError:  # SIGTERM or Ctrl+C: stop as a test batch would
+            raise SIGTERMException() from None
         if dev is None:
             log.warning(
                 "decoder=beam tunes lm_weight and word_score on the dev set, but the trainer "
@@ -383,12 +410,6 @@ class SpeechModule(pl.LightningModule):
                 "Set `decoder.lm_weight` and `decoder.word_score`, or test with a datamodule."
             )
             return scorer
-        tuned = scorer.tune(
-            *dev,
-            lm_weights=(d.lm_weight,) if d.lm_weight is not None else d.lm_weights,
-            word_scores=(d.word_score,) if d.word_score is not None else d.word_scores,
-            reduce=self._sum_over_ranks,
-        )
         if self.trainer.is_global_zero:
             tuned.save()
         rank_zero_info(
@@ -407,6 +428,8 @@ class SpeechModule(pl.LightningModule):
         self.eval()
         log_probs, lengths, references = [], [], []
         for batch in datamodule.val_dataloader():
+            if self.trainer.received_sigterm:
+                raise InterruptedError("scorer tuning interrupted")
             if not batch["paths"]:
                 continue
             batch = self.transfer_batch_to_device(batch, self.device, 0)

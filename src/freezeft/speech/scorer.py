@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import sys
+import unicodedata
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, fields, replace
@@ -38,7 +40,10 @@ from torch import Tensor
 
 from freezeft.speech.decoding import error_counts
 
+log = logging.getLogger(__name__)
+
 __all__ = [
+    "check_words",
     "Decoder",
     "Scorer",
     "ScorerSettings",
@@ -89,15 +94,34 @@ class Decoder:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"Expected `decoder.{key}` an integer >= 1, but got {value!r}.")
         for key in ("lm_weights", "word_scores"):
-            values = tuple(getattr(self, key))
-            if not values or not all(isinstance(v, (int, float)) for v in values):
-                raise ValueError(f"Expected `decoder.{key}` a list of numbers, but got {values!r}.")
+            values = getattr(self, key)
+            values = tuple(values) if isinstance(values, (list, tuple)) else (values,)
+            if not values or not all(_is_number(v) for v in values):
+                raise ValueError(
+                    f"Expected `decoder.{key}` a list of finite numbers, but got {values!r}."
+                )
             object.__setattr__(self, key, values)
-        if self.lm_text is not None and not Path(self.lm_text).is_file():
-            raise FileNotFoundError(
-                f"`decoder.lm_text={self.lm_text}` does not exist: give a UTF-8 text file "
-                "(one sentence per line) of the target language."
-            )
+        for key in ("lm_weight", "word_score"):
+            value = getattr(self, key)
+            if value is not None and not _is_number(value):
+                raise ValueError(
+                    f"Expected `decoder.{key}` a finite number or null (tuned on dev), but "
+                    f"got {value!r}."
+                )
+        if self.lm_text is not None:
+            path = Path(self.lm_text).expanduser()
+            if path.is_dir():
+                raise IsADirectoryError(
+                    f"`decoder.lm_text={self.lm_text}` is a folder; give a UTF-8 text file "
+                    "(one sentence per line) of the target language."
+                )
+            if not path.is_file():
+                raise FileNotFoundError(
+                    f"`decoder.lm_text={self.lm_text}` does not exist: give a UTF-8 text file "
+                    "(one sentence per line) of the target language."
+                )
+            # absolute: a resumed run or a sweep job started elsewhere finds it too
+            object.__setattr__(self, "lm_text", str(path.resolve()))
 
     @classmethod
     def from_config(cls, config: Decoder | str | dict | None) -> Decoder:
@@ -119,6 +143,14 @@ class Decoder:
     def beam(self) -> bool:
         """Whether this decoder uses the scorer."""
         return self.name == "beam"
+
+
+def _is_number(value: Any) -> bool:
+    return (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(float(value))
+    )
 
 
 @dataclass(frozen=True)
@@ -193,11 +225,6 @@ class Scorer:
         if lm_text is not None:
             unigrams, bigrams = text_counts(lm_text, spellable)
             source, order = str(lm_text), 2
-            if not unigrams:
-                raise ValueError(
-                    f"{lm_text}: no word spelled only with the model's labels "
-                    f"{''.join(sorted(spellable))!r}; a scorer needs such words."
-                )
         else:
             unigrams, bigrams = word_frequencies(language, spellable, vocabulary), None
             source, order = f"wordfreq:{language}", 1
@@ -231,6 +258,11 @@ class Scorer:
             ValueError: its tokens are not the model's labels.
         """
         folder = Path(folder)
+        if not folder.is_dir():
+            raise FileNotFoundError(
+                f"Scorer folder {folder} does not exist (or is not a folder): give the "
+                "`scorer` folder a run with decoder=beam wrote."
+            )
         for name in _FILES:
             if not (folder / name).is_file():
                 raise FileNotFoundError(f"Scorer folder {folder} has no {name}.")
@@ -240,8 +272,26 @@ class Scorer:
                 f"The scorer in {folder} was built for the tokens {saved}, but the model's are "
                 f"{_tokens(labels)}: build the scorer for this model's alphabet."
             )
-        settings = json.loads((folder / "scorer.json").read_text(encoding="utf-8"))
-        return cls(folder, labels, ScorerSettings(**settings))
+        try:
+            settings = json.loads((folder / "scorer.json").read_text(encoding="utf-8"))
+            return cls(folder, labels, ScorerSettings(**settings))
+        except (json.JSONDecodeError, TypeError) as err:
+            raise ValueError(
+                f"{folder / 'scorer.json'} is not a scorer's settings: {err}"
+            ) from None
+
+    def open(self) -> None:
+        """Read the lexicon and LM now (decoding does on first use).
+
+        Raises:
+            ValueError: a file of the folder is broken (the message names the folder).
+        """
+        try:
+            self._search()
+        except (RuntimeError, ValueError, OSError) as err:
+            raise ValueError(
+                f"The scorer in {self.folder} cannot be read ({err}); rebuild it with the run."
+            ) from None
 
     def save(self) -> None:
         """Write :attr:`settings` to ``scorer.json``."""
@@ -287,6 +337,7 @@ class Scorer:
         lm_weights: Iterable[float] = DEFAULT_LM_WEIGHTS,
         word_scores: Iterable[float] = DEFAULT_WORD_SCORES,
         reduce: Callable[[Tensor], Tensor] | None = None,
+        should_stop: Callable[[], bool] | None = None,
     ) -> Scorer:
         """The scorer whose LM weight and word score give the lowest WER on these utterances.
 
@@ -294,7 +345,8 @@ class Scorer:
         of ``word_scores`` with the best weight (ties go to the earlier value). ``log_probs``
         and ``lengths`` are batches as the model gave them, ``references`` their transcripts
         in order: dev data, never test. ``reduce`` sums an error-count tensor over processes
-        (DDP), so every process picks the same weights.
+        (DDP), so every process picks the same weights. ``should_stop`` is asked before
+        each decode; when it says True, tuning stops with ``InterruptedError``.
         """
         lm_weights = [float(a) for a in lm_weights]
         word_scores = [float(b) for b in word_scores]
@@ -303,6 +355,8 @@ class Scorer:
         def wer_of(points: list[tuple[float, float]]) -> list[float]:
             counts = torch.zeros(len(points), 4, dtype=torch.float64)
             for index, (alpha, beta) in enumerate(points):
+                if should_stop is not None and should_stop():
+                    raise InterruptedError("scorer tuning interrupted")
                 candidate = self.with_weights(alpha, beta)
                 hypotheses = [
                     text
@@ -363,57 +417,128 @@ def _tokens(labels: Sequence[str]) -> list[str]:
 
 def word_frequencies(language: str, letters: set[str], vocabulary: int) -> dict[str, float]:
     """The ``vocabulary`` most frequent words of ``language`` spelled with ``letters``,
-    with their frequencies (``wordfreq``'s large lists where there is one)."""
+    with their frequencies (``wordfreq``'s large lists where there is one).
+
+    Raises:
+        ValueError: no word list for ``language``, or so few of its frequent words are
+            spelled with ``letters`` that the language or the alphabet must be wrong.
+    """
     import wordfreq
 
     if language not in wordfreq.available_languages():
         raise ValueError(
-            f"wordfreq has no word list for language {language!r}; give a text file with "
-            "`decoder.lm_text=...` instead."
+            f"wordfreq has no word list for language {language!r} (data.language); give a "
+            "wordfreq code such as de, fr, es, ru, or a text with `decoder.lm_text=PATH`."
         )
     wordlist = "large" if language in wordfreq.available_languages("large") else "best"
     words: dict[str, float] = {}
+    examined = 0
     for word in wordfreq.iter_wordlist(language, wordlist):
         word = word.lower()
+        examined += 1
+        if examined == 1000 and len(words) < 300:
+            cased = " (the alphabet has upper-case letters; wordfreq's words are lower case)"
+            raise ValueError(
+                f"Only {len(words)} of the 1000 most frequent {language!r} words are spelled "
+                f"with the alphabet's letters {''.join(sorted(letters))!r}"
+                + (cased if any(c.isupper() for c in letters) else "")
+                + ": is `data.language` the data's language? Or give a text of it with "
+                "`decoder.lm_text=PATH`, or use `decoder=greedy`."
+            )
         if word in words or not set(word) <= letters or word.strip("'") != word:
             continue
         words[word] = wordfreq.word_frequency(word, language, wordlist)
         if len(words) == vocabulary:
             break
-    if not words:
-        raise ValueError(f"No word of wordfreq's {language!r} list is spelled with {letters}.")
     return words
+
+
+def _words_of(line: str, letters: set[str]) -> list[str | None]:
+    """A line's words, punctuation around them stripped; ``None`` for a word with a
+    character outside ``letters`` (it splits the sentence there)."""
+    out: list[str | None] = []
+    strip = "".join(c for c in _PUNCTUATION if c not in letters)
+    for token in line.split():
+        word = token.strip(strip)
+        if not word:
+            continue
+        out.append(word if set(word) <= letters else None)
+    return out
+
+
+#: Stripped from both ends of a text's words (what sentence text wraps words in).
+_PUNCTUATION = (
+    "".join(c for c in map(chr, range(0x2000)) if unicodedata.category(c).startswith(("P", "S")))
+    + "\u201e\u201c\u201d\u00ab\u00bb\u2026\u2013\u2014\u201a\u2018\u2019"
+)
 
 
 def text_counts(path: str | Path, letters: set[str]) -> tuple[Counter, Counter]:
     """Unigram and bigram counts of a text, one sentence per line, lower-cased.
 
-    Words with a character outside ``letters`` split the sentence there (they are not
-    in the lexicon, so no n-gram spans them). Sentence marks ``<s>``/``</s>`` are counted.
+    Punctuation around words is stripped (``Haus,`` counts as ``haus``); a word with another
+    character outside ``letters`` splits the sentence there (it is not in the lexicon, so
+    no n-gram spans it). Sentence marks ``<s>``/``</s>`` are counted.
+
+    Raises:
+        FileNotFoundError, ValueError: the file is missing, not UTF-8, or has no word
+            spelled with ``letters`` (the message names ``decoder.lm_text``).
     """
     unigrams: Counter = Counter()
     bigrams: Counter = Counter()
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = Path(path).read_text(encoding="utf-8-sig")  # Excel's UTF-8 starts with a BOM
     except FileNotFoundError:
         raise FileNotFoundError(
             f"The scorer's text file {path} (decoder.lm_text) does not exist."
         ) from None
     except UnicodeDecodeError as err:
-        raise ValueError(f"{path} (decoder.lm_text) is not UTF-8 text: {err}") from None
+        raise ValueError(
+            f"{path} (decoder.lm_text) is not UTF-8 text ({err}); save it as UTF-8."
+        ) from None
+    dropped = 0
     for line in text.lower().splitlines():
         run: list[str] = []
-        for word in [*line.split(), None]:
-            if word is not None and set(word) <= letters:
+        for word in [*_words_of(line, letters), None]:
+            if word is not None:
                 run.append(word)
                 continue
+            dropped += 1
             if run:
                 sentence = ["<s>", *run, "</s>"]
                 unigrams.update(sentence[1:])
                 unigrams["<s>"] += 1
                 bigrams.update(zip(sentence[:-1], sentence[1:], strict=True))
             run = []
+        dropped -= 1  # the end-of-line marker
+    if not unigrams:
+        raise ValueError(
+            f"{path} (decoder.lm_text) has no word spelled only with the model's letters "
+            f"{''.join(sorted(letters))!r}"
+            + (" (it is empty)" if not text.strip() else "")
+            + ": give sentences of the target language, one per line, or use decoder=greedy."
+        )
+    if dropped:
+        log.warning(
+            f"{path} (decoder.lm_text): {dropped} words with characters outside the alphabet "
+            "were left out of the scorer's lexicon and LM."
+        )
     return unigrams, bigrams
+
+
+def check_words(
+    labels: Sequence[str], language: str | None, lm_text: str | None, vocabulary: int
+) -> int:
+    """Check before training that a scorer can be built for ``labels`` from these words;
+    returns how many words it would have. Raises what :meth:`Scorer.build` would."""
+    letters = set(labels) - {" "}
+    _tokens(labels)
+    if lm_text is not None:
+        unigrams, _ = text_counts(lm_text, letters)
+        return len(unigrams) - 1
+    if language is None:
+        raise ValueError("A scorer needs a language or a text (decoder.lm_text).")
+    return len(word_frequencies(language, letters, vocabulary))
 
 
 def write_arpa(
