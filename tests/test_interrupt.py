@@ -83,6 +83,9 @@ def interrupt_at_step_12(tmp_path: Path, cache_dir: Path, signal_name: str) -> P
         out / "checkpoints" / "interrupted.ckpt", map_location="cpu", weights_only=False
     )
     assert state["global_step"] == 12 and state["epoch"] == 1
+    seconds = [v["train_seconds"] for k, v in state["callbacks"].items() if "Interrupt" in k]
+    assert seconds and seconds[0] > 0  # the time trained so far travels with the checkpoint
+    (out / "trained_before_resume.txt").write_text(str(seconds[0]))
     return out
 
 
@@ -94,6 +97,9 @@ def assert_same_result(out: Path, uninterrupted: Path) -> None:
     a = json.loads((out / "results.json").read_text())
     b = json.loads((uninterrupted / "results.json").read_text())
     assert (a["cer"], a["wer"], a["best_epoch"]) == (b["cer"], b["wer"], b["best_epoch"])
+    before = out / "trained_before_resume.txt"
+    if before.exists():  # the resumed run's training time includes the interrupted part
+        assert a["train_seconds"] > float(before.read_text())
     lr_a = (out / "lr_schedule.csv").read_text()
     assert lr_a == (uninterrupted / "lr_schedule.csv").read_text()  # phase and LRs continued
     val_a, val_b = (

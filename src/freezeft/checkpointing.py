@@ -21,6 +21,7 @@ import shutil
 import signal
 import tempfile
 import threading
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -108,9 +109,13 @@ class InterruptCheckpoint(pl.Callback):
         self._previous_sigint: Any = None
         self._rng_to_restore: dict[str, Any] | None = None
         self._mid_validation = False
+        #: training seconds of the run before this process resumed it (from the checkpoint)
+        self.seconds_before = 0.0
+        self._started: float | None = None
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._started = time.perf_counter()
         if self._rng_to_restore is not None:
             _set_rng_states(self._rng_to_restore)
             self._rng_to_restore = None
@@ -132,11 +137,17 @@ class InterruptCheckpoint(pl.Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"rng": _get_rng_states()}
+        return {"rng": _get_rng_states(), "train_seconds": self.train_seconds()}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._rng_to_restore = state_dict.get("rng")
+        self.seconds_before = float(state_dict.get("train_seconds", 0.0))
+
+    def train_seconds(self) -> float:
+        """Seconds the run has trained so far, the processes before a resume included."""
+        now = time.perf_counter() - self._started if self._started is not None else 0.0
+        return self.seconds_before + now
 
     def _on_sigint(self, signum: int, frame: Any) -> None:
         # the first Ctrl+C stops after this batch (via Lightning's SIGTERM path); a second

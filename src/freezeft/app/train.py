@@ -114,7 +114,8 @@ def fit_and_test(
         else:  # pretraining into a cache entry, which is discarded unfinished
             print("freezeft: interrupted while pretraining; nothing was cached.", flush=True)
         raise SystemExit(143) from None
-    train_seconds = time.perf_counter() - start
+    # a resumed run counts the seconds its earlier processes trained, too
+    train_seconds = time.perf_counter() - start + interrupt.seconds_before
     if trainer.received_sigterm:  # it came with training's last batch: training is complete
         stop_before_results(output_dir)
     if resume_from is not None and Path(resume_from).name == INTERRUPTED_CHECKPOINT:
