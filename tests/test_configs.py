@@ -58,7 +58,8 @@ def test_option_composes_and_binds_to_its_targets(group, option, tmp_path):
         except TypeError as err:
             pytest.fail(f"{where} ({block._target_}) does not fit its signature: {err}")
     instantiate(cfg.data, _convert_="all")
-    instantiate(cfg.model, labels=list(" ab"), language="de", _convert_="all")
+    labels = [" ", *"abcdefghijklmnopqrstuvwxyzäöüß"]  # German: what the scorer checks against
+    instantiate(cfg.model, labels=labels, language="de", _convert_="all")
     for callback in {**cfg.strategy.callbacks, **cfg.strategy.get("addons", {})}.values():
         instantiate(callback, _convert_="all")
     instantiate(cfg.logger, save_dir=str(tmp_path), _convert_="all")
