@@ -167,6 +167,8 @@ def test_bad_rows_and_a_nan_batch_are_skipped_and_reported(tmp_path, german_corp
             "freezeft.run",
             "data=deepspeech_csv",
             f"data.data_dir={data}",
+            "data.language=de",  # the scorer's words: German's from wordfreq
+            "decoder.vocabulary=2000",
             "data.num_workers=0",
             "data.batch_size=8",
             "strategy=scratch",

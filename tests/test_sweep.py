@@ -80,7 +80,7 @@ def test_sweep_report_matches_the_jobs_results(two_strategy_sweep):
     mean, std = float(rows[0]["cer_mean"]), float(rows[0]["cer_std"])
     assert f"| {winner} | 2 | {mean:.3f} ± {std:.3f} |" in report
     assert "- Machine: " in report and "cores" in report
-    assert "- Budget: max_epochs=2 per job on 32 training utterances (de)" in report
+    assert "- Budget: protocol fixed, max_epochs=2 per job on 32 training utterances (de)" in report
     assert "seeds 0, 1" in report
     assert "strategy=frozen_encoder,scratch" in report  # the command that reproduces it
     for name in ("cer_vs_time.png", "learning_curves.png", "lr_schedule.png"):
