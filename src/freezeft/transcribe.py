@@ -91,7 +91,7 @@ def transcribe(model: SpeechModule, audio_file: str | Path, scorer: Scorer | Non
     audio = torch.from_numpy(load_audio(Path(audio_file), model.hparams.sample_rate))
     logits, lengths = model(audio[None], torch.tensor([len(audio)]))
     if scorer is not None:
-        (text,) = scorer.decode(logits.float().log_softmax(-1), lengths)
+        (text,) = scorer.decode(logits, lengths)
         return text
     (ids,) = greedy_decode(logits, lengths, model.model.blank)
     return model.alphabet.decode(ids)

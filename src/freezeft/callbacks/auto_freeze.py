@@ -95,7 +95,6 @@ class AutoFreeze(FrozenEncoder):
         self.decisions: list[dict[str, Any]] = []
         self._window = torch.zeros(0, dtype=torch.float64)  # summed grad norms per group
         self._steps = 0  # optimizer steps in the current window
-        self._previous: list[float] | None = None  # the last window's mean norms
         self._calm = 0  # windows in a row the candidate's rate was below the threshold
         #: one dict per window: step, epoch and each group's mean gradient norm (None: frozen)
         self.windows: list[dict[str, Any]] = []
@@ -120,7 +119,7 @@ class AutoFreeze(FrozenEncoder):
         if stage == "fit":  # a new fit starts unfrozen (a resumed one loads its state after this)
             self.n_frozen, self.decisions, self.windows = 0, [], []
             self._window.zero_()
-            self._steps, self._previous, self._calm = 0, None, 0
+            self._steps, self._calm = 0, 0
         super().setup(trainer, pl_module, stage)
 
     @override
@@ -178,10 +177,10 @@ class AutoFreeze(FrozenEncoder):
             float(m) if i >= self.n_frozen and self.plan.has_own_params(i) else None
             for i, m in enumerate(means)
         ]
+        previous = self.windows[-1]["grad_norms"] if self.windows else None
         self.windows.append(
             {"step": trainer.global_step, "epoch": trainer.current_epoch, "grad_norms": norms}
         )
-        previous, self._previous = self._previous, norms
         index = self._candidate()
         if previous is None or index is None or trainer.current_epoch < self.min_epochs:
             return
@@ -220,7 +219,6 @@ class AutoFreeze(FrozenEncoder):
                 "decisions": list(self.decisions),
                 "window": self._window.tolist(),
                 "steps": self._steps,
-                "previous": self._previous,
                 "calm": self._calm,
                 "windows": list(self.windows),
             }
@@ -237,6 +235,5 @@ class AutoFreeze(FrozenEncoder):
         self.decisions = list(saved["decisions"])
         self._window = torch.tensor(saved["window"], dtype=torch.float64)
         self._steps = int(saved["steps"])
-        self._previous = saved["previous"]
         self._calm = int(saved["calm"])
         self.windows = list(saved["windows"])

@@ -98,13 +98,6 @@ class SpeechModule(pl.LightningModule):
         super().__init__()
         labels = list(labels)
         self.decoder = Decoder.from_config(decoder)
-        if self.decoder.beam and self.decoder.lm_text is None and language is None:
-            raise ValueError(
-                "decoder=beam builds its word LM from the data's language or a text, but the "
-                "data names no language: give it (`data.language=de`, a wordfreq code), or a "
-                "text of the language with `decoder.lm_text=PATH` (one sentence per line), or "
-                "use `decoder=greedy`."
-            )
         if self.decoder.beam:  # before any training: a bad word source fails now
             check_words(labels, language, self.decoder.lm_text, self.decoder.vocabulary)
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
@@ -306,15 +299,9 @@ class SpeechModule(pl.LightningModule):
             for ids in greedy_decode(logits, frame_lengths, self.model.blank)
         ]
         if stage == "test" and self.scorer is not None:
-            greedy = torch.tensor(
-                error_counts(batch["transcripts"], hypotheses), dtype=torch.float64
-            )
-            self._greedy_counts = greedy + (
-                self._greedy_counts if self._greedy_counts is not None else 0
-            )
-            hypotheses = self.scorer.decode(logits.float().log_softmax(-1), frame_lengths)
-        counts = torch.tensor(error_counts(batch["transcripts"], hypotheses), dtype=torch.float64)
-        self._counts = counts if self._counts is None else self._counts + counts
+            self._greedy_counts = _added(self._greedy_counts, batch["transcripts"], hypotheses)
+            hypotheses = self.scorer.decode(logits, frame_lengths)
+        self._counts = _added(self._counts, batch["transcripts"], hypotheses)
         if stage == "test":
             self._samples += [
                 {"path": p, "reference": r, "hypothesis": h, "cer": sample_cer(r, h)}
@@ -392,24 +379,24 @@ class SpeechModule(pl.LightningModule):
             return scorer
         try:
             dev = self._dev_outputs()
-            if dev is not None:
-                tuned = scorer.tune(
-                    *dev,
-                    lm_weights=(d.lm_weight,) if d.lm_weight is not None else d.lm_weights,
-                    word_scores=(d.word_score,) if d.word_score is not None else d.word_scores,
-                    reduce=self._sum_over_ranks,
-                    should_stop=lambda: self.trainer.received_sigterm,
+            if dev is None:
+                log.warning(
+                    "decoder=beam tunes lm_weight and word_score on the dev set, but the "
+                    "trainer has no datamodule with a val_dataloader; decoding with lm_weight="
+                    f"{scorer.settings.lm_weight}, word_score={scorer.settings.word_score} "
+                    "untuned. Set `decoder.lm_weight` and `decoder.word_score`, or test with "
+                    "a datamodule."
                 )
+                return scorer
+            tuned = scorer.tune(
+                *dev,
+                lm_weights=(d.lm_weight,) if d.lm_weight is not None else d.lm_weights,
+                word_scores=(d.word_score,) if d.word_score is not None else d.word_scores,
+                reduce=self._sum_over_ranks,
+                should_stop=lambda: self.trainer.received_sigterm,
+            )
         except InterruptedError:  # SIGTERM or Ctrl+C: stop as a test batch would
             raise SIGTERMException() from None
-        if dev is None:
-            log.warning(
-                "decoder=beam tunes lm_weight and word_score on the dev set, but the trainer "
-                "has no datamodule with a val_dataloader; decoding with lm_weight="
-                f"{scorer.settings.lm_weight}, word_score={scorer.settings.word_score} untuned. "
-                "Set `decoder.lm_weight` and `decoder.word_score`, or test with a datamodule."
-            )
-            return scorer
         if self.trainer.is_global_zero:
             tuned.save()
         rank_zero_info(
@@ -420,13 +407,13 @@ class SpeechModule(pl.LightningModule):
 
     @torch.no_grad()
     def _dev_outputs(self) -> tuple[list[Tensor], list[Tensor], list[str]] | None:
-        """Log-probabilities, frame counts and transcripts of this rank's dev batches."""
+        """Logits, frame counts and transcripts of this rank's dev batches."""
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is None or not hasattr(datamodule, "val_dataloader"):
             return None
         was_training = self.training
         self.eval()
-        log_probs, lengths, references = [], [], []
+        outputs, lengths, references = [], [], []
         for batch in datamodule.val_dataloader():
             if self.trainer.received_sigterm:
                 raise InterruptedError("scorer tuning interrupted")
@@ -434,11 +421,11 @@ class SpeechModule(pl.LightningModule):
                 continue
             batch = self.transfer_batch_to_device(batch, self.device, 0)
             logits, frame_lengths = self(batch["audio"], batch["audio_lengths"])
-            log_probs.append(logits.float().log_softmax(-1).cpu())
+            outputs.append(logits.cpu())
             lengths.append(frame_lengths.cpu())
             references += batch["transcripts"]
         self.train(was_training)
-        return log_probs, lengths, references
+        return outputs, lengths, references
 
     def configure_optimizers(self) -> Any:
         params = list(self.parameters())
@@ -457,6 +444,12 @@ class SpeechModule(pl.LightningModule):
                 "monitor": self.scheduler_monitor,
             },
         }
+
+
+def _added(total: Tensor | None, references: list[str], hypotheses: list[str]) -> Tensor:
+    """``total`` (``None``: nothing yet) plus this batch's error counts."""
+    counts = torch.tensor(error_counts(references, hypotheses), dtype=torch.float64)
+    return counts if total is None else total + counts
 
 
 def format_samples(samples: list[dict], wer: float, cer: float, k: int = 3) -> str:

@@ -234,7 +234,7 @@ class Scorer:
         _write_lines(folder / "tokens.txt", tokens)
         _write_lines(
             folder / "lexicon.txt",
-            [f"{w}\t{' '.join(_SILENCE if c == ' ' else c for c in w)} {_SILENCE}" for w in words],
+            [f"{w}\t{' '.join(w)} {_SILENCE}" for w in words],  # its letters, then a word end
         )
         write_arpa(folder / "lm.arpa", unigrams, bigrams)
         settings = ScorerSettings(
@@ -323,15 +323,16 @@ class Scorer:
         return self._decoder
 
     @torch.no_grad()
-    def decode(self, log_probs: Tensor, lengths: Tensor) -> list[str]:
-        """Transcripts of ``log_probs`` (B, T, labels + 1) with ``lengths`` (B,) valid frames."""
-        emissions = log_probs.detach().float().cpu().contiguous()
+    def decode(self, logits: Tensor, lengths: Tensor) -> list[str]:
+        """Transcripts of ``logits`` (B, T, labels + 1; log-probabilities too) with
+        ``lengths`` (B,) valid frames."""
+        emissions = logits.detach().float().log_softmax(-1).cpu().contiguous()
         results = self._search()(emissions, lengths.detach().cpu().to(torch.int32))
         return [" ".join(hyps[0].words) if hyps else "" for hyps in results]
 
     def tune(
         self,
-        log_probs: Sequence[Tensor],
+        logits: Sequence[Tensor],
         lengths: Sequence[Tensor],
         references: Sequence[str],
         lm_weights: Iterable[float] = DEFAULT_LM_WEIGHTS,
@@ -342,7 +343,7 @@ class Scorer:
         """The scorer whose LM weight and word score give the lowest WER on these utterances.
 
         A coordinate search: each of ``lm_weights`` with the word score nearest 0, then each
-        of ``word_scores`` with the best weight (ties go to the earlier value). ``log_probs``
+        of ``word_scores`` with the best weight (ties go to the earlier value). ``logits``
         and ``lengths`` are batches as the model gave them, ``references`` their transcripts
         in order: dev data, never test. ``reduce`` sums an error-count tensor over processes
         (DDP), so every process picks the same weights. ``should_stop`` is asked before
@@ -350,7 +351,11 @@ class Scorer:
         """
         lm_weights = [float(a) for a in lm_weights]
         word_scores = [float(b) for b in word_scores]
-        tried: dict[tuple[float, float], Tensor] = {}
+        tried: dict[tuple[float, float], Tensor] = {}  # error counts per point
+
+        def wer(point: tuple[float, float]) -> float:
+            counts = tried[point]
+            return float(counts[0] / counts[1].clamp(min=1))
 
         def wer_of(points: list[tuple[float, float]]) -> list[float]:
             counts = torch.zeros(len(points), 4, dtype=torch.float64)
@@ -360,16 +365,15 @@ class Scorer:
                 candidate = self.with_weights(alpha, beta)
                 hypotheses = [
                     text
-                    for batch, n in zip(log_probs, lengths, strict=True)
+                    for batch, n in zip(logits, lengths, strict=True)
                     for text in candidate.decode(batch, n)
                 ]
                 if references:
                     counts[index] = torch.tensor(error_counts(references, hypotheses))
             if reduce is not None:
                 counts = reduce(counts)
-            for point, row in zip(points, counts, strict=True):
-                tried[point] = row
-            return [float(row[0] / row[1].clamp(min=1)) for row in counts]
+            tried.update(zip(points, counts, strict=True))
+            return [wer(point) for point in points]
 
         start = min(word_scores, key=abs)
         first = [(alpha, start) for alpha in lm_weights]
@@ -377,21 +381,15 @@ class Scorer:
         alpha = first[wers.index(min(wers))][0]
         second = [(alpha, beta) for beta in word_scores if (alpha, beta) not in tried]
         wer_of(second)
-        candidates = [(alpha, beta) for beta in word_scores]
-        wers = [float(tried[p][0] / tried[p][1].clamp(min=1)) for p in candidates]
-        best = candidates[wers.index(min(wers))]
+        best = min(((alpha, beta) for beta in word_scores), key=wer)  # first of equals
         return self.with_weights(
             *best,
             tuned_on={
                 "reference_words": int(tried[best][1]),
-                "wer": round(min(wers), 4),
+                "wer": round(wer(best), 4),
                 "tried": [
-                    {
-                        "lm_weight": a,
-                        "word_score": b,
-                        "wer": round(float(c[0] / c[1].clamp(min=1)), 4),
-                    }
-                    for (a, b), c in tried.items()
+                    {"lm_weight": a, "word_score": b, "wer": round(wer((a, b)), 4)}
+                    for a, b in tried
                 ],
             },
         )
@@ -453,11 +451,10 @@ def word_frequencies(language: str, letters: set[str], vocabulary: int) -> dict[
     return words
 
 
-def _words_of(line: str, letters: set[str]) -> list[str | None]:
-    """A line's words, punctuation around them stripped; ``None`` for a word with a
-    character outside ``letters`` (it splits the sentence there)."""
+def _words_of(line: str, letters: set[str], strip: str) -> list[str | None]:
+    """A line's words, the characters of ``strip`` around them removed; ``None`` for a word
+    with a character outside ``letters`` (it splits the sentence there)."""
     out: list[str | None] = []
-    strip = "".join(c for c in _PUNCTUATION if c not in letters)
     for token in line.split():
         word = token.strip(strip)
         if not word:
@@ -497,9 +494,10 @@ def text_counts(path: str | Path, letters: set[str]) -> tuple[Counter, Counter]:
             f"{path} (decoder.lm_text) is not UTF-8 text ({err}); save it as UTF-8."
         ) from None
     dropped = 0
+    strip = "".join(c for c in _PUNCTUATION if c not in letters)  # punctuation, not a label
     for line in text.lower().splitlines():
         run: list[str] = []
-        for word in [*_words_of(line, letters), None]:
+        for word in [*_words_of(line, letters, strip), None]:
             if word is not None:
                 run.append(word)
                 continue
@@ -528,17 +526,25 @@ def text_counts(path: str | Path, letters: set[str]) -> tuple[Counter, Counter]:
 
 def check_words(
     labels: Sequence[str], language: str | None, lm_text: str | None, vocabulary: int
-) -> int:
-    """Check before training that a scorer can be built for ``labels`` from these words;
-    returns how many words it would have. Raises what :meth:`Scorer.build` would."""
+) -> None:
+    """Check before training that a scorer can be built for ``labels`` from these words.
+
+    Raises:
+        ValueError, OSError: what :meth:`Scorer.build` would raise, or no word source.
+    """
     letters = set(labels) - {" "}
     _tokens(labels)
     if lm_text is not None:
-        unigrams, _ = text_counts(lm_text, letters)
-        return len(unigrams) - 1
-    if language is None:
-        raise ValueError("A scorer needs a language or a text (decoder.lm_text).")
-    return len(word_frequencies(language, letters, vocabulary))
+        text_counts(lm_text, letters)
+    elif language is None:
+        raise ValueError(
+            "decoder=beam builds its word LM from the data's language or a text, but the "
+            "data names no language: give it (`data.language=de`, a wordfreq code), or a "
+            "text of the language with `decoder.lm_text=PATH` (one sentence per line), or "
+            "use `decoder=greedy`."
+        )
+    else:
+        word_frequencies(language, letters, vocabulary)
 
 
 def write_arpa(
