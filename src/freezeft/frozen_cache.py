@@ -1,12 +1,17 @@
 """Compute a frozen prefix's outputs once per sample and train the head from them.
 
 When the first ``n`` layer groups are frozen and deterministic (dropout off in them, no
-augmentation), their output for a sample never changes, so every epoch after the first
-can skip them. ``FrozenEncoder``, ``FreezeThenUnfreeze`` and ``GradualUnfreeze`` do this
+random augmentation), their output for a sample never changes, so every epoch after the
+first can skip them. Augmentation drawn from a few choices per batch (speed perturbation's
+speeds) keeps that true when the module puts the draw in each sample's key: the cache then
+holds one output per sample and draw. The fit's validation reuses the cache too, since the
+prefix's outputs are the same in eval mode. ``FrozenEncoder``, ``FreezeThenUnfreeze`` and ``GradualUnfreeze`` do this
 with ``cache_frozen=True`` for a module that implements :class:`PrefixCachable`; the
 cache is kept valid and dropped when its assumptions break:
 
-* the frozen prefix changes (a group is unfrozen),
+* the frozen prefix shrinks (a group is unfrozen); when it grows, the outputs it holds are
+  carried through the newly frozen groups on their next use if the module has
+  ``advance_prefix`` (the cache deepens), and dropped otherwise,
 * the module stops being deterministic (``prefix_is_deterministic()`` turns False,
   e.g. augmentation switched on),
 * a frozen weight changes (loaded, or edited in place),
@@ -42,12 +47,20 @@ log = logging.getLogger(__name__)
 class PrefixCachable(Protocol):
     """What a LightningModule provides so the outputs of its frozen prefix can be cached.
 
-    Its ``training_step`` calls :func:`cached_forward` first and falls back to its usual
-    forward when that returns ``None`` (no cache this epoch).
+    Its ``training_step`` (and, to skip the prefix in validation too, its
+    ``validation_step``) calls :func:`cached_forward` first and falls back to its usual
+    forward when that returns ``None`` (no cache this batch).
+
+    A module may also define ``advance_prefix(outputs, start, stop) -> list[Tensor]``: the
+    per-sample outputs of the first ``stop`` groups from those of the first ``start``
+    (deterministically). With it, outputs cached before more groups froze are carried
+    forward instead of recomputed from the input.
     """
 
     def sample_keys(self, batch: Any) -> Sequence[Hashable]:
-        """One stable key per sample of ``batch`` (e.g. its audio path)."""
+        """One stable key per sample of ``batch`` (e.g. its audio path), which must hold
+        everything the prefix's output depends on besides the weights (e.g. the batch's
+        drawn speed)."""
 
     def forward_prefix(self, batch: Any, n_groups: int) -> list[Tensor]:
         """Per-sample outputs of the first ``n_groups`` layer groups, deterministically."""
@@ -56,7 +69,8 @@ class PrefixCachable(Protocol):
         """The rest of the forward pass from per-sample prefix outputs."""
 
     def prefix_is_deterministic(self) -> bool:
-        """False while something random changes the prefix's output (augmentation)."""
+        """False while something random that the keys do not hold changes the prefix's
+        output (noise, masks)."""
 
 
 class FrozenOutputCache:
@@ -77,15 +91,21 @@ class FrozenOutputCache:
         self.fingerprint: tuple | None = None
         self.memory: dict[Hashable, Tensor] = {}
         self.on_disk: dict[Hashable, Path] = {}
+        #: how many groups each held output has been through (less than
+        #: :attr:`n_groups` for outputs cached before the prefix grew)
+        self.depth: dict[Hashable, int] = {}
         self.bytes_in_memory = 0
         self.hits = 0
         self.misses = 0
+        #: hits whose output was carried through newly frozen groups first
+        self.advanced = 0
         self.invalidations: list[str] = []
         self._said_augmented = False  # the "cannot cache augmented input" warning, once
         #: Whether :func:`cached_forward` uses the cache for the coming batch (set by
         #: :meth:`prepare` each batch).
         self.active = False
         self._spill: Path | None = None
+        self._files = 0  # spilled files written (their names)
 
     def __len__(self) -> int:
         return len(self.memory) + len(self.on_disk)
@@ -106,14 +126,26 @@ class FrozenOutputCache:
             if not self._said_augmented:
                 self._said_augmented = True
                 rank_zero_warn(
-                    "cache_frozen=True: the training input is augmented (noise, speed, "
+                    "cache_frozen=True: the training input is augmented at random (noise, "
                     "SpecAugment), so the frozen layers' outputs change every epoch and "
-                    "cannot be cached; they run forward each step (still without backward)."
+                    "cannot be cached; they run forward each step (still without backward). "
+                    "A draw that sample_keys() includes (a speed per batch) does not prevent it."
                 )
             return False
         fingerprint = _fingerprint(prefix)
         if n_groups != self.n_groups:
-            self.clear(f"the frozen prefix changed from {self.n_groups} to {n_groups} groups")
+            grows = (
+                0 < self.n_groups < n_groups
+                and callable(getattr(module, "advance_prefix", None))
+                and self.fingerprint == fingerprint[: len(self.fingerprint or ())]
+            )
+            if grows and len(self):
+                log.info(
+                    f"Frozen-output cache deepens from {self.n_groups} to {n_groups} groups: "
+                    f"its {len(self)} outputs go through the new ones on their next use"
+                )
+            elif not grows:
+                self.clear(f"the frozen prefix changed from {self.n_groups} to {n_groups} groups")
         elif fingerprint != self.fingerprint:
             self.clear("a frozen weight changed")
         self.n_groups, self.fingerprint = n_groups, fingerprint
@@ -143,6 +175,7 @@ class FrozenOutputCache:
             self.invalidations.append(reason)
         self.memory.clear()
         self.on_disk.clear()
+        self.depth.clear()
         self.bytes_in_memory = 0
         if self._spill is not None:
             shutil.rmtree(self._spill, ignore_errors=True)
@@ -156,22 +189,33 @@ class FrozenOutputCache:
             return torch.load(self.on_disk[key], map_location=device, weights_only=True)
         return None
 
-    def put(self, key: Hashable, output: Tensor) -> None:
+    def put(self, key: Hashable, output: Tensor, depth: int | None = None) -> None:
+        """Hold ``output``, the first ``depth`` groups' (default: :attr:`n_groups`)."""
         output = output.detach()
+        self.depth[key] = self.n_groups if depth is None else depth
+        old = self.memory.pop(key, None)
+        if old is not None:
+            self.bytes_in_memory -= old.numel() * old.element_size()
         size = output.numel() * output.element_size()
         if self.bytes_in_memory + size <= self.memory_bytes:
+            self.on_disk.pop(key, None)
             self.memory[key] = output
             self.bytes_in_memory += size
             return
         if self._spill is None:
             self._spill = Path(tempfile.mkdtemp(prefix="freezeft-frozen-", dir=self.spill_root))
-        path = self._spill / f"{len(self.on_disk)}.pt"
+        path = self.on_disk.get(key)
+        if path is None:
+            self._files += 1
+            path = self._spill / f"{self._files}.pt"
         torch.save(output.cpu().clone(), path)
         self.on_disk[key] = path
 
     def forward(self, module: Any, batch: Any) -> Any:
         """The module's output for ``batch``, its prefix from the cache where it can."""
-        keys = list(module.sample_keys(batch))
+        # training and evaluation samples apart, whatever the module's keys look like
+        mode = "train" if module.training else "eval"
+        keys = [(mode, key) for key in module.sample_keys(batch)]
         device = module.device
         outputs = [self.get(key, device) for key in keys]
         missing = [i for i, out in enumerate(outputs) if out is None]
@@ -181,6 +225,15 @@ class FrozenOutputCache:
             for i in missing:
                 outputs[i] = fresh[i]
                 self.put(keys[i], fresh[i])
+        shallow = {self.depth[keys[i]] for i in range(len(keys)) if i not in missing}
+        for depth in sorted(shallow - {self.n_groups}):  # cached before the prefix grew
+            behind = [i for i, key in enumerate(keys) if self.depth[key] == depth]
+            with torch.no_grad():
+                deeper = module.advance_prefix([outputs[i] for i in behind], depth, self.n_groups)
+            for i, output in zip(behind, deeper, strict=True):
+                outputs[i] = output
+                self.put(keys[i], output)
+            self.advanced += len(behind)
         if len({(out.dtype, out.device.type) for out in outputs}) > 1:
             # cached outputs from another device or precision than the fresh ones: start again
             self.clear("the outputs' device or dtype changed")
@@ -202,8 +255,9 @@ def _fingerprint(params: Sequence[nn.Parameter]) -> tuple:
 
 def cached_forward(module: Any, batch: Any) -> Any | None:
     """The module's forward through its frozen-output cache, or ``None`` when no strategy
-    caches this batch (the module then runs its usual forward)."""
+    caches this batch (the module then runs its usual forward). Training batches and the
+    fit's validation batches are served; nothing outside a fit is."""
     cache = FrozenOutputCache.of(module)
-    if cache is None or not cache.active or not module.training:
+    if cache is None or not cache.active:
         return None
     return cache.forward(module, batch)

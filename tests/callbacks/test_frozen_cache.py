@@ -7,16 +7,20 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from freezeft.callbacks import FreezeThenUnfreeze, FrozenEncoder, GradualUnfreeze
+from freezeft.callbacks import AutoFreeze, FreezeThenUnfreeze, FrozenEncoder, GradualUnfreeze
 from freezeft.frozen_cache import FrozenOutputCache
 from freezeft.speech.data import SpeechDataModule
 from freezeft.speech.module import SpeechModule
 
 
-def fit(german_corpus, strategy, epochs=3, extra=(), dropout=0.0):
+def fit(german_corpus, strategy, epochs=3, extra=(), dropout=0.0, **module_options):
+    """The fitted module, its weights before, and how many samples an epoch sees (its
+    training samples and, in its validation, the dev samples: both go through the cache)."""
     pl.seed_everything(0)
     data = SpeechDataModule(data_dir=german_corpus, batch_size=8)
-    module = SpeechModule(labels=data.alphabet.labels, n_hidden=32, dropout=dropout)
+    module = SpeechModule(
+        labels=data.alphabet.labels, n_hidden=32, dropout=dropout, **module_options
+    )
     trainer = pl.Trainer(
         max_epochs=epochs,
         accelerator="cpu",
@@ -29,25 +33,29 @@ def fit(german_corpus, strategy, epochs=3, extra=(), dropout=0.0):
     )
     before = {k: v.clone() for k, v in module.state_dict().items()}
     trainer.fit(module, datamodule=data)
-    return module, before, len(data.dataset("train"))
+    return module, before, len(data.dataset("train")) + len(data.dataset("dev"))
 
 
 class Spy(pl.Callback):
-    """Per epoch: the cache's hit and miss counts so far, and its prefix length."""
+    """Per epoch (after its validation): the cache's hit and miss counts so far, and its
+    prefix length; ``sizes``: how many outputs it holds, ``val_loss``: each epoch's."""
 
     def __init__(self, strategy):
-        self.strategy, self.seen = strategy, []
+        self.strategy, self.seen, self.sizes, self.val_loss = strategy, [], [], []
 
     def on_train_epoch_end(self, trainer, pl_module):
         cache = self.strategy.coordinator.frozen_cache
         self.seen.append((cache.hits, cache.misses, cache.n_groups, len(cache.invalidations)))
+        self.sizes.append(len(cache))
+        self.val_loss.append(float(trainer.callback_metrics["val_loss"]))
 
 
 def test_head_trains_from_cached_outputs_after_the_first_epoch(german_corpus):
     strategy = FrozenEncoder(head=1, cache_frozen=True)
     spy = Spy(strategy)
     module, before, n = fit(german_corpus, strategy, extra=[spy])
-    # epoch 0 computes every sample's layer_5 output once; epochs 1 and 2 only read them
+    # epoch 0 computes every sample's layer_5 output once (training and validation);
+    # epochs 1 and 2 only read them
     assert spy.seen == [(0, n, 5, 0), (n, n, 5, 0), (2 * n, n, 5, 0)]
     for name, tensor in module.state_dict().items():
         if not name.startswith("model.layer_6"):
@@ -55,9 +63,44 @@ def test_head_trains_from_cached_outputs_after_the_first_epoch(german_corpus):
     assert not torch.equal(module.model.layer_6.weight, before["model.layer_6.weight"])
     assert FrozenOutputCache.of(module) is None  # released at the end of fit
 
-    plain, _, _ = fit(german_corpus, FrozenEncoder(head=1))  # no cache, same (dropout-free) model
+    uncached = Spy(FrozenEncoder(head=1))  # no cache, same (dropout-free) model
+    plain, _, _ = fit(german_corpus, uncached.strategy, extra=[SpyLoss(uncached)])
     for name, tensor in plain.state_dict().items():
         assert torch.allclose(module.state_dict()[name], tensor, atol=1e-5), name
+    assert spy.val_loss == pytest.approx(uncached.val_loss, abs=1e-5)  # validation as well
+
+
+class SpyLoss(pl.Callback):
+    """Each epoch's validation loss, for a run without a cache."""
+
+    def __init__(self, spy):
+        self.spy = spy
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.spy.val_loss.append(float(trainer.callback_metrics["val_loss"]))
+
+
+def test_speed_perturbed_training_caches_one_output_per_sample_and_speed(german_corpus):
+    strategy = FrozenEncoder(head=1, cache_frozen=True)
+    spy = Spy(strategy)
+    speeds = [0.9, 1.1]
+    module, _, n = fit(german_corpus, strategy, epochs=4, extra=[spy], speed_perturbation=speeds)
+    n_train = n - 8  # the corpus fixture's dev split has 8 utterances
+    hits, misses, prefix, invalidations = spy.seen[-1]
+    assert (prefix, invalidations) == (5, 0)
+    assert hits + misses == 4 * n
+    # every training sample at most once per speed, each dev sample once
+    assert spy.sizes[-1] == misses <= len(speeds) * n_train + 8
+    assert spy.sizes[0] == n and hits > 3 * 8  # reused across epochs, not only in validation
+    # the same speeds drawn in the same order: the same model as without the cache
+    uncached = Spy(FrozenEncoder(head=1))
+    plain, _, _ = fit(
+        german_corpus, uncached.strategy, epochs=4, extra=[SpyLoss(uncached)],
+        speed_perturbation=speeds,
+    )  # fmt: skip
+    for name, tensor in plain.state_dict().items():
+        assert torch.allclose(module.state_dict()[name], tensor, atol=1e-5), name
+    assert spy.val_loss == pytest.approx(uncached.val_loss, abs=1e-5)
 
 
 def test_outputs_past_the_memory_budget_go_to_disk(german_corpus):
@@ -149,3 +192,27 @@ def test_a_module_without_the_protocol_is_told_what_to_implement(german_corpus):
     )
     with pytest.raises(TypeError, match=r"implement freezeft.frozen_cache.PrefixCachable"):
         trainer.fit(Plain(), data)
+
+
+def test_a_growing_prefix_carries_its_outputs_through_the_newly_frozen_groups(german_corpus):
+    # one window per epoch (4 steps), every window calm: a group freezes at each epoch's end
+    # from epoch 1 on, so epochs 2, 3 and 4 train behind 1, 2 and 3 frozen groups
+    def auto_freeze(**cache):
+        return AutoFreeze(threshold=1e9, check_every_n_steps=4, patience=1, **cache)
+
+    strategy = auto_freeze(cache_frozen=True)
+    spy = Spy(strategy)
+    module, _, n = fit(german_corpus, strategy, epochs=5, extra=[spy])
+    assert [d["group"] for d in strategy.decisions][:3] == [
+        "model.layer_1", "model.layer_2", "model.layer_3"
+    ]  # fmt: skip
+    cache = strategy.coordinator.frozen_cache
+    # epoch 2 computes layer_1's outputs once; epochs 3 and 4 carry them deeper instead of
+    # recomputing them from the audio
+    assert [(h, m, p) for h, m, p, _ in spy.seen] == [
+        (0, 0, 0), (0, 0, 0), (0, n, 1), (n, n, 2), (2 * n, n, 3)
+    ]  # fmt: skip
+    assert cache.advanced == 2 * n and cache.invalidations == []
+    plain, _, _ = fit(german_corpus, auto_freeze(), epochs=5)
+    for name, tensor in plain.state_dict().items():
+        assert torch.allclose(module.state_dict()[name], tensor, atol=1e-5), name

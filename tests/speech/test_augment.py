@@ -47,6 +47,24 @@ def test_an_augmented_model_is_not_cached_as_deterministic():
     labels = list(" ab")
     assert SpeechModule(labels, n_hidden=8).prefix_is_deterministic()
     assert not SpeechModule(labels, n_hidden=8, spec_augment={}).prefix_is_deterministic()
-    assert not SpeechModule(
-        labels, n_hidden=8, speed_perturbation=[0.9, 1.1]
-    ).prefix_is_deterministic()
+    assert not SpeechModule(labels, n_hidden=8, noise_std=0.01).prefix_is_deterministic()
+
+
+def test_speed_perturbed_samples_are_keyed_by_their_batch_speed():
+    torch.manual_seed(0)
+    module = SpeechModule(list(" ab"), n_hidden=8, speed_perturbation=[0.9, 1.1])
+    assert module.prefix_is_deterministic()  # the speed is part of each sample's key
+    batch = {"paths": ["a.wav", "b.wav"], "audio": torch.randn(2, 8000)}
+    batch["audio_lengths"] = torch.tensor([8000, 6000])
+    drawn = module.train()._with_speed(batch)
+    assert drawn["speed"] in (0.9, 1.1)
+    assert module.sample_keys(drawn) == [("a.wav", drawn["speed"]), ("b.wav", drawn["speed"])]
+    assert module.sample_keys(batch) == [("a.wav", 1.0), ("b.wav", 1.0)]
+    # the prefix plays the batch at its speed: what an uncached training step hears
+    played, lengths = module._played(drawn)
+    assert played.shape[1] == pytest.approx(8000 / drawn["speed"], abs=2)
+    expected = module.features(played, lengths)[0]
+    with torch.no_grad():
+        prefix = module.forward_prefix(drawn, 0)
+    assert all(torch.equal(p, e[: len(p)]) for p, e in zip(prefix, expected, strict=True))
+    assert module.eval()._with_speed(batch) is batch  # evaluation hears the audio as it is

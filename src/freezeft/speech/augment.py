@@ -36,11 +36,15 @@ class SpeedPerturbation(nn.Module):
         self.factors = factors
         self.sample_rate = sample_rate
 
-    def forward(self, audio: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
-        """Padded ``audio`` (B, S) and ``lengths`` (B,) at one speed drawn for the batch."""
-        if not self.training:
-            return audio, lengths
-        factor = self.factors[int(torch.randint(len(self.factors), ()))]
+    def draw(self) -> float:
+        """The speed for the next batch (one draw from torch's generator)."""
+        return self.factors[int(torch.randint(len(self.factors), ()))]
+
+    def apply(self, audio: Tensor, lengths: Tensor, factor: float) -> tuple[Tensor, Tensor]:
+        """Padded ``audio`` (B, S) and ``lengths`` (B,) played at speed ``factor``.
+
+        The same audio and factor always give the same result, so a cache of what a frozen
+        prefix makes of the audio can key each sample by its factor."""
         if factor == 1.0:
             return audio, lengths
         # played `factor` times faster: read as if sampled at rate * factor, back to rate
@@ -48,6 +52,13 @@ class SpeedPerturbation(nn.Module):
         audio = torchaudio.functional.resample(audio, source_rate, self.sample_rate)
         lengths = (lengths.double() * self.sample_rate / source_rate).floor().long()
         return audio, lengths.clamp(max=audio.shape[-1])
+
+    def forward(self, audio: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+        """Padded ``audio`` (B, S) and ``lengths`` (B,) at one speed drawn for the batch
+        (unchanged in eval mode)."""
+        if not self.training:
+            return audio, lengths
+        return self.apply(audio, lengths, self.draw())
 
     def extra_repr(self) -> str:
         return f"factors={self.factors}"

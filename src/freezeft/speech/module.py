@@ -59,7 +59,8 @@ class SpeechModule(pl.LightningModule):
             :class:`~freezeft.speech.augment.SpecAugment` (``None``: off; a frozen-output
             cache needs it off).
         speed_perturbation: speeds each training batch is played at, drawn per batch (e.g.
-            ``[0.9, 1.0, 1.1]``; ``None``: off; a frozen-output cache needs it off).
+            ``[0.9, 1.0, 1.1]``; ``None``: off); a frozen-output cache keeps one output per
+            sample and speed.
         optimizer: a factory ``params -> Optimizer`` (Hydra ``_partial_: true``);
             default AdamW(lr=1e-3).
         scheduler: an optional factory ``optimizer -> LR scheduler``, stepped each epoch.
@@ -212,15 +213,24 @@ class SpeechModule(pl.LightningModule):
         )
 
     # -- PrefixCachable: what a frozen-output cache needs ---------------------------------
-    def sample_keys(self, batch: dict) -> list[str]:
-        """Audio paths identify the samples."""
-        return batch["paths"]
+    def sample_keys(self, batch: dict) -> list[tuple[str, float]]:
+        """A sample is its audio path and the speed its batch is played at (1 unperturbed)."""
+        speed = float(batch.get("speed", 1.0))
+        return [(path, speed) for path in batch["paths"]]
 
     def forward_prefix(self, batch: dict, n_groups: int) -> list[Tensor]:
         """Features and the first ``n_groups`` layers without dropout, one tensor per sample."""
-        frames, lengths = self.features(batch["audio"], batch["audio_lengths"])
+        frames, lengths = self.features(*self._played(batch))
         x = self.model.forward_layers(frames, 0, n_groups, dropout=False)
         return [x[i, : int(n)] for i, n in enumerate(lengths)]
+
+    def advance_prefix(self, outputs: Sequence[Tensor], start: int, stop: int) -> list[Tensor]:
+        """Per-sample outputs of the first ``stop`` layers from those of the first ``start``
+        (without dropout): the frozen-output cache deepens with it as more layers freeze."""
+        lengths = [len(o) for o in outputs]
+        x = nn.utils.rnn.pad_sequence(list(outputs), batch_first=True)
+        x = self.model.forward_layers(x, start, stop, dropout=False)
+        return [x[i, :n] for i, n in enumerate(lengths)]
 
     def forward_from_prefix(
         self, outputs: Sequence[Tensor], batch: dict, n_groups: int
@@ -231,12 +241,24 @@ class SpeechModule(pl.LightningModule):
         return self.model.forward_layers(x, n_groups, len(LAYER_NAMES)), lengths
 
     def prefix_is_deterministic(self) -> bool:
-        """True unless training audio is augmented (noise, speed or SpecAugment)."""
-        return (
-            self.noise_std == 0
-            and self.features.spec_augment is None
-            and self.speed_perturbation is None
-        )
+        """True unless training audio gets noise or SpecAugment. Speed perturbation keeps it
+        true: a batch's speed is drawn before the cache is asked and is part of each
+        sample's key, so a cache holds one output per sample and speed."""
+        return self.noise_std == 0 and self.features.spec_augment is None
+
+    def _with_speed(self, batch: dict) -> dict:
+        """``batch`` with the speed it is played at, drawn for this training batch."""
+        if self.speed_perturbation is None or not self.training:
+            return batch
+        return {**batch, "speed": self.speed_perturbation.draw()}
+
+    def _played(self, batch: dict) -> tuple[Tensor, Tensor]:
+        """The batch's audio and lengths at its speed (see :meth:`_with_speed`)."""
+        audio, lengths = batch["audio"], batch["audio_lengths"]
+        speed = batch.get("speed", 1.0)
+        if speed != 1.0 and self.speed_perturbation is not None:
+            audio, lengths = self.speed_perturbation.apply(audio, lengths, speed)
+        return audio, lengths
 
     def _usable(self, batch: dict, split: str) -> bool:
         """Record the batch's files that failed to decode; False if none is left."""
@@ -250,11 +272,10 @@ class SpeechModule(pl.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> Tensor | None:
         if not self._usable(batch, "train"):
             return self._nothing_to_train()
+        batch = self._with_speed(batch)
         output = cached_forward(self, batch)  # None unless a strategy caches frozen outputs
         if output is None:
-            audio, lengths = batch["audio"], batch["audio_lengths"]
-            if self.speed_perturbation is not None:
-                audio, lengths = self.speed_perturbation(audio, lengths)
+            audio, lengths = self._played(batch)
             if self.noise_std > 0:
                 audio = audio + self.noise_std * torch.randn_like(audio)
             output = self(audio, lengths)
@@ -291,7 +312,10 @@ class SpeechModule(pl.LightningModule):
     def _evaluate(self, batch: dict, stage: str) -> None:
         if not self._usable(batch, "dev" if stage == "val" else stage):
             return
-        logits, frame_lengths = self(batch["audio"], batch["audio_lengths"])
+        output = cached_forward(self, batch)  # validation in a fit that caches frozen outputs
+        if output is None:
+            output = self(batch["audio"], batch["audio_lengths"])
+        logits, frame_lengths = output
         loss = self._loss(logits, frame_lengths, batch)
         self.log(f"{stage}_loss", loss, sync_dist=True, batch_size=len(batch["transcripts"]))
         hypotheses = [
