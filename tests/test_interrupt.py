@@ -25,13 +25,20 @@ OVERRIDES = [
 ]
 
 
-def run(tmp_path: Path, cache_dir: Path, name: str, *extra: str, check: bool = True):
+def run(
+    tmp_path: Path,
+    cache_dir: Path,
+    name: str,
+    *extra: str,
+    check: bool = True,
+    overrides: list[str] = OVERRIDES,
+):
     out = tmp_path / name
     proc = run_python(
         [
             "-m",
             "freezeft.run",
-            *OVERRIDES,
+            *overrides,
             f"paths.cache_dir={cache_dir}",
             f"hydra.run.dir={out}",
             *extra,
@@ -231,3 +238,39 @@ def test_a_folder_given_as_a_checkpoint_says_so(tmp_path):
     (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"")
     with pytest.raises(IsADirectoryError, match=r"is a folder, not a checkpoint file.*last.ckpt"):
         load_checkpoint(tmp_path)
+
+
+# AutoFreeze with the default model (speed perturbation, ReduceLROnPlateau on dev CER) and
+# its frozen-output cache: one window per epoch (8 steps), every window calm, so a group
+# freezes at each epoch's end from epoch 1 on and the cache deepens from epoch 2
+AUTO_FREEZE = [
+    "experiment=tiny",
+    "data.batch_size=4",
+    "strategy=auto_freeze",
+    "strategy.callbacks.auto_freeze.threshold=1e9",
+    "strategy.callbacks.auto_freeze.check_every_n_steps=8",
+    "strategy.callbacks.auto_freeze.patience=1",
+    "decoder=greedy",
+    "trainer.max_epochs=6",
+]
+
+
+@pytest.mark.slow
+def test_auto_freeze_with_its_cache_resumes_as_if_never_stopped(tmp_path, cache_dir, german_corpus):
+    whole, _ = run(tmp_path, cache_dir, "whole", overrides=AUTO_FREEZE)
+    out, proc = run(
+        tmp_path,
+        cache_dir,
+        "cut",
+        "+callbacks.stop._target_=signal_at_step.SignalAtStep",
+        "+callbacks.stop.step=28",  # epoch 3, behind 2 frozen groups, mid-window
+        check=False,
+        overrides=AUTO_FREEZE,
+    )
+    assert proc.returncode == 143, proc.stderr[-2000:]
+    run(tmp_path, cache_dir, "resumed", f"resume={out}", overrides=AUTO_FREEZE)
+    assert_same_result(out, whole)  # weights, results, LR schedule, every validation
+    decisions = [json.loads((d / "history.json").read_text())["decisions"] for d in (out, whole)]
+    assert decisions[0] == decisions[1] and len(decisions[0]) == 5
+    lrs = (whole / "lr_schedule.csv").read_text().splitlines()
+    assert lrs[-1].split(",")[-1] != lrs[1].split(",")[-1], "the plateau should have cut the LR"

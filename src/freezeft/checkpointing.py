@@ -6,7 +6,9 @@ and finding the newest intact checkpoint of a run to resume from.
   half-written ``last.ckpt`` behind.
 * :class:`InterruptCheckpoint` (a callback) turns Ctrl+C into Lightning's graceful stop:
   after the running batch, ``interrupted.ckpt`` is written; a second Ctrl+C aborts at
-  once. Lightning itself stops the same way on SIGTERM.
+  once. Lightning itself stops the same way on SIGTERM. It also carries what a resumed run
+  needs to continue exactly: RNG states, training seconds, and the plateau schedulers' step
+  that Lightning skips at the end of a resumed epoch.
 * :func:`find_resume_checkpoint` picks the newest checkpoint of a run dir that loads,
   warning about any newer one that does not (a truncated file from an older writer).
 """
@@ -31,6 +33,7 @@ import pytorch_lightning as pl
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning.trainer.states import TrainerFn
+from pytorch_lightning.utilities import rank_zero_warn
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 from typing_extensions import override
 
@@ -99,6 +102,12 @@ class InterruptCheckpoint(pl.Callback):
     Every checkpoint also carries the RNG states (torch, CUDA, NumPy, Python) of rank 0,
     restored when training starts again, so dropout draws the masks it would have drawn.
 
+    Lightning never steps a ``ReduceLROnPlateau`` (epoch interval) at the end of the epoch
+    it resumed in, and writes end-of-epoch checkpoints before that epoch's step, so without
+    help a resumed run is one LR reduction behind. This callback makes that step itself,
+    with the monitored value of the epoch: from its validation when the resumed run ran it,
+    else the value saved in the checkpoint (the validation had finished before the stop).
+
     Args:
         dirpath: the run's checkpoint folder.
     """
@@ -111,6 +120,8 @@ class InterruptCheckpoint(pl.Callback):
         self._mid_validation = False
         #: training seconds of the run before this process resumed it (from the checkpoint)
         self.seconds_before = 0.0
+        #: the plateau schedulers' monitored values when the checkpoint was written
+        self._monitored_before: dict[str, float] = {}
         self._started: float | None = None
 
     @override
@@ -119,6 +130,10 @@ class InterruptCheckpoint(pl.Callback):
         if self._rng_to_restore is not None:
             _set_rng_states(self._rng_to_restore)
             self._rng_to_restore = None
+        # resumed from an end-of-epoch checkpoint, written before that epoch's plateau step
+        for config in _plateau_configs(trainer):
+            if config.scheduler.last_epoch < trainer.current_epoch // config.frequency:
+                self._step_plateau(trainer, pl_module, config, trainer.current_epoch - 1)
         if _in_main_thread():
             self._previous_sigint = signal.signal(signal.SIGINT, self._on_sigint)
 
@@ -137,12 +152,57 @@ class InterruptCheckpoint(pl.Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"rng": _get_rng_states(), "train_seconds": self.train_seconds()}
+        return {
+            "rng": _get_rng_states(),
+            "train_seconds": self.train_seconds(),
+            "monitored": dict(self._monitored),
+        }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._rng_to_restore = state_dict.get("rng")
         self.seconds_before = float(state_dict.get("train_seconds", 0.0))
+        self._monitored_before = dict(state_dict.get("monitored", {}))
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._trainer = trainer  # what state_dict() reads the monitored values from
+
+    @property
+    def _monitored(self) -> dict[str, float]:
+        """The values the plateau schedulers monitor, as logged now."""
+        trainer = getattr(self, "_trainer", None)
+        if trainer is None:
+            return {}
+        metrics = trainer.callback_metrics
+        monitors = [c.monitor for c in _plateau_configs(trainer)]
+        return {key: float(metrics[key]) for key in monitors if key in metrics}
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        fit_loop = trainer.fit_loop
+        # Lightning steps plateau schedulers after this hook, except in a resumed epoch
+        if not fit_loop.restarting or not fit_loop.epoch_loop._num_ready_batches_reached():
+            return
+        for config in _plateau_configs(trainer):
+            if (trainer.current_epoch + 1) % config.frequency == 0:
+                self._step_plateau(trainer, pl_module, config, trainer.current_epoch)
+
+    def _step_plateau(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, config: Any, epoch: int
+    ) -> None:
+        """The plateau step Lightning skipped for ``epoch``, on that epoch's value."""
+        value = trainer.callback_metrics.get(config.monitor)
+        if value is None:
+            value = self._monitored_before.get(config.monitor)
+        if value is None:
+            rank_zero_warn(
+                f"freezeft: the run resumed after epoch {epoch}'s validation, but its "
+                f"`{config.monitor}` is not in the checkpoint: the ReduceLROnPlateau step of "
+                "that epoch is skipped, as Lightning does."
+            )
+            return
+        pl_module.lr_scheduler_step(config.scheduler, value)
 
     def train_seconds(self) -> float:
         """Seconds the run has trained so far, the processes before a resume included."""
@@ -192,6 +252,18 @@ class InterruptCheckpoint(pl.Callback):
         if self._previous_sigint is not None and _in_main_thread():
             signal.signal(signal.SIGINT, self._previous_sigint)
             self._previous_sigint = None
+
+
+def _plateau_configs(trainer: pl.Trainer) -> list[Any]:
+    """The trainer's ``ReduceLROnPlateau`` schedulers stepped per epoch on a metric, as
+    Lightning steps them (automatic optimization only)."""
+    if not trainer.lightning_module.automatic_optimization:
+        return []
+    return [
+        c
+        for c in trainer.lr_scheduler_configs
+        if c.reduce_on_plateau and c.interval == "epoch" and c.monitor
+    ]
 
 
 def _get_rng_states() -> dict[str, Any]:

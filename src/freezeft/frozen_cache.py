@@ -5,9 +5,10 @@ random augmentation), their output for a sample never changes, so every epoch af
 first can skip them. Augmentation drawn from a few choices per batch (speed perturbation's
 speeds) keeps that true when the module puts the draw in each sample's key: the cache then
 holds one output per sample and draw. The fit's validation reuses the cache too, since the
-prefix's outputs are the same in eval mode. ``FrozenEncoder``, ``FreezeThenUnfreeze`` and ``GradualUnfreeze`` do this
-with ``cache_frozen=True`` for a module that implements :class:`PrefixCachable`; the
-cache is kept valid and dropped when its assumptions break:
+prefix's outputs are the same in eval mode. ``FrozenEncoder``, ``FreezeThenUnfreeze``,
+``GradualUnfreeze`` and ``AutoFreeze`` do this with ``cache_frozen=True`` for a module that
+implements :class:`PrefixCachable`; the cache is kept valid and dropped when its
+assumptions break:
 
 * the frozen prefix shrinks (a group is unfrozen); when it grows, the outputs it holds are
   carried through the newly frozen groups on their next use if the module has
