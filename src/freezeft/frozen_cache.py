@@ -190,10 +190,10 @@ class FrozenOutputCache:
             return torch.load(self.on_disk[key], map_location=device, weights_only=True)
         return None
 
-    def put(self, key: Hashable, output: Tensor, depth: int | None = None) -> None:
-        """Hold ``output``, the first ``depth`` groups' (default: :attr:`n_groups`)."""
+    def put(self, key: Hashable, output: Tensor) -> None:
+        """Hold ``output`` of the first :attr:`n_groups` groups for ``key`` (replacing any)."""
         output = output.detach()
-        self.depth[key] = self.n_groups if depth is None else depth
+        self.depth[key] = self.n_groups
         old = self.memory.pop(key, None)
         if old is not None:
             self.bytes_in_memory -= old.numel() * old.element_size()
@@ -219,15 +219,15 @@ class FrozenOutputCache:
         keys = [(mode, key) for key in module.sample_keys(batch)]
         device = module.device
         outputs = [self.get(key, device) for key in keys]
-        missing = [i for i, out in enumerate(outputs) if out is None]
+        missing = {i for i, out in enumerate(outputs) if out is None}
         if missing:
             with torch.no_grad():
                 fresh = module.forward_prefix(batch, self.n_groups)
-            for i in missing:
+            for i in sorted(missing):
                 outputs[i] = fresh[i]
                 self.put(keys[i], fresh[i])
-        shallow = {self.depth[keys[i]] for i in range(len(keys)) if i not in missing}
-        for depth in sorted(shallow - {self.n_groups}):  # cached before the prefix grew
+        # outputs cached before the prefix grew: through the newly frozen groups, once
+        for depth in sorted({self.depth[key] for key in keys} - {self.n_groups}):
             behind = [i for i, key in enumerate(keys) if self.depth[key] == depth]
             with torch.no_grad():
                 deeper = module.advance_prefix([outputs[i] for i in behind], depth, self.n_groups)
