@@ -125,7 +125,7 @@ def test_a_strategy_argument_out_of_range_names_its_config_key():
         "strategy.callbacks.freeze_then_unfreeze.unfreeze_at_epoch=-1",
     )
     with pytest.raises(
-        Exception, match=r"(?s)`unfreeze_at_epoch` >= 0.*full_key: strategy.callbacks"
+        Exception, match=r"(?s)`unfreeze_at_epoch` an integer >= 0.*full_key: strategy.callbacks"
     ):
         check_config(cfg)
 

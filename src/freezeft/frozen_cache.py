@@ -31,7 +31,8 @@ import logging
 import shutil
 import tempfile
 import weakref
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -51,6 +52,10 @@ class PrefixCachable(Protocol):
     Its ``training_step`` (and, to skip the prefix in validation too, its
     ``validation_step``) calls :func:`cached_forward` first and falls back to its usual
     forward when that returns ``None`` (no cache this batch).
+
+    The cache calls ``forward_prefix`` (and ``advance_prefix``) with the module in eval
+    mode, so dropout in the frozen groups is off in what it caches; an uncached run keeps
+    the module's mode.
 
     A module may also define ``advance_prefix(outputs, start, stop) -> list[Tensor]``: the
     per-sample outputs of the first ``stop`` groups from those of the first ``start``
@@ -221,7 +226,7 @@ class FrozenOutputCache:
         outputs = [self.get(key, device) for key in keys]
         missing = {i for i, out in enumerate(outputs) if out is None}
         if missing:
-            with torch.no_grad():
+            with torch.no_grad(), _evaluating(module):
                 fresh = module.forward_prefix(batch, self.n_groups)
             for i in sorted(missing):
                 outputs[i] = fresh[i]
@@ -229,7 +234,7 @@ class FrozenOutputCache:
         # outputs cached before the prefix grew: through the newly frozen groups, once
         for depth in sorted({self.depth[key] for key in keys} - {self.n_groups}):
             behind = [i for i, key in enumerate(keys) if self.depth[key] == depth]
-            with torch.no_grad():
+            with torch.no_grad(), _evaluating(module):
                 deeper = module.advance_prefix([outputs[i] for i in behind], depth, self.n_groups)
             for i, output in zip(behind, deeper, strict=True):
                 outputs[i] = output
@@ -238,7 +243,7 @@ class FrozenOutputCache:
         if len({(out.dtype, out.device.type) for out in outputs}) > 1:
             # cached outputs from another device or precision than the fresh ones: start again
             self.clear("the outputs' device or dtype changed")
-            with torch.no_grad():
+            with torch.no_grad(), _evaluating(module):
                 outputs = module.forward_prefix(batch, self.n_groups)
         self.hits += len(keys) - len(missing)
         self.misses += len(missing)
@@ -247,6 +252,19 @@ class FrozenOutputCache:
 
 #: Module -> the cache serving it; weak keys, so no attribute is set on the user's module.
 _ATTACHED: weakref.WeakKeyDictionary[nn.Module, FrozenOutputCache] = weakref.WeakKeyDictionary()
+
+
+@contextmanager
+def _evaluating(module: nn.Module) -> Iterator[None]:
+    """``module`` in eval mode (dropout off), every submodule's own mode restored after: a
+    cached output must be the same each time it could have been computed."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 def _fingerprint(params: Sequence[nn.Parameter]) -> tuple:

@@ -8,7 +8,7 @@ import pytorch_lightning as pl
 import torch
 
 from freezeft.callbacks import AutoFreeze, FreezeThenUnfreeze, FrozenEncoder, GradualUnfreeze
-from freezeft.frozen_cache import FrozenOutputCache
+from freezeft.frozen_cache import FrozenOutputCache, cached_forward
 from freezeft.speech.data import SpeechDataModule
 from freezeft.speech.module import SpeechModule
 
@@ -216,3 +216,84 @@ def test_a_growing_prefix_carries_its_outputs_through_the_newly_frozen_groups(ge
     plain, _, _ = fit(german_corpus, auto_freeze(), epochs=5)
     for name, tensor in plain.state_dict().items():
         assert torch.allclose(module.state_dict()[name], tensor, atol=1e-5), name
+
+
+class DropoutNet(pl.LightningModule):
+    """A user's own PrefixCachable module: dense blocks with dropout inside the groups,
+    integer sample keys (the same in training and validation), a validation_step that asks
+    the cache too, and no ``advance_prefix``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        block = lambda: torch.nn.Sequential(  # noqa: E731
+            torch.nn.Linear(6, 6), torch.nn.ReLU(), torch.nn.Dropout(0.3)
+        )
+        self.blocks = torch.nn.ModuleList([block(), block()])
+        self.head = torch.nn.Linear(6, 1)
+        self.prefix_modes: list[bool] = []  # the mode forward_prefix ran in, each call
+
+    def layer_groups(self):
+        return ["blocks.0", "blocks.1", "head"]
+
+    def sample_keys(self, batch):
+        return batch[2].tolist()
+
+    def forward_prefix(self, batch, n_groups):
+        self.prefix_modes.append(self.blocks[0][2].training)
+        x = batch[0]
+        for block in self.blocks[:n_groups]:
+            x = block(x)
+        return list(x)
+
+    def forward_from_prefix(self, outputs, batch, n_groups):
+        x = torch.stack(list(outputs))
+        for block in self.blocks[n_groups:]:
+            x = block(x)
+        return self.head(x)
+
+    def prefix_is_deterministic(self):
+        return True
+
+    def _output(self, batch):
+        output = cached_forward(self, batch)
+        if output is None:
+            x = batch[0]
+            for block in self.blocks:
+                x = block(x)
+            output = self.head(x)
+        return torch.nn.functional.mse_loss(output, batch[1])
+
+    def training_step(self, batch, batch_idx):
+        return self._output(batch)
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", self._output(batch))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+    def loaders(self):
+        g = torch.Generator().manual_seed(0)
+        x, y = torch.randn(16, 6, generator=g), torch.randn(16, 1, generator=g)
+        data = torch.utils.data.TensorDataset(x, y, torch.arange(16))
+        loader = torch.utils.data.DataLoader(data, batch_size=4)
+        return loader, loader
+
+
+def test_a_users_dropout_is_off_in_what_the_cache_holds():
+    module = DropoutNet()
+    strategy = FrozenEncoder(head=1, cache_frozen=True)
+    spy = Spy(strategy)
+    trainer = pl.Trainer(
+        max_epochs=3,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        num_sanity_val_steps=0,
+        callbacks=[strategy, spy],
+    )
+    trainer.fit(module, *module.loaders())
+    assert module.prefix_modes and not any(module.prefix_modes)  # computed in eval mode
+    # 16 training and 16 validation samples under the same integer keys, kept apart
+    assert spy.seen[-1][:2] == (2 * 32, 32) and spy.sizes[-1] == 32

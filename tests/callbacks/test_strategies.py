@@ -259,11 +259,20 @@ def test_two_freezing_schedules_conflict_at_fit_start():
 
 
 def test_bad_arguments_name_the_offending_value():
-    with pytest.raises(ValueError, match="unfreeze_at_epoch` >= 0, but got -1"):
+    with pytest.raises(ValueError, match="unfreeze_at_epoch` an integer >= 0, but got -1"):
         FreezeThenUnfreeze(unfreeze_at_epoch=-1)
+    with pytest.raises(ValueError, match="every_n_epochs` an integer >= 1, but got 2.5"):
+        GradualUnfreeze(every_n_epochs=2.5)
+    # a flag must be a flag: bool("off") is True, and Hydra passes `off` as a string
+    with pytest.raises(ValueError, match="`cache_frozen` true or false, but got 'off'"):
+        FrozenEncoder(cache_frozen="off")
+    with pytest.raises(ValueError, match="`reset_optimizer_state` true or false"):
+        FreezeThenUnfreeze(reset_optimizer_state="no")
+    with pytest.raises(ValueError, match="`rewarm_on_unfreeze` true or false"):
+        LRWarmup(rewarm_on_unfreeze=0)
     with pytest.raises(ValueError, match="decay` > 0, but got 0"):
         DiscriminativeLR(decay=0)
-    with pytest.raises(ValueError, match="warmup_steps` >= 0, but got -5"):
+    with pytest.raises(ValueError, match="warmup_steps` an integer >= 0, but got -5"):
         LRWarmup(warmup_steps=-5)
     with pytest.raises(ValueError, match="head` >= 1, but got 0"):
         FrozenEncoder(head=0)

@@ -191,6 +191,16 @@ def expect_int(owner: object, name: str, value: Any, minimum: int) -> int:
     strategy and the argument."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(
-            f"{type(owner).__name__}: expected `{name}` >= {minimum}, but got {value!r}."
+            f"{type(owner).__name__}: expected `{name}` an integer >= {minimum}, but got {value!r}."
+        )
+    return value
+
+
+def expect_bool(owner: object, name: str, value: Any) -> bool:
+    """``value`` if it is a bool; else a ValueError naming the strategy and the argument
+    (``bool("off")`` is True: a string must not pass for a flag)."""
+    if not isinstance(value, bool):
+        raise ValueError(
+            f"{type(owner).__name__}: expected `{name}` true or false, but got {value!r}."
         )
     return value

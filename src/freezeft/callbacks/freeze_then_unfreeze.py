@@ -10,7 +10,7 @@ import pytorch_lightning as pl
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
-from freezeft.callbacks.base import expect_int
+from freezeft.callbacks.base import expect_bool, expect_int
 from freezeft.callbacks.frozen_encoder import FrozenEncoder, HeadSpec
 from freezeft.groups import GroupSpec
 
@@ -92,7 +92,9 @@ class FreezeThenUnfreeze(FrozenEncoder):
             expect_int(self, "stop_patience", stop_patience, 1)
             if not monitor:
                 raise ValueError(f"{name}: `stop_patience` needs a `monitor` to follow.")
-        self.reset_optimizer_state = bool(reset_optimizer_state)
+        self.reset_optimizer_state = expect_bool(
+            self, "reset_optimizer_state", reset_optimizer_state
+        )
         self.stop_patience = stop_patience
         self.phase2_best = math.inf if mode == "min" else -math.inf
         self.phase2_wait = 0

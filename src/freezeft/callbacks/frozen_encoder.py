@@ -7,7 +7,7 @@ from typing import ClassVar
 
 from typing_extensions import override
 
-from freezeft.callbacks.base import StrategyCallback
+from freezeft.callbacks.base import StrategyCallback, expect_bool
 from freezeft.groups import GroupSpec, LayerGroup
 
 __all__ = ["FrozenEncoder", "HeadSpec"]
@@ -58,7 +58,7 @@ class FrozenEncoder(StrategyCallback):
             )
         if cache_memory_gb < 0:
             raise ValueError(f"Expected `cache_memory_gb` >= 0, but got {cache_memory_gb}.")
-        self.cache_frozen = bool(cache_frozen)
+        self.cache_frozen = expect_bool(self, "cache_frozen", cache_frozen)
         self.cache_memory_gb = cache_memory_gb
         self._head: list[int] = []
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from typing_extensions import override
 
-from freezeft.callbacks.base import StrategyCallback, expect_int
+from freezeft.callbacks.base import StrategyCallback, expect_bool, expect_int
 from freezeft.coordinator import canonical_group_name
 
 __all__ = ["LRWarmup"]
@@ -43,7 +43,7 @@ class LRWarmup(StrategyCallback):
             )
         self.warmup_steps = warmup_steps
         self.start_factor = float(start_factor)
-        self.rewarm_on_unfreeze = rewarm_on_unfreeze
+        self.rewarm_on_unfreeze = expect_bool(self, "rewarm_on_unfreeze", rewarm_on_unfreeze)
         # group name (without torch.compile's `_orig_mod`) -> the step its ramp started
         self.start_steps: dict[str, int] = {}
 
