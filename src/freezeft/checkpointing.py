@@ -122,6 +122,7 @@ class InterruptCheckpoint(pl.Callback):
         self.seconds_before = 0.0
         #: the plateau schedulers' monitored values when the checkpoint was written
         self._monitored_before: dict[str, float] = {}
+        self._trainer: pl.Trainer | None = None  # what state_dict() reads them from now
         self._started: float | None = None
 
     @override
@@ -166,16 +167,15 @@ class InterruptCheckpoint(pl.Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._trainer = trainer  # what state_dict() reads the monitored values from
+        self._trainer = trainer
 
     @property
     def _monitored(self) -> dict[str, float]:
         """The values the plateau schedulers monitor, as logged now."""
-        trainer = getattr(self, "_trainer", None)
-        if trainer is None:
+        if self._trainer is None:
             return {}
-        metrics = trainer.callback_metrics
-        monitors = [c.monitor for c in _plateau_configs(trainer)]
+        metrics = self._trainer.callback_metrics
+        monitors = [c.monitor for c in _plateau_configs(self._trainer)]
         return {key: float(metrics[key]) for key in monitors if key in metrics}
 
     @override

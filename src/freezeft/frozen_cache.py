@@ -204,7 +204,9 @@ class FrozenOutputCache:
             self.bytes_in_memory -= old.numel() * old.element_size()
         size = output.numel() * output.element_size()
         if self.bytes_in_memory + size <= self.memory_bytes:
-            self.on_disk.pop(key, None)
+            spilled = self.on_disk.pop(key, None)
+            if spilled is not None:  # a deepened output that fits in memory now
+                spilled.unlink(missing_ok=True)
             self.memory[key] = output
             self.bytes_in_memory += size
             return

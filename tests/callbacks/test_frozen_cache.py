@@ -38,16 +38,18 @@ def fit(german_corpus, strategy, epochs=3, extra=(), dropout=0.0, **module_optio
 
 class Spy(pl.Callback):
     """Per epoch (after its validation): the cache's hit and miss counts so far, and its
-    prefix length; ``sizes``: how many outputs it holds, ``val_loss``: each epoch's."""
+    prefix length; ``sizes``: how many outputs it holds, ``val_loss``: each epoch's (the
+    only record of a strategy without a cache)."""
 
     def __init__(self, strategy):
         self.strategy, self.seen, self.sizes, self.val_loss = strategy, [], [], []
 
     def on_train_epoch_end(self, trainer, pl_module):
-        cache = self.strategy.coordinator.frozen_cache
-        self.seen.append((cache.hits, cache.misses, cache.n_groups, len(cache.invalidations)))
-        self.sizes.append(len(cache))
         self.val_loss.append(float(trainer.callback_metrics["val_loss"]))
+        cache = self.strategy.coordinator.frozen_cache
+        if cache is not None:
+            self.seen.append((cache.hits, cache.misses, cache.n_groups, len(cache.invalidations)))
+            self.sizes.append(len(cache))
 
 
 def test_head_trains_from_cached_outputs_after_the_first_epoch(german_corpus):
@@ -64,20 +66,10 @@ def test_head_trains_from_cached_outputs_after_the_first_epoch(german_corpus):
     assert FrozenOutputCache.of(module) is None  # released at the end of fit
 
     uncached = Spy(FrozenEncoder(head=1))  # no cache, same (dropout-free) model
-    plain, _, _ = fit(german_corpus, uncached.strategy, extra=[SpyLoss(uncached)])
+    plain, _, _ = fit(german_corpus, uncached.strategy, extra=[uncached])
     for name, tensor in plain.state_dict().items():
         assert torch.allclose(module.state_dict()[name], tensor, atol=1e-5), name
     assert spy.val_loss == pytest.approx(uncached.val_loss, abs=1e-5)  # validation as well
-
-
-class SpyLoss(pl.Callback):
-    """Each epoch's validation loss, for a run without a cache."""
-
-    def __init__(self, spy):
-        self.spy = spy
-
-    def on_train_epoch_end(self, trainer, pl_module):
-        self.spy.val_loss.append(float(trainer.callback_metrics["val_loss"]))
 
 
 def test_speed_perturbed_training_caches_one_output_per_sample_and_speed(german_corpus):
@@ -95,7 +87,7 @@ def test_speed_perturbed_training_caches_one_output_per_sample_and_speed(german_
     # the same speeds drawn in the same order: the same model as without the cache
     uncached = Spy(FrozenEncoder(head=1))
     plain, _, _ = fit(
-        german_corpus, uncached.strategy, epochs=4, extra=[SpyLoss(uncached)],
+        german_corpus, uncached.strategy, epochs=4, extra=[uncached],
         speed_perturbation=speeds,
     )  # fmt: skip
     for name, tensor in plain.state_dict().items():
