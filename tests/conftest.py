@@ -6,8 +6,6 @@ from pathlib import Path
 
 import pytest
 
-from freezeft.speech.corpus import SynthCorpus
-
 TINY = dict(n_train=32, n_dev=8, n_test=8, vocabulary=200, max_words=2)
 
 
@@ -26,10 +24,14 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def german_corpus(cache_dir: Path) -> Path:
     """A tiny German corpus (real eSpeak speech) in DeepSpeech format."""
+    from freezeft.speech.corpus import SynthCorpus  # the speech extra: imported when used
+
     return SynthCorpus(language="de", cache_dir=str(cache_dir), **TINY).build()
 
 
 @pytest.fixture(scope="session")
 def english_corpus(cache_dir: Path) -> Path:
     """A tiny English corpus (real eSpeak speech) in DeepSpeech format."""
+    from freezeft.speech.corpus import SynthCorpus
+
     return SynthCorpus(language="en", cache_dir=str(cache_dir), **TINY).build()

@@ -3,6 +3,8 @@ from torch import nn
 
 from freezeft.groups import format_group_table, resolve_groups
 
+pytestmark = pytest.mark.library  # runs where only torch and Lightning are installed
+
 
 class Net(nn.Module):
     def __init__(self):

@@ -8,13 +8,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pytorch_lightning as pl
+import pytest
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from freezeft._lightning import pl
+
 
 def bert(layers: int = 3) -> nn.Module:
+    pytest.importorskip("transformers")  # a dev extra: not in a library-only venv
     from transformers import BertConfig, BertForSequenceClassification
 
     config = BertConfig(
@@ -31,6 +34,7 @@ def bert(layers: int = 3) -> nn.Module:
 
 
 def bert_lora() -> nn.Module:
+    pytest.importorskip("peft")
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(task_type="SEQ_CLS", target_modules=["query", "value"], r=2)
@@ -38,6 +42,7 @@ def bert_lora() -> nn.Module:
 
 
 def wav2vec2() -> nn.Module:
+    pytest.importorskip("transformers")
     from transformers import Wav2Vec2Config, Wav2Vec2ForCTC
 
     config = Wav2Vec2Config(
@@ -59,13 +64,14 @@ def wav2vec2() -> nn.Module:
 
 
 def resnet18() -> nn.Module:
-    import timm
+    timm = pytest.importorskip("timm")
 
     torch.manual_seed(0)
     return timm.create_model("resnet18", pretrained=False, num_classes=3)
 
 
 def vit() -> nn.Module:
+    pytest.importorskip("timm")
     from timm.models import VisionTransformer
 
     torch.manual_seed(0)

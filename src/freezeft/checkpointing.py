@@ -29,14 +29,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
-from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
-from pytorch_lightning.trainer.states import TrainerFn
-from pytorch_lightning.utilities import rank_zero_warn
-from pytorch_lightning.utilities.exceptions import SIGTERMException
 from typing_extensions import override
 
+from freezeft._lightning import (
+    CALLBACK_BASES,
+    PACKAGE,
+    SIGTERM_EXCEPTIONS,
+    fabric_of,
+    pl,
+    rank_zero_warn,
+)
 from freezeft.cache import umask
 
 __all__ = [
@@ -52,7 +55,7 @@ log = logging.getLogger(__name__)
 INTERRUPTED_CHECKPOINT = "interrupted.ckpt"
 
 
-class AtomicCheckpointIO(TorchCheckpointIO):
+class AtomicCheckpointIO(fabric_of(PACKAGE).plugins.io.torch_io.TorchCheckpointIO):  # type: ignore[misc]
     """``torch.save`` to a temporary sibling file, flushed to disk, then renamed into place."""
 
     @override
@@ -93,7 +96,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise
 
 
-class InterruptCheckpoint(pl.Callback):
+class InterruptCheckpoint(*CALLBACK_BASES):  # type: ignore[misc]
     """Write ``<dirpath>/interrupted.ckpt`` when training stops on SIGINT or SIGTERM.
 
     The checkpoint is taken between batches (Lightning raises its ``SIGTERMException``
@@ -235,9 +238,9 @@ class InterruptCheckpoint(pl.Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
         self._restore_sigint()
-        if trainer.state.fn != TrainerFn.FITTING:
+        if trainer.state.fn != "fit":  # TrainerFn.FITTING, a str enum
             return
-        if not isinstance(exception, (SIGTERMException, KeyboardInterrupt)):
+        if not isinstance(exception, (*SIGTERM_EXCEPTIONS, KeyboardInterrupt)):
             return
         path = self.dirpath / INTERRUPTED_CHECKPOINT
         self._mid_validation = trainer.validating

@@ -13,10 +13,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-import pytorch_lightning as pl
-from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
+from freezeft._lightning import pl, rank_zero_info, rank_zero_warn
 from freezeft.frozen_cache import FrozenOutputCache, PrefixCachable
 from freezeft.groups import format_group_table, resolve_groups
 from freezeft.plan import Plan

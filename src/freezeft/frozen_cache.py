@@ -37,8 +37,9 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import torch
-from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor, nn
+
+from freezeft._lightning import rank_zero_warn
 
 __all__ = ["PrefixCachable", "FrozenOutputCache", "cached_forward"]
 

@@ -23,8 +23,9 @@ import math
 from pathlib import Path
 from typing import Any
 
-import pytorch_lightning as pl
 from typing_extensions import override
+
+from freezeft._lightning import CALLBACK_BASES, pl
 
 __all__ = ["History", "read_decisions", "read_history", "read_lr_schedule"]
 
@@ -32,7 +33,7 @@ HISTORY_FILE = "history.json"
 LR_FILE = "lr_schedule.csv"
 
 
-class History(pl.Callback):
+class History(*CALLBACK_BASES):  # type: ignore[misc]
     """Record per-epoch ``val_*``/``train_*`` metrics and per-step effective LRs.
 
     Args:

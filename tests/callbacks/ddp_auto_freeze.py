@@ -6,11 +6,11 @@ import json
 import sys
 from pathlib import Path
 
-import pytorch_lightning as pl
 import torch
 from ddp_run import Net
 from torch.utils.data import DataLoader, TensorDataset
 
+from freezeft._lightning import pl
 from freezeft.callbacks import AutoFreeze
 
 

@@ -8,11 +8,11 @@ import json
 import sys
 from pathlib import Path
 
-import pytorch_lightning as pl
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from freezeft._lightning import pl
 from freezeft.callbacks import FreezeThenUnfreeze, LRWarmup
 
 

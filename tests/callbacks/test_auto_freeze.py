@@ -4,13 +4,15 @@ the head; decisions survive resume bit for bit."""
 from __future__ import annotations
 
 import pytest
-import pytorch_lightning as pl
 import torch
 from tiny_models import Task, fit, snapshot
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from freezeft._lightning import pl
 from freezeft.callbacks import AutoFreeze, DiscriminativeLR, LRWarmup
+
+pytestmark = pytest.mark.library  # runs where only torch and Lightning are installed
 
 
 class Settled(pl.LightningModule):

@@ -7,6 +7,8 @@ import pytest
 import torch
 from pyrun import run_python
 
+pytestmark = pytest.mark.library  # runs where only torch and Lightning are installed
+
 pytestmark = pytest.mark.slow  # subprocess runs
 
 SCRIPT = Path(__file__).with_name("ddp_run.py")

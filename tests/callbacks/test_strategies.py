@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import pytest
-import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
-from pytorch_lightning.loggers import CSVLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from freezeft._lightning import pl
 from freezeft.callbacks import (
     DiscriminativeLR,
     FreezeThenUnfreeze,
@@ -18,6 +16,8 @@ from freezeft.callbacks import (
     LRWarmup,
     NaiveTransfer,
 )
+
+pytestmark = pytest.mark.library  # runs where only torch and Lightning are installed
 
 
 class Block(nn.Module):
@@ -115,8 +115,8 @@ def fit(module, callbacks, epochs=4, tmp_path=None, **kwargs):
     trainer = pl.Trainer(
         max_epochs=epochs,
         callbacks=callbacks,
-        logger=CSVLogger(tmp_path) if tmp_path else False,
-        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
+        logger=pl.loggers.CSVLogger(tmp_path) if tmp_path else False,
+        enable_checkpointing=any(isinstance(c, pl.callbacks.ModelCheckpoint) for c in callbacks),
         enable_progress_bar=False,
         enable_model_summary=False,
         deterministic=True,
@@ -192,7 +192,7 @@ def test_user_schedulers_shape_every_group_across_an_unfreeze(scheduler):
 
 def test_user_param_groups_are_split_keeping_their_hyperparameters(tmp_path):
     net = make_net(split=True)
-    monitor = LearningRateMonitor(logging_interval="step")
+    monitor = pl.callbacks.LearningRateMonitor(logging_interval="step")
     trainer = fit(net, [DiscriminativeLR(decay=0.5), monitor], epochs=1, tmp_path=tmp_path)
     groups = trainer.optimizers[0].param_groups
     names = [g["name"] for g in groups]
@@ -203,7 +203,7 @@ def test_user_param_groups_are_split_keeping_their_hyperparameters(tmp_path):
 
 
 def test_lr_monitor_shows_one_curve_per_group_named_after_it(tmp_path):
-    monitor = LearningRateMonitor(logging_interval="step")
+    monitor = pl.callbacks.LearningRateMonitor(logging_interval="step")
     fit(make_net(), [FreezeThenUnfreeze(unfreeze_at_epoch=1), monitor], epochs=2, tmp_path=tmp_path)
     assert set(monitor.lrs) == {"lr-AdamW/net.0", "lr-AdamW/net.1", "lr-AdamW/net.2"}
 
@@ -294,7 +294,7 @@ def test_resume_at_any_epoch_matches_an_uninterrupted_run(tmp_path, stop_at):
     fit(whole, strategies(), epochs=4)
 
     first = make_net(scheduler="CosineAnnealingLR")
-    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    checkpoint = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, save_last=True)
     fit(first, [*strategies(), checkpoint], epochs=stop_at)
     resumed = make_net(scheduler="CosineAnnealingLR")
     pl.seed_everything(0)

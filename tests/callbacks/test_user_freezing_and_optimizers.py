@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from pytorch_lightning.callbacks import ModelCheckpoint
 from tiny_models import LRRecorder, Task, changed, fit, snapshot
 from torch.optim import lr_scheduler
 
+from freezeft._lightning import pl
 from freezeft.callbacks import (
     DiscriminativeLR,
     FreezeThenUnfreeze,
@@ -18,6 +18,8 @@ from freezeft.callbacks import (
     LRWarmup,
     NaiveTransfer,
 )
+
+pytestmark = pytest.mark.library  # runs where only torch and Lightning are installed
 
 
 def test_naive_transfer_never_trains_a_parameter_the_user_froze():
@@ -127,7 +129,7 @@ def test_filtered_optimizer_resumes_bit_identically(tmp_path):
 
     whole = Task("sequential", filtered=True)
     fit(whole, strategies(), epochs=3)
-    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    checkpoint = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, save_last=True)
     fit(Task("sequential", filtered=True), [*strategies(), checkpoint], epochs=1,
         enable_checkpointing=True)  # fmt: skip
     resumed = Task("sequential", filtered=True)
@@ -187,7 +189,7 @@ def test_resume_matches_groups_through_torch_compile_names(tmp_path, recwarn):
     fit(Task("sequential"), [*strategies(), whole], epochs=2)
     compiled = Task("sequential")
     compiled.model = torch.compile(compiled.model, backend="eager")
-    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    checkpoint = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, save_last=True)
     fit(compiled, [*strategies(), checkpoint], epochs=1, enable_checkpointing=True)
     saved = torch.load(tmp_path / "last.ckpt", weights_only=False)["callbacks"]
     assert "'model._orig_mod.0': False" in str(saved)
@@ -202,7 +204,7 @@ def test_resume_matches_groups_through_torch_compile_names(tmp_path, recwarn):
 
 
 def test_resume_with_other_groups_warns_naming_them(tmp_path):
-    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    checkpoint = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, save_last=True)
     fit(Task("sequential"), [FrozenEncoder(head=1), checkpoint], epochs=1,
         enable_checkpointing=True)  # fmt: skip
     resumed = Task("sequential")
@@ -249,6 +251,7 @@ def test_a_model_built_in_configure_model_gets_its_groups():
 
 
 def test_an_optimizer_without_a_numeric_lr_is_refused_for_lr_strategies():
+    pytest.importorskip("transformers")
     from transformers.optimization import Adafactor
 
     class WithAdafactor(Task):

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from pytorch_lightning.callbacks import ModelCheckpoint
 from tiny_models import LRRecorder, Task, fit
 from torch.optim import lr_scheduler
 
+from freezeft._lightning import pl
 from freezeft.callbacks import FreezeThenUnfreeze, GradualUnfreeze, LRWarmup, NaiveTransfer
+
+pytestmark = pytest.mark.library  # runs where only torch and Lightning are installed
 
 STEPS = 4 * 4  # 4 epochs of 4 batches
 
@@ -118,7 +120,7 @@ def test_resume_mid_ramp_continues_the_same_lrs(tmp_path):
 
     whole = LRRecorder()
     fit(Scheduled("CosineAnnealingLR"), [*strategies(), whole], epochs=4)
-    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    checkpoint = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, save_last=True)
     fit(
         Scheduled("CosineAnnealingLR"),
         [*strategies(), checkpoint],
@@ -140,7 +142,7 @@ def test_resume_from_a_checkpoint_after_an_epochs_last_batch_keeps_the_schedule(
 
     whole, whole_lrs = Scheduled("CosineAnnealingLR"), LRRecorder()
     fit(whole, [*strategies(), whole_lrs], epochs=4)
-    every_4 = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=4, save_top_k=-1)
+    every_4 = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=4, save_top_k=-1)
     fit(Scheduled("CosineAnnealingLR"), [*strategies(), every_4], epochs=1,
         enable_checkpointing=True)  # fmt: skip
     (step_checkpoint,) = tmp_path.glob("*step=4.ckpt")
@@ -152,6 +154,7 @@ def test_resume_from_a_checkpoint_after_an_epochs_last_batch_keeps_the_schedule(
 
 
 def test_timm_schedulers_drive_every_group():
+    pytest.importorskip("timm")
     from timm.scheduler import CosineLRScheduler
 
     class TimmScheduled(Scheduled):

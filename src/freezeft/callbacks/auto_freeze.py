@@ -20,11 +20,10 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
-from pytorch_lightning.utilities import rank_zero_info
 from typing_extensions import override
 
+from freezeft._lightning import pl, rank_zero_info
 from freezeft.callbacks.base import expect_int
 from freezeft.callbacks.frozen_encoder import FrozenEncoder, HeadSpec
 from freezeft.groups import GroupSpec, LayerGroup

@@ -8,14 +8,13 @@ strategies compose in any order.
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
-import pytorch_lightning as pl
 from torch import Tensor
 from typing_extensions import override
 
+from freezeft._lightning import CALLBACK_BASES, pl
 from freezeft.coordinator import Coordinator
 from freezeft.groups import GroupSpec, LayerGroup
 from freezeft.plan import Plan
@@ -23,20 +22,7 @@ from freezeft.plan import Plan
 __all__ = ["StrategyCallback"]
 
 
-def _callback_bases() -> tuple[type, ...]:
-    """``pytorch_lightning.Callback``, and ``lightning.pytorch.Callback`` where the unified
-    ``lightning`` package is installed: the strategies are callbacks of both, so both
-    Trainers and both LightningCLIs take them."""
-    if importlib.util.find_spec("lightning") is None:
-        return (pl.Callback,)
-    try:
-        from lightning.pytorch import Callback as UnifiedCallback
-    except ImportError:  # a broken or partial install: pytorch_lightning alone
-        return (pl.Callback,)
-    return (pl.Callback, UnifiedCallback)
-
-
-class StrategyCallback(*_callback_bases()):  # type: ignore[misc]
+class StrategyCallback(*CALLBACK_BASES):  # type: ignore[misc]
     """Base class of the strategies; subclasses override the intent methods.
 
     Args:

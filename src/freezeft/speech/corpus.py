@@ -26,9 +26,9 @@ import numpy as np
 import soundfile
 import torch
 import torchaudio
-from pytorch_lightning.utilities import rank_zero_info
 from tqdm import tqdm
 
+from freezeft._lightning import rank_zero_info
 from freezeft.cache import cached_entry, config_key, default_cache_dir
 from freezeft.speech.alphabet import Alphabet
 from freezeft.speech.synth import Synthesizer, Voice

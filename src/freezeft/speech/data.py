@@ -11,11 +11,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-import pytorch_lightning as pl
 import torch
-from pytorch_lightning.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
+from freezeft._lightning import pl, rank_zero_info
 from freezeft.batching import BucketBatchSampler
 from freezeft.machine import usable_cores
 from freezeft.speech.alphabet import Alphabet

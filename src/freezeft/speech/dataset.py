@@ -17,9 +17,9 @@ from typing import Literal
 
 import soundfile
 import torch
-from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import Dataset
 
+from freezeft._lightning import rank_zero_info, rank_zero_warn
 from freezeft.speech.alphabet import Alphabet
 from freezeft.speech.audio import load_audio, wav_truncation
 from freezeft.speech.features import STEP_MS, WINDOW_MS
