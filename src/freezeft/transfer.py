@@ -1,0 +1,117 @@
+"""Transfer by name and shape: load a source model's tensors into a model of the same design.
+
+What a task that declares no transfer of its own gets from ``python -m freezeft.run
+transfer.source=PATH``, and what a Lightning project can call itself::
+
+    report = load_matching(model, "source.ckpt")
+    report.to_json("transfer.json")
+
+Every tensor of the model whose qualified name and shape match one in the source is
+copied; the rest (a new head for a new label set) stays as initialised. Checkpoints are
+loaded with ``weights_only=True``: a file that needs code to load is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+__all__ = ["MatchingTransfer", "load_matching", "source_state_dict"]
+
+
+@dataclass
+class MatchingTransfer:
+    """What :func:`load_matching` did, tensor by tensor (``transfer.json``)."""
+
+    source: str
+    loaded: list[str] = field(default_factory=list)
+    #: the model's tensors left as initialised: {name: why}
+    reinitialised: dict[str, str] = field(default_factory=dict)
+    #: source tensors the model has no place for
+    unused: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        """One line for the log."""
+        kept = ", ".join(sorted(self.reinitialised)) or "none"
+        return (
+            f"Transfer from {self.source}: {len(self.loaded)} tensors loaded by name and "
+            f"shape; left as initialised: {kept}; {len(self.unused)} source tensors unused."
+        )
+
+    def to_json(self, path: str | Path) -> None:
+        """Write the report as JSON (atomically)."""
+        path = Path(path)
+        text = json.dumps({"kind": "by name and shape", **asdict(self)}, indent=2)
+        handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        with os.fdopen(handle, "w") as stream:
+            stream.write(text)
+        os.replace(tmp, path)
+
+
+def source_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a Lightning checkpoint (its ``state_dict``) or of a state-dict file.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: the file cannot be loaded with ``weights_only=True`` or holds no tensors.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"transfer.source={path}: no such file; give a Lightning .ckpt or a state-dict "
+            "file (torch.save(model.state_dict(), PATH))."
+        )
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(
+            f"transfer.source={path} cannot be loaded as weights only ({first}). freezeft "
+            "loads no code from a checkpoint; save plain tensors (a state_dict) instead."
+        ) from None
+    state = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else None
+    tensors = (
+        {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+        if isinstance(state, dict)
+        else {}
+    )
+    if not tensors:
+        raise ValueError(
+            f"transfer.source={path} holds no tensors: expected a Lightning checkpoint "
+            "(with `state_dict`) or a state-dict file."
+        )
+    return tensors
+
+
+def load_matching(model: nn.Module, source: str | Path) -> MatchingTransfer:
+    """Copy every tensor of ``source`` whose name and shape match one of ``model``'s."""
+    tensors = source_state_dict(source)
+    report = MatchingTransfer(source=str(source))
+    own = model.state_dict()
+    matching = {}
+    for name, tensor in own.items():
+        found = tensors.get(name)
+        if found is None:
+            report.reinitialised[name] = "not in the source"
+        elif found.shape != tensor.shape:
+            report.reinitialised[name] = (
+                f"shape {tuple(found.shape)} in the source, {tuple(tensor.shape)} here"
+            )
+        else:
+            matching[name] = found
+    if not matching:
+        raise ValueError(
+            f"transfer.source={source}: none of its {len(tensors)} tensors matches the model "
+            f"by name and shape (the model has e.g. {sorted(own)[:3]}, the source "
+            f"{sorted(tensors)[:3]}); is it a checkpoint of this model's design?"
+        )
+    model.load_state_dict(matching, strict=False)
+    report.loaded = sorted(matching)
+    report.unused = sorted(set(tensors) - set(own))
+    return report
