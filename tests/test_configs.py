@@ -9,13 +9,16 @@ from hydra import compose, initialize_config_module
 from hydra.utils import get_method, instantiate
 from omegaconf import DictConfig, OmegaConf
 
+import freezeft.speech.conf
 from freezeft.app.config import check_config
 
-CONF = Path(freezeft.conf.__file__).parent
+CONF = Path(freezeft.conf.__file__).parent  # the app's configs
+SPEECH_CONF = Path(freezeft.speech.conf.__file__).parent  # the speech task's, on its search path
 OPTIONS = sorted(
     (path.parent.name, path.stem)
-    for path in CONF.glob("*/*.yaml")
-    if path.parent.name not in ("hydra", "parts")  # parts: pieces the options share
+    for root in (CONF, SPEECH_CONF)
+    for path in root.glob("*/*.yaml")
+    if path.parent.name not in ("hydra", "parts", "speech")  # pieces the options share
 )
 SPECIAL = {"_target_", "_partial_", "_convert_", "_recursive_", "_args_"}
 
@@ -159,7 +162,9 @@ def _target_blocks_with_lines(path: Path):
 
 
 @pytest.mark.parametrize(
-    "path", sorted(CONF.rglob("*.yaml")), ids=lambda p: str(p.relative_to(CONF))
+    "path",
+    sorted([*CONF.rglob("*.yaml"), *SPEECH_CONF.rglob("*.yaml")]),
+    ids=lambda p: str(p.relative_to(p.parents[1])),
 )
 def test_configs_override_class_defaults_only_on_purpose(path):
     """One source for each default: the class signature. A config value that differs

@@ -112,7 +112,8 @@ def test_scratch_baseline_and_pretrain_stage(tmp_path, cache_dir, german_corpus,
     (tmp_path / "p").mkdir()
     out, stdout = run(tmp_path / "p", cache_dir, "stage=pretrain")
     results = json.loads((out / "results.json").read_text())
-    assert results["language"] == "en" and "freezeft pretrain:" in stdout.strip().splitlines()[-1]
+    assert results["budget"]["language"] == "en"
+    assert "freezeft pretrain:" in stdout.strip().splitlines()[-1]
 
 
 def test_combined_strategy_from_the_command_line(tmp_path, cache_dir, transfer_run):

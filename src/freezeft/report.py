@@ -3,18 +3,21 @@
 Reads every job's ``results.json`` (and ``failure.json``) under a Hydra multirun dir and
 writes, into that dir:
 
-* ``report.md``: per strategy the mean ± std over seeds of test CER and WER (the scorer's
-  with ``decoder=beam``), greedy CER and WER, epochs trained, best epoch,
-  training seconds and trainable parameters, best (lowest mean test CER) first, with the
+* ``report.md``: per strategy the mean ± std over seeds of the task's test metrics, epochs
+  trained, best epoch, training seconds and trainable parameters, best first, with the
   machine, the budget, the command that reproduces the sweep, failed jobs and the plots;
 * ``report.csv``: the same table, one row per strategy, mean and std in their own columns;
-* ``cer_vs_time.png``: test CER against training time, one marker per run;
-* ``learning_curves.png``: dev CER per epoch, the mean over seeds per strategy;
+* ``<metric>_vs_time.png``: the ranking test metric against training time, one marker per run;
+* ``learning_curves.png``: the monitored dev metric per epoch, the mean over seeds per strategy;
 * ``lr_schedule.png``: the per-group learning rate, step by step, of one run.
 
-Runs that differ in ``transfer.drop_source_layers`` or in ``decoder`` within a sweep are
-reported apart (``naive drop=2``, ``naive decoder=greedy``). :class:`ReportCallback` runs
-this at the end of every multirun.
+Which test metric ranks the runs, in which direction, and which columns show comes from
+each run's ``results.json`` (``report``: the task's declaration, or the monitored metric's
+test counterpart, e.g. ``val_acc`` -> ``test_acc``, higher is better with
+``monitor_mode=max``). The speech task ranks by test CER, lower is better. Runs that
+differ in a ``transfer`` option or in a key the task splits by (the speech task's
+``decoder``) are reported apart (``naive drop_source_layers=2``, ``naive decoder=greedy``).
+:class:`ReportCallback` runs this at the end of every multirun.
 """
 
 from __future__ import annotations
@@ -37,16 +40,20 @@ from omegaconf import DictConfig, OmegaConf
 from freezeft.history import read_decisions, read_history, read_lr_schedule
 from freezeft.machine import summary as machine_summary
 
-__all__ = ["Run", "StrategySummary", "collect", "summarise", "write_report", "ReportCallback"]
+__all__ = [
+    "Run",
+    "StrategySummary",
+    "collect",
+    "ranking",
+    "summarise",
+    "write_report",
+    "ReportCallback",
+]
 
 log = logging.getLogger(__name__)
 
-#: results.json keys summarised per strategy, with how the Markdown table prints them.
-METRICS = {
-    "cer": ("test CER", "{:.3f}"),  # the scorer's with decoder=beam, else greedy
-    "wer": ("test WER", "{:.3f}"),
-    "greedy_cer": ("greedy CER", "{:.3f}"),
-    "greedy_wer": ("greedy WER", "{:.3f}"),
+#: results.json keys every task's runs are summarised by, after the task's own columns.
+RUN_METRICS = {
     "epochs": ("epochs", "{:.1f}"),
     "best_epoch": ("best epoch", "{:.1f}"),
     "train_seconds": ("training s", "{:.0f}"),
@@ -94,16 +101,55 @@ def collect(sweep_dir: Path) -> tuple[list[Run], list[dict[str, Any]]]:
         {**json.loads(path.read_text()), "dir": str(path.parent)}
         for path in sorted(sweep_dir.rglob("failure.json"), key=_job_order)
     ]
-    drops = {r.results.get("drop_source_layers") for r in runs} - {None}
-    decoders = {r.results.get("decoder") for r in runs}
     for run in runs:
         run.variant = str(run.results.get("strategy") or "none")
-        drop = run.results.get("drop_source_layers")
-        if len(drops) > 1 and drop is not None:
-            run.variant += f" drop={drop}"
-        if len(decoders) > 1:  # a scorer's CER and a greedy one are different measures
-            run.variant += f" decoder={run.results.get('decoder') or 'greedy'}"
+    for key, value_of in _setting_keys(runs).items():
+        # a run without the setting (scratch has no transfer) does not make it vary
+        values = {json.dumps(value_of(r), sort_keys=True) for r in runs} - {"null"}
+        if len(values) > 1:  # runs of different settings are different measures
+            for run in runs:
+                if value_of(run) is not None:
+                    run.variant += f" {key}={value_of(run)}"
     return runs, failures
+
+
+def _setting_keys(runs: Sequence[Run]) -> dict[str, Any]:
+    """Settings that tell runs apart besides the strategy: every ``transfer`` option, and
+    the keys the task splits by (``report.split_by``)."""
+    keys: dict[str, Any] = {}
+    for run in runs:
+        for option in run.results.get("transfer") or {}:
+            keys[option] = lambda r, o=option: (r.results.get("transfer") or {}).get(o)
+        for key in (run.results.get("report") or {}).get("split_by", []):
+            keys[key] = lambda r, k=key: r.results.get(k)
+    return keys
+
+
+def ranking(runs: Sequence[Run]) -> dict[str, Any]:
+    """What ranks the runs and what the table shows: ``rank_by``, ``mode``, ``columns``
+    (the runs' ``report`` entry, which every run of a sweep must share).
+
+    Raises:
+        ValueError: runs rank by different metrics (jobs of different tasks in one dir).
+    """
+    specs = {json.dumps(r.results.get("report") or {}, sort_keys=True) for r in runs}
+    if len(specs) > 1:
+        raise ValueError(
+            "The runs under this dir rank by different metrics (their results.json `report` "
+            f"entries differ: {sorted(specs)}); report each task's sweep dir on its own."
+        )
+    spec = dict(runs[0].results.get("report") or {}) if runs else {}
+    if "rank_by" not in spec:  # results.json written before tasks declared their report
+        spec = {"rank_by": "cer", "mode": "min", "columns": {"cer": "test CER", "wer": "test WER"}}
+    spec.setdefault("columns", {spec["rank_by"]: spec["rank_by"]})
+    return spec
+
+
+def _metrics(spec: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    """The table's columns: the task's test metrics, then what every run has."""
+    columns = {key: (label, "{:.3f}") for key, label in spec["columns"].items()}
+    columns.setdefault(spec["rank_by"], (spec["rank_by"], "{:.3f}"))  # always shown
+    return {**columns, **RUN_METRICS}
 
 
 def _job_order(path: Path) -> tuple:
@@ -111,39 +157,37 @@ def _job_order(path: Path) -> tuple:
 
 
 def summarise(runs: Sequence[Run]) -> list[StrategySummary]:
-    """One summary per strategy, lowest mean test CER first."""
+    """One summary per strategy, the best mean of the ranking metric first."""
+    spec = ranking(runs)
     by_variant: dict[str, list[Run]] = {}
     for run in runs:
         by_variant.setdefault(run.variant, []).append(run)
     summaries = []
     for variant, members in by_variant.items():
         summary = StrategySummary(variant, members)
-        for key in METRICS:
-            values = [float(r.results[key]) for r in members if r.results.get(key) is not None]
+        for key in _metrics(spec):
+            values = [float(r.results[key]) for r in members if _number(r.results.get(key))]
             summary.mean[key] = statistics.fmean(values) if values else math.nan
             summary.std[key] = statistics.stdev(values) if len(values) > 1 else None
         summaries.append(summary)
-    return sorted(summaries, key=lambda s: (math.isnan(s.mean["cer"]), s.mean["cer"]))
+    key, sign = spec["rank_by"], (-1 if spec.get("mode") == "max" else 1)
+    return sorted(summaries, key=lambda s: (math.isnan(s.mean[key]), sign * s.mean[key]))
 
 
-def _cell(summary: StrategySummary, key: str) -> str:
-    fmt = METRICS[key][1]
+def _or_inf(value: Any, sign: int) -> float:
+    """``sign * value`` to sort by (best first), a missing value last."""
+    return sign * float(value) if _number(value) else math.inf
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _cell(summary: StrategySummary, key: str, fmt: str) -> str:
     mean, std = summary.mean[key], summary.std[key]
     if math.isnan(mean):
         return "–"
     return fmt.format(mean) + (f" ± {fmt.format(std)}" if std is not None else "")
-
-
-def _decoding(runs: list[Run]) -> str:
-    """What test CER/WER were decoded with: the scorer (its words) or greedy."""
-    scorers = [r.results.get("scorer") for r in runs if r.results.get("scorer")]
-    if not scorers:
-        return "greedy (test CER/WER = greedy CER/WER)"
-    words = _distinct([f"{s['words']} words from {s['source']}" for s in scorers])
-    return (
-        f"test CER/WER with the scorer ({words}; lm_weight and word_score tuned on dev per "
-        "run), greedy CER/WER without it"
-    )
 
 
 def _distinct(values: Sequence[Any]) -> str:
@@ -157,13 +201,19 @@ def _distinct(values: Sequence[Any]) -> str:
 def _budget(runs: Sequence[Run]) -> str:
     budgets = [r.results.get("budget") or {} for r in runs]
     protocols = [b.get("protocol") for b in budgets if b.get("protocol")]
+    described = [  # what the task's data and model said of themselves, in their order
+        key
+        for budget in budgets
+        for key in budget
+        if key not in ("max_epochs", "protocol", "source_epochs")
+    ]
     parts = [
         (f"protocol {_distinct(protocols)}, " if protocols else "")
-        + f"max_epochs={_distinct([b.get('max_epochs') for b in budgets])} per job on "
-        f"{_distinct([b.get('train_utterances') for b in budgets])} training utterances "
-        f"({_distinct([r.results.get('language') for r in runs])}), batch "
-        f"{_distinct([b.get('batch_size') for b in budgets])}, n_hidden "
-        f"{_distinct([b.get('n_hidden') for b in budgets])}"
+        + f"max_epochs={_distinct([b.get('max_epochs') for b in budgets])} per job"
+        + "".join(
+            f", {key} {_distinct([b.get(key) for b in budgets])}"
+            for key in dict.fromkeys(described)
+        )
     ]
     sources = [b.get("source_epochs") for b in budgets if b.get("source_epochs") is not None]
     if sources:
@@ -183,12 +233,17 @@ def _command(sweep_dir: Path) -> str | None:
         for o in overrides.hydra
         if not str(o).startswith(("hydra.sweep.", "hydra.run.", "hydra.mode"))
     ]
+    config_dirs = [  # --config-dir: the user's own model and data configs
+        f"--config-dir {shlex.quote(source.path)}"
+        for source in OmegaConf.load(path).hydra.runtime.get("config_sources", [])
+        if source.get("provider") == "command-line"
+    ]
     return "python -m freezeft.run -m " + " ".join(
-        shlex.quote(str(o)) for o in [*launch, *overrides.task]
+        [*config_dirs, *(shlex.quote(str(o)) for o in [*launch, *overrides.task])]
     )
 
 
-def _optuna(sweep_dir: Path) -> str | None:
+def _optuna(sweep_dir: Path, monitor: str) -> str | None:
     path = sweep_dir / "optimization_results.yaml"
     if not path.exists():
         return None
@@ -196,7 +251,7 @@ def _optuna(sweep_dir: Path) -> str | None:
     if "best_value" not in best:
         return None
     params = ", ".join(f"`{k}={v}`" for k, v in best.best_params.items())
-    return f"Optuna: best dev CER {best.best_value:.4f} with {params}"
+    return f"Optuna: best {monitor} {best.best_value:.4f} with {params}"
 
 
 def _sweep_wall_seconds(runs: Sequence[Run]) -> float | None:
@@ -205,15 +260,17 @@ def _sweep_wall_seconds(runs: Sequence[Run]) -> float | None:
     return max(ends) - min(starts) if starts and ends else None
 
 
-def write_csv(summaries: Sequence[StrategySummary], path: Path) -> None:
+def write_csv(
+    summaries: Sequence[StrategySummary], path: Path, metrics: dict[str, tuple[str, str]]
+) -> None:
     """``report.csv``: strategy, runs, then ``<metric>_mean`` and ``<metric>_std``."""
-    columns = ["strategy", "runs"] + [f"{k}_{s}" for k in METRICS for s in ("mean", "std")]
+    columns = ["strategy", "runs"] + [f"{k}_{s}" for k in metrics for s in ("mean", "std")]
     with open(path, "w", newline="") as stream:
         writer = csv.writer(stream)
         writer.writerow(columns)
         for summary in summaries:
             row: list[Any] = [summary.variant, len(summary.runs)]
-            for key in METRICS:
+            for key in metrics:
                 std = summary.std[key]
                 row += [repr(summary.mean[key]), "" if std is None else repr(std)]
             writer.writerow(row)
@@ -228,20 +285,22 @@ def _pyplot():
     return plt
 
 
-def plot_cer_vs_time(summaries: Sequence[StrategySummary], path: Path) -> None:
-    """Test CER against training seconds, one marker shape and colour per strategy."""
+def plot_metric_vs_time(
+    summaries: Sequence[StrategySummary], path: Path, key: str, label: str
+) -> None:
+    """A test metric against training seconds, one marker shape and colour per strategy."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for i, summary in enumerate(summaries):
         ax.scatter(
             [r.results["train_seconds"] for r in summary.runs],
-            [r.results["cer"] for r in summary.runs],
+            [r.results.get(key) for r in summary.runs],
             marker=MARKERS[i % len(MARKERS)],
             color=f"C{i % 10}",
             label=summary.variant,
             s=45,
         )
-    ax.set(xlabel="training time (s)", ylabel="test CER", title="Test CER against training time")
+    ax.set(xlabel="training time (s)", ylabel=label, title=f"{label} against training time")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -249,8 +308,9 @@ def plot_cer_vs_time(summaries: Sequence[StrategySummary], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_learning_curves(summaries: Sequence[StrategySummary], path: Path) -> bool:
-    """Dev CER per epoch, the mean over each strategy's runs; False if no run has history."""
+def plot_learning_curves(summaries: Sequence[StrategySummary], path: Path, monitor: str) -> bool:
+    """The monitored dev metric per epoch, the mean over each strategy's runs; False if no
+    run has history."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     drawn = False
@@ -258,8 +318,8 @@ def plot_learning_curves(summaries: Sequence[StrategySummary], path: Path) -> bo
         per_epoch: dict[int, list[float]] = {}
         for run in summary.runs:
             for row in read_history(run.dir):
-                if "val_cer" in row:
-                    per_epoch.setdefault(int(row["epoch"]), []).append(row["val_cer"])
+                if monitor in row:
+                    per_epoch.setdefault(int(row["epoch"]), []).append(row[monitor])
         if not per_epoch:
             continue
         epochs = sorted(per_epoch)
@@ -272,7 +332,7 @@ def plot_learning_curves(summaries: Sequence[StrategySummary], path: Path) -> bo
             markersize=4,
         )
         drawn = True
-    ax.set(xlabel="epoch", ylabel="dev CER (mean over seeds)", title="Dev CER per epoch")
+    ax.set(xlabel="epoch", ylabel=f"{monitor} (mean over seeds)", title=f"{monitor} per epoch")
     ax.grid(alpha=0.3)
     if drawn:
         ax.legend(fontsize=8)
@@ -282,16 +342,16 @@ def plot_learning_curves(summaries: Sequence[StrategySummary], path: Path) -> bo
     return drawn
 
 
-def _lr_run(summaries: Sequence[StrategySummary]) -> Run | None:
+def _lr_run(summaries: Sequence[StrategySummary], order: Any) -> Run | None:
     """The best run with strategy decisions (AutoFreeze's freezes), else the best run of the
     best strategy whose groups train at different LRs, else the best."""
     for summary in summaries:
-        for run in sorted(summary.runs, key=lambda r: r.results["cer"]):
+        for run in sorted(summary.runs, key=order):
             if read_decisions(run.dir):
                 return run
     fallback = None
     for summary in summaries:
-        for run in sorted(summary.runs, key=lambda r: r.results["cer"]):
+        for run in sorted(summary.runs, key=order):
             schedule = read_lr_schedule(run.dir)
             curves = {tuple(v) for k, v in schedule.items() if k not in ("step", "epoch")}
             if len(curves) > 1:
@@ -348,51 +408,66 @@ def write_report(sweep_dir: str | Path) -> Path:
             f"compare. Failed jobs: {listed}"
         )
     summaries = summarise(runs)
-    write_csv(summaries, sweep_dir / "report.csv")
-    plot_cer_vs_time(summaries, sweep_dir / "cer_vs_time.png")
-    has_curves = plot_learning_curves(summaries, sweep_dir / "learning_curves.png")
-    lr_run = _lr_run(summaries)
+    spec = ranking(runs)
+    metrics = _metrics(spec)
+    key, label = spec["rank_by"], metrics.get(spec["rank_by"], (spec["rank_by"],))[0]
+    monitor = str(runs[0].results.get("monitor") or "val_cer")
+    plot_name = f"{key.removeprefix('test_').removeprefix('test/').replace('/', '_')}_vs_time.png"
+    sign = -1 if spec.get("mode") == "max" else 1
+    write_csv(summaries, sweep_dir / "report.csv", metrics)
+    plot_metric_vs_time(summaries, sweep_dir / plot_name, key, label)
+    has_curves = plot_learning_curves(summaries, sweep_dir / "learning_curves.png", monitor)
+    lr_run = _lr_run(summaries, lambda r: _or_inf(r.results.get(key), sign))
     if lr_run is not None:
         plot_lr_schedule(lr_run, sweep_dir / "lr_schedule.png")
 
     machines = _distinct([machine_summary(r.results.get("machine") or {}) for r in runs])
     wall = _sweep_wall_seconds(runs)
+    best = "highest" if spec.get("mode") == "max" else "lowest"
     lines = [
         f"# Strategy comparison: {sweep_dir.name}",
         "",
-        f"Winner: **{summaries[0].variant}** (lowest mean test CER).",
+        f"Winner: **{summaries[0].variant}** ({best} mean {label}).",
         "",
         f"- Machine: {machines}",
         f"- Budget: {_budget(runs)}",
-        f"- Decoding: {_decoding(runs)}",
+    ]
+    notes = [r.results["report_note"] for r in runs if r.results.get("report_note")]
+    if notes:
+        lines.append(f"- {_distinct(notes)}")
+    lines.append(
         f"- Jobs: {len(runs)} finished, {len(failures)} failed; "
         f"training {sum(r.results['train_seconds'] for r in runs):.0f} s in all"
-        + (f", sweep wall time {wall:.0f} s" if wall is not None else ""),
-    ]
+        + (f", sweep wall time {wall:.0f} s" if wall is not None else "")
+    )
     command = _command(sweep_dir)
     if command:
         lines.append(f"- Reproduce: `{command}`")
-    optuna = _optuna(sweep_dir)
+        cwd = OmegaConf.load(sweep_dir / "multirun.yaml").hydra.runtime.get("cwd")
+        if cwd:  # relative paths in the overrides (transfer.source=...) are relative to it
+            lines[-1] += f" (from `{cwd}`)"
+    optuna = _optuna(sweep_dir, monitor)
     if optuna:
         lines.append(f"- {optuna}")
-    header = ["strategy", "runs", *(label for label, _ in METRICS.values())]
+    header = ["strategy", "runs", *(label for label, _ in metrics.values())]
     lines += [
         "",
         "| " + " | ".join(header) + " |",
         "|" + " --- |" * len(header),
     ]
     for summary in summaries:
-        cells = [summary.variant, str(len(summary.runs))] + [_cell(summary, k) for k in METRICS]
+        cells = [summary.variant, str(len(summary.runs))]
+        cells += [_cell(summary, k, fmt) for k, (_, fmt) in metrics.items()]
         lines.append("| " + " | ".join(cells) + " |")
     lines += [
         "",
-        "Mean ± sample standard deviation over the runs (seeds). Test metrics are on voices "
-        "never heard in training; the best epoch is picked on dev CER.",
+        f"Mean ± sample standard deviation over the runs (seeds), ranked by {label} "
+        f"({best} first); the best epoch is picked on {monitor}.",
         "",
-        "![test CER against training time](cer_vs_time.png)",
+        f"![{label} against training time]({plot_name})",
     ]
     if has_curves:
-        lines += ["", "![dev CER per epoch](learning_curves.png)"]
+        lines += ["", f"![{monitor} per epoch](learning_curves.png)"]
     if lr_run is not None:
         lines += [
             "",

@@ -27,20 +27,17 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.utilities.exceptions import MisconfigurationException
+from omegaconf import DictConfig
 
+import freezeft.conf  # noqa: F401  (registers the configs' resolvers)
+from freezeft import task
+from freezeft._lightning import MISCONFIGURATION_EXCEPTIONS
 from freezeft.app.config import refuse_local_ddp, threads_per_job
 from freezeft.app.train import train
 
 __all__ = ["main"]
 
 log = logging.getLogger(__name__)
-
-
-# conf/hydra/default.yaml names run dirs with the process id: two runs started in the same
-# second never share one.
-OmegaConf.register_new_resolver("freezeft.pid", lambda: str(os.getpid()), replace=True)
 
 
 def _is_user_error(err: BaseException) -> bool:
@@ -50,7 +47,7 @@ def _is_user_error(err: BaseException) -> bool:
     """
     if isinstance(err, InstantiationException) and err.__cause__ is not None:
         err = err.__cause__  # a config's object refused its arguments: judge that error
-    if isinstance(err, (OSError, MisconfigurationException)):  # Lightning's config errors
+    if isinstance(err, (OSError, *MISCONFIGURATION_EXCEPTIONS)):  # Lightning's config errors
         return True
     if not isinstance(err, ValueError):
         return False
@@ -63,6 +60,18 @@ def _is_user_error(err: BaseException) -> bool:
 _PACKAGE = Path(__file__).parent
 
 
+def _lightning_logs_to_hydra() -> None:
+    """Send Lightning's messages (and freezeft's, which speak through Lightning's rank-zero
+    logger) to the handlers Hydra set up: the console and ``run.log``. Lightning imported
+    before Hydra configured logging gave its loggers a console handler of their own and
+    stopped them propagating, so they missed ``run.log`` and would print twice."""
+    for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric", "lightning.fabric"):
+        logger = logging.getLogger(name)
+        if not logger.propagate:
+            logger.handlers = [h for h in logger.handlers if type(h) is not logging.StreamHandler]
+            logger.propagate = True
+
+
 @hydra.main(version_base="1.3", config_path="pkg://freezeft.conf", config_name="config")
 def main(cfg: DictConfig) -> float:
     """Hydra entry point; returns the best dev score of the model's ``monitor`` (the speech
@@ -71,6 +80,7 @@ def main(cfg: DictConfig) -> float:
     In a multirun a failing job is logged to ``failure.json`` in its dir and returns NaN
     (Optuna counts the trial as failed), so the other jobs still run.
     """
+    _lightning_logs_to_hydra()
     hydra_cfg = HydraConfig.get()
     output_dir = Path(hydra_cfg.runtime.output_dir)
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
@@ -109,7 +119,7 @@ def main(cfg: DictConfig) -> float:
         f"({results['train_seconds']:.0f}s training) -> {results['run_dir']}/results.json",
         flush=True,
     )
-    best = results.get(f"dev_{results['monitor'].removeprefix('val_')}")  # the dev score
+    best = results.get(task.dev_key(results["monitor"]))  # the dev score
     return float(best) if best is not None else math.nan
 
 

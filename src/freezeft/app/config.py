@@ -9,12 +9,14 @@ from typing import Any
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from freezeft import machine
+from freezeft import machine, task
 
 __all__ = [
     "CHECKS",
     "check_config",
     "transfer_options",
+    "monitored",
+    "lightning_targets",
     "check_resume_config",
     "refuse_local_ddp",
     "threads_per_job",
@@ -34,7 +36,35 @@ CHECKS: dict[str, tuple[tuple[type, ...], Any, str]] = {
     "cpu_threads": ((int, type(None)), lambda v: v is None or v >= 1, "null or an integer >= 1"),
     "trainer.max_epochs": ((int,), lambda v: v >= 1, "an integer >= 1"),
     "source.max_epochs": ((int,), lambda v: v >= 1, "an integer >= 1"),
+    "monitor": ((str,), bool, "the name of a metric the model logs, e.g. val_loss or val_acc"),
+    "monitor_mode": ((str,), lambda v: v in ("min", "max"), "'min' or 'max'"),
 }
+
+LIGHTNING_PREFIXES = ("pytorch_lightning.", "lightning.pytorch.")
+
+
+def monitored(cfg: DictConfig) -> tuple[str, str]:
+    """``(monitor, monitor_mode)``: the logged metric that picks the best checkpoint (and
+    what a sweeper optimises) and whether lower or higher is better."""
+    return str(cfg.monitor), str(cfg.monitor_mode)
+
+
+def lightning_targets(node: Any, package: str) -> Any:
+    """``node`` as plain containers, its Lightning ``_target_``s moved to ``package``
+    (``pytorch_lightning`` or ``lightning.pytorch``): a Trainer, logger or callback must
+    come from the package the LightningModule was written with."""
+    node = _plain(node)
+    if isinstance(node, dict):
+        out = {key: lightning_targets(value, package) for key, value in node.items()}
+        target = out.get("_target_")
+        if isinstance(target, str):
+            for prefix in LIGHTNING_PREFIXES:
+                if target.startswith(prefix):
+                    out["_target_"] = f"{package}.{target.removeprefix(prefix)}"
+        return out
+    if isinstance(node, list):
+        return [lightning_targets(item, package) for item in node]
+    return node
 
 
 def transfer_options(cfg: DictConfig) -> dict[str, Any]:
@@ -77,22 +107,42 @@ def check_config(cfg: DictConfig) -> None:
             instantiate(callback, _convert_="all")
     # The task's own classes check their values (one validator per value); building them
     # is cheap: no corpus is synthesised, no data read but a DeepSpeech alphabet file.
+    if cfg.stage == "pretrain" or (
+        cfg.transfer.get("source") == "auto" and not cfg.strategy.get("from_scratch")
+    ):
+        if OmegaConf.select(cfg, "source.data") is None:
+            raise ValueError(
+                f"{'stage=pretrain' if cfg.stage == 'pretrain' else 'transfer.source=auto'} "
+                "pretrains a source model on `source.data`, which this config does not set. "
+                "Give transfer.source=PATH (a Lightning .ckpt or a state-dict file of a model "
+                "with the same parameter names), or +data@source.data=NAME (a data config of "
+                "yours, e.g. the source task's)."
+            )
     if cfg.stage == "pretrain":
         data = instantiate(cfg.source.data, _convert_="all")
     else:
         data = instantiate(cfg.data, _convert_="all")
         if cfg.transfer.get("source") == "auto" and not cfg.strategy.get("from_scratch"):
             instantiate(cfg.source.data, _convert_="all")  # pretrained first
-    model = instantiate(cfg.model, **data.model_kwargs(), _convert_="all")
-    options = transfer_options(cfg)
+    model = instantiate(cfg.model, **task.model_kwargs(data), _convert_="all")
     try:
-        model.check_transfer(**options)
+        task.check_transfer(type(model), transfer_options(cfg))
     except (TypeError, ValueError) as err:
         raise ValueError(f"transfer: {err}") from None
 
 
 #: Config sections a resumed run must share with the run it continues.
-RESUME_MUST_MATCH = ("stage", "seed", "model", "data", "strategy", "transfer", "source")
+RESUME_MUST_MATCH = (
+    "stage",
+    "seed",
+    "model",
+    "data",
+    "strategy",
+    "transfer",
+    "source",
+    "monitor",
+    "monitor_mode",
+)
 
 
 def check_resume_config(cfg: DictConfig, run_dir: Path) -> None:

@@ -3,20 +3,26 @@ main in :mod:`freezeft.run` wraps it."""
 
 from __future__ import annotations
 
+import importlib
 import logging
 import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
-from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from freezeft import machine
-from freezeft.app.config import check_config, check_resume_config, transfer_options
+from freezeft import machine, task
+from freezeft._lightning import PACKAGE, SIGTERM_EXCEPTIONS, package_of, pl
+from freezeft.app.config import (
+    check_config,
+    check_resume_config,
+    lightning_targets,
+    monitored,
+    transfer_options,
+)
 from freezeft.app.results import stop_before_results, strategy_label, write_json, write_skipped
 from freezeft.app.source import pretrained_source
 from freezeft.checkpointing import (
@@ -26,7 +32,6 @@ from freezeft.checkpointing import (
     find_resume_checkpoint,
 )
 from freezeft.history import History
-from freezeft.task import TaskData, TaskModule
 
 __all__ = ["train", "fit_and_test"]
 
@@ -52,59 +57,61 @@ def fit_and_test(
     output_dir.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(data_cfg, _convert_="all")
-    if not isinstance(datamodule, TaskData):
+    if hasattr(datamodule, "prepare_data"):
+        datamodule.prepare_data()
+    module = instantiate(cfg.model, **task.model_kwargs(datamodule), _convert_="all")
+    package = package_of(module)
+    if not any(c.__name__ == "LightningModule" for c in type(module).__mro__):
         raise TypeError(
-            f"{type(datamodule).__name__} (data._target_) does not implement "
-            "freezeft.task.TaskData (model_kwargs, skipped_rows, describe)."
-        )
-    datamodule.prepare_data()
-    module = instantiate(cfg.model, **datamodule.model_kwargs(), _convert_="all")
-    if not isinstance(module, TaskModule):
-        raise TypeError(
-            f"{type(module).__name__} (model._target_) does not implement "
-            "freezeft.task.TaskModule (monitor, monitor_mode, check_transfer, transfer_from, "
-            "test_results, skipped_samples)."
+            f"{type(module).__name__} (model._target_) is not a LightningModule; the app "
+            "trains LightningModules (of pytorch_lightning or lightning.pytorch)."
         )
 
     options = transfer_options(cfg)
     if source is not None and resume_from is None:  # a resumed run has its weights already
-        report = module.transfer_from(Path(source), **options)
+        report = task.transfer(module, Path(source), options)
         report.to_json(output_dir / "transfer.json")
         log.info(report.summary())
 
-    callbacks = [instantiate(c, _convert_="all") for c in cfg.callbacks.values() if c]
+    def build(node: Any, **kwargs: Any) -> Any:  # Lightning's classes of the module's package
+        return instantiate(lightning_targets(node, package), **kwargs, _convert_="all")
+
+    callbacks = [build(c) for c in cfg.callbacks.values() if c]
     if with_strategies:
         chosen = {**cfg.strategy.callbacks, **cfg.strategy.get("addons", {})}
-        callbacks += [instantiate(c, _convert_="all") for c in chosen.values() if c]
-    monitor = module.monitor
-    checkpoint = pl.callbacks.ModelCheckpoint(
+        callbacks += [build(c) for c in chosen.values() if c]
+    monitor, monitor_mode = monitored(cfg)
+    lightning = importlib.import_module(package)
+    checkpoint = lightning.callbacks.ModelCheckpoint(
         dirpath=output_dir / "checkpoints",
-        filename=f"epoch={{epoch}}-{monitor}={{{monitor}:.4f}}",
+        # the monitored value in the name, unless its name would make a folder (val/acc)
+        filename=f"epoch={{epoch}}-{monitor}={{{monitor}:.4f}}" if "/" not in monitor else None,
         auto_insert_metric_name=False,
         monitor=monitor,
-        mode=module.monitor_mode,
+        mode=monitor_mode,
     )
     # last.ckpt at every epoch end, improved or not: a killed run loses at most one epoch
-    last = pl.callbacks.ModelCheckpoint(
+    last = lightning.callbacks.ModelCheckpoint(
         dirpath=output_dir / "checkpoints", filename="last", enable_version_counter=False
     )
     logger = False
     if cfg.logger:
-        logger = instantiate(cfg.logger, save_dir=str(output_dir), _convert_="all")
+        logger = build(cfg.logger, save_dir=str(output_dir))
     interrupt = InterruptCheckpoint(output_dir / "checkpoints")
-    trainer: pl.Trainer = instantiate(
+    # atomic checkpoint writes, where the module's Lightning is the one freezeft imports
+    plugins = [AtomicCheckpointIO()] if package == PACKAGE else []
+    trainer = build(
         cfg.trainer,
         max_epochs=max_epochs,
         callbacks=[*callbacks, History(output_dir), checkpoint, last, interrupt],
         logger=logger,
         default_root_dir=str(output_dir),
-        plugins=[AtomicCheckpointIO()],
-        _convert_="all",
+        plugins=plugins,
     )
     start = time.perf_counter()
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
-    except SIGTERMException:
+    except SIGTERM_EXCEPTIONS:
         if resumable:
             print(
                 f"freezeft: interrupted; resumable checkpoint: {interrupt.saved or 'none'}. "
@@ -120,8 +127,9 @@ def fit_and_test(
         stop_before_results(output_dir)
     if resume_from is not None and Path(resume_from).name == INTERRUPTED_CHECKPOINT:
         Path(resume_from).unlink(missing_ok=True)  # done with; last.ckpt is newer
+    skipped = task.skipped(datamodule, module)
     if trainer.is_global_zero:
-        write_skipped(datamodule.skipped_rows() + module.skipped_samples(), output_dir)
+        write_skipped(skipped, output_dir)
     # what trained in the last epoch (strategies log it; they leave every flag as it was)
     logged = trainer.callback_metrics.get("trainable_params")
     trainable = (
@@ -132,20 +140,19 @@ def fit_and_test(
     best = checkpoint.best_model_path or None
     try:
         (test_metrics,) = trainer.test(module, datamodule=datamodule, ckpt_path=best or None)
-    except SIGTERMException:
+    except SIGTERM_EXCEPTIONS:
         stop_before_results(output_dir)
     if trainer.received_sigterm:  # Lightning finishes the last test batch regardless
         stop_before_results(output_dir)
-    best_epoch = torch.load(best, map_location="cpu", weights_only=False)["epoch"] if best else None
-    found = module.skipped_samples()  # with test files that failed to decode
-    skipped = datamodule.skipped_rows() + found
-    if trainer.is_global_zero and found:
+    best_epoch = torch.load(best, map_location="cpu", weights_only=True)["epoch"] if best else None
+    before = len(skipped)
+    skipped = task.skipped(datamodule, module)  # with test files that failed to decode
+    if trainer.is_global_zero and len(skipped) > before:
         write_skipped(skipped, output_dir)
 
-    described = datamodule.describe()
-    language = described.pop("language", None)
+    tested = task.test_results(module, test_metrics)
     results = {
-        **module.test_results(test_metrics),
+        **tested,
         "strategy": strategy_label(cfg) if with_strategies else None,
         "seed": cfg.seed,
         "epochs": trainer.current_epoch,
@@ -154,13 +161,11 @@ def fit_and_test(
         "trainable_params": trainable,
         "total_params": sum(p.numel() for p in module.parameters()),
         "monitor": monitor,
-        f"dev_{monitor.removeprefix('val_')}": (
-            float(checkpoint.best_model_score) if best else None
-        ),
-        "language": language,
+        "monitor_mode": monitor_mode,
+        task.dev_key(monitor): (float(checkpoint.best_model_score) if best else None),
+        "report": task.report_spec(module, monitor, monitor_mode, tested),
         "source": str(source) if source is not None else None,
         "transfer": options if source is not None else None,
-        "drop_source_layers": options.get("drop_source_layers") if source is not None else None,
         "best_checkpoint": best,
         "skipped_rows": dict(Counter(row.kind for _, row in skipped)),
         "resumed_from": str(resume_from) if resume_from is not None else None,
@@ -168,9 +173,12 @@ def fit_and_test(
         "budget": {
             "max_epochs": max_epochs,
             "protocol": cfg.get("protocol"),  # fixed budget or to convergence
-            **described,  # what the data says of itself besides its language
-            "n_hidden": cfg.model.get("n_hidden"),
-            "source_epochs": cfg.source.max_epochs if source is not None else None,
+            **task.describe(datamodule, module),  # what the data and model say of themselves
+            "source_epochs": (
+                cfg.source.max_epochs
+                if source is not None and cfg.transfer.get("source") == "auto"
+                else None
+            ),
         },
         "machine": machine.describe(),
     }

@@ -9,12 +9,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
-from pytorch_lightning.utilities import rank_zero_info
-from pytorch_lightning.utilities.exceptions import SIGTERMException
 from torch import Tensor, nn
 
+from freezeft._lightning import SIGTERM_EXCEPTIONS, pl, rank_zero_info
 from freezeft.frozen_cache import cached_forward
 from freezeft.speech.alphabet import Alphabet
 from freezeft.speech.augment import SpecAugment, SpeedPerturbation
@@ -149,10 +147,24 @@ class SpeechModule(pl.LightningModule):
         self._greedy_counts: Tensor | None = None
         self._samples: list[dict] = []
 
-    # -- freezeft.task.TaskModule: what `python -m freezeft.run` needs -------------------
-    #: The metric that picks the best checkpoint (what DeepSpeech selects on).
-    monitor = "val_cer"
-    monitor_mode = "min"
+    # -- freezeft.task: what the app may ask of a task (every hook optional) --------------
+    #: How the sweep report ranks and shows speech runs (test CER, lower is better); runs
+    #: decoded differently are reported apart (a scorer's CER and a greedy one differ).
+    report_spec = {
+        "rank_by": "cer",
+        "mode": "min",
+        "columns": {
+            "cer": "test CER",
+            "wer": "test WER",
+            "greedy_cer": "greedy CER",
+            "greedy_wer": "greedy WER",
+        },
+        "split_by": ["decoder"],
+    }
+
+    def describe(self) -> dict[str, Any]:
+        """What ``results.json`` records of the model: its width."""
+        return {"n_hidden": self.hparams.get("n_hidden")}
 
     def transfer_from(self, source: Path, drop_source_layers: int = 1) -> TransferReport:
         """DeepSpeech's transfer: load ``source``, re-initialising its last layers."""
@@ -184,9 +196,24 @@ class SpeechModule(pl.LightningModule):
                 else None
             ),
             "headline": headline,
+            "report_note": self._decoding_note(),
             "samples": self.test_samples[:1] + self.test_samples[-1:],
             "skipped_batches": self.skipped_batches,
         }
+
+    def _decoding_note(self) -> str:
+        """What the test CER/WER were decoded with, for the report: the scorer or greedy."""
+        if self.scorer is None:
+            return (
+                "Decoding: greedy (test CER/WER = greedy CER/WER); test voices are never "
+                "heard in training"
+            )
+        settings = self.scorer.settings
+        return (
+            f"Decoding: test CER/WER with the scorer ({settings.words} words from "
+            f"{settings.source}; lm_weight and word_score tuned on dev per run), greedy "
+            "CER/WER without it; test voices are never heard in training"
+        )
 
     def skipped_samples(self) -> list[tuple[str, Skipped]]:
         """Audio that failed to decode while training or testing, by split."""
@@ -420,7 +447,7 @@ class SpeechModule(pl.LightningModule):
                 should_stop=lambda: self.trainer.received_sigterm,
             )
         except InterruptedError:  # SIGTERM or Ctrl+C: stop as a test batch would
-            raise SIGTERMException() from None
+            raise SIGTERM_EXCEPTIONS[0]() from None
         if self.trainer.is_global_zero:
             tuned.save()
         rank_zero_info(

@@ -1,0 +1,70 @@
+"""The app on a model that is not the speech model: the README's "Compare strategies on
+your own model", run as a user runs it (examples/own_model, a ``lightning.pytorch`` module
+that implements nothing of freezeft, its configs in a ``--config-dir``)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+from pyrun import run_python
+
+pytestmark = pytest.mark.slow  # subprocess runs
+
+PROJECT = Path(__file__).parents[1] / "examples" / "own_model"
+STRATEGIES = ["naive", "frozen_encoder", "gradual_unfreeze", "scratch"]
+
+
+def test_a_sweep_over_strategies_ranks_the_models_own_test_metric(tmp_path):
+    source = tmp_path / "source.ckpt"
+    run_python([str(PROJECT / "features.py"), "pretrain", str(source)], cwd=PROJECT)
+    sweep = tmp_path / "sweep"
+    run_python(
+        [
+            "-m",
+            "freezeft.run",
+            "-m",
+            "--config-dir",
+            str(PROJECT / "conf"),
+            "model=mynet",
+            "data=mydata",
+            "monitor=val_acc",
+            "monitor_mode=max",
+            f"transfer.source={source}",
+            f"strategy={','.join(STRATEGIES)}",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        cwd=PROJECT,  # where the user's module is importable
+    )
+    results = {
+        r["strategy"]: r
+        for r in (json.loads(p.read_text()) for p in sorted(sweep.glob("*/results.json")))
+    }
+    assert sorted(results) == sorted(STRATEGIES)
+    for strategy, result in results.items():
+        assert 0 <= result["test_acc"] <= 1 and result["test_loss"] > 0  # logged in test_step
+        assert result["monitor"] == "val_acc" and result["dev_acc"] > 0.25
+        assert result["report"]["rank_by"] == "test_acc" and result["report"]["mode"] == "max"
+        assert (result["source"] is None) == (strategy == "scratch")
+    # transfer by name and shape: the encoder loads, the new 4-class head does not
+    transfer = json.loads((sweep / "0" / "transfer.json").read_text())
+    assert transfer["loaded"] == ["encoder.0.bias", "encoder.0.weight", "encoder.2.bias",
+                                  "encoder.2.weight"]  # fmt: skip
+    assert sorted(transfer["reinitialised"]) == ["head.bias", "head.weight"]
+    assert "(8, 64) in the source, (4, 64) here" in transfer["reinitialised"]["head.weight"]
+    assert not (sweep / "3" / "transfer.json").exists()  # scratch loads nothing
+    # transfer beats scratch by a clear margin (accuracy and loss)
+    assert results["naive"]["test_acc"] > results["scratch"]["test_acc"] + 0.03
+    assert results["naive"]["test_loss"] < results["scratch"]["test_loss"]
+    # the report ranks by test accuracy, higher first, and plots it
+    with open(sweep / "report.csv") as stream:
+        rows = list(csv.DictReader(stream))
+    accuracies = [float(row["test_acc_mean"]) for row in rows]
+    assert accuracies == sorted(accuracies, reverse=True)
+    assert rows[-1]["strategy"] == "scratch"
+    report = (sweep / "report.md").read_text()
+    assert f"Winner: **{rows[0]['strategy']}** (highest mean test_acc)" in report
+    assert "--config-dir" in report and "CER" not in report
+    assert (sweep / "acc_vs_time.png").stat().st_size > 0
