@@ -18,6 +18,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import pickletools
 import random
 import shutil
 import signal
@@ -25,6 +26,7 @@ import tempfile
 import threading
 import time
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +50,7 @@ __all__ = [
     "INTERRUPTED_CHECKPOINT",
     "find_resume_checkpoint",
     "load_checkpoint",
+    "read_checkpoint_file",
 ]
 
 log = logging.getLogger(__name__)
@@ -294,12 +297,18 @@ def _in_main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a Lightning checkpoint on the CPU; errors say what is wrong with which file.
+def read_checkpoint_file(path: str | Path, *, trusted: bool = False) -> Any:
+    """What ``torch.save`` wrote to ``path``, loaded on the CPU as weights only; errors name
+    the file.
+
+    A checkpoint that needs code to load (a pickle with objects torch does not allow in a
+    weights-only load) is refused, so a downloaded or tampered file cannot run anything.
+    ``trusted=True`` loads it anyway: only for a file whose origin you trust.
 
     Raises:
-        FileNotFoundError: ``path`` does not exist.
-        ValueError: the file is not a (complete) checkpoint.
+        FileNotFoundError: ``path`` does not exist (IsADirectoryError: it is a folder).
+        ValueError: the file is not readable (truncated, another format), or it needs code
+            to load.
     """
     path = Path(path)
     if path.is_dir():
@@ -314,15 +323,58 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+            checkpoint = torch.load(path, map_location="cpu", weights_only=not trusted)
     except Exception as err:
+        if not trusted and _calls_code(path):
+            raise ValueError(
+                f"{path} was refused: loading it would run code it carries (it names "
+                "callables a weights-only load does not allow). freezeft loads checkpoints as "
+                "weights only, and its own checkpoints never need more. If you trust where "
+                "the file came from, load it with --trust-checkpoint (python -m "
+                "freezeft.transcribe), or re-save its tensors with torch.save."
+            ) from None
         raise ValueError(
             f"{path} is not a readable checkpoint (truncated or not written by torch.save): "
-            f"{type(err).__name__}: {err}"
+            f"{type(err).__name__}: {_first_line(err)}"
         ) from None
+    return checkpoint
+
+
+def load_checkpoint(path: str | Path, *, trusted: bool = False) -> dict[str, Any]:
+    """A Lightning checkpoint, read by :func:`read_checkpoint_file`.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: the file is not a (complete) Lightning checkpoint, or it needs code to load.
+    """
+    checkpoint = read_checkpoint_file(path, trusted=trusted)
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise ValueError(f"{path} is not a Lightning checkpoint (it has no `state_dict`).")
     return checkpoint
+
+
+#: pickle opcodes that import or call something: what a weights-only load refuses
+_CODE_OPCODES = {"GLOBAL", "STACK_GLOBAL", "REDUCE", "INST", "OBJ", "NEWOBJ", "NEWOBJ_EX"}
+
+
+def _calls_code(path: Path) -> bool:
+    """Whether the file is a pickle (bare, or a torch.save zip's data.pkl) that imports or
+    calls something, read without running it."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                name = next(n for n in archive.namelist() if n.endswith("data.pkl"))
+                data = archive.read(name)
+        else:
+            data = path.read_bytes()
+        return any(op.name in _CODE_OPCODES for op, _, _ in pickletools.genops(data))
+    except Exception:  # not a pickle at all (truncated, or another format)
+        return False
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def find_resume_checkpoint(target: str | Path) -> tuple[Path, Path]:

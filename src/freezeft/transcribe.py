@@ -34,19 +34,20 @@ __all__ = ["transcribe", "main", "load_model", "find_scorer"]
 DECODERS = ("greedy", "beam")
 
 
-def load_model(checkpoint: str | Path) -> SpeechModule:
+def load_model(checkpoint: str | Path, *, trusted: bool = False) -> SpeechModule:
     """A speech model from a checkpoint written by ``python -m freezeft.run`` (any stage),
-    on the CPU, in eval mode.
+    on the CPU, in eval mode. It is loaded as weights only: a file that needs code to load
+    is refused unless ``trusted``.
 
     Raises:
         FileNotFoundError, IsADirectoryError, ValueError: not a readable checkpoint of a
             speech model (the message names the file).
     """
-    saved = load_checkpoint(checkpoint)  # its errors name the file and what is wrong with it
+    saved = load_checkpoint(checkpoint, trusted=trusted)  # errors name the file and the problem
     try:
         # the run's scorer is already built: its source text need not exist here
         model = SpeechModule.load_from_checkpoint(
-            checkpoint, map_location="cpu", weights_only=False, decoder="greedy"
+            checkpoint, map_location="cpu", weights_only=not trusted, decoder="greedy"
         )
     except (KeyError, TypeError, RuntimeError) as err:
         raise ValueError(
@@ -112,9 +113,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="greedy, or beam (the scorer); default: the run's (beam if it built a scorer)",
     )
     parser.add_argument("--scorer", help="a scorer folder (default: <run dir>/scorer)")
+    parser.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="load a checkpoint that needs code to load (never needed for freezeft's own; "
+        "only for a file whose origin you trust)",
+    )
     args = parser.parse_args(argv)
     try:
-        model = load_model(args.checkpoint)
+        model = load_model(args.checkpoint, trusted=args.trust_checkpoint)
         scorer = None
         if args.scorer and args.decoder != "greedy":
             scorer = Scorer.load(args.scorer, model.alphabet.labels)

@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from freezeft.checkpointing import read_checkpoint_file
+
 __all__ = ["MatchingTransfer", "load_matching", "source_state_dict"]
 
 
@@ -59,22 +61,18 @@ def source_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        ValueError: the file cannot be loaded with ``weights_only=True`` or holds no tensors.
+        ValueError: the file is unreadable, needs code to load (refused: only weights are
+            loaded), or holds no tensors.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"transfer.source={path}: no such file; give a Lightning .ckpt or a state-dict "
-            "file (torch.save(model.state_dict(), PATH))."
-        )
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(
-            f"transfer.source={path} cannot be loaded as weights only ({first}). freezeft "
-            "loads no code from a checkpoint; save plain tensors (a state_dict) instead."
+        loaded = read_checkpoint_file(path)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(
+            f"transfer.source: {err} Give a Lightning .ckpt or a state-dict file "
+            "(torch.save(model.state_dict(), PATH))."
         ) from None
+    except ValueError as err:
+        raise ValueError(f"transfer.source: {err}") from None
     state = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else None
     tensors = (
         {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}

@@ -110,7 +110,8 @@ def fit_and_test(
     )
     start = time.perf_counter()
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
+        # weights only: a checkpoint never runs code (freezeft's own need nothing more)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
     except SIGTERM_EXCEPTIONS:
         if resumable:
             print(
@@ -139,7 +140,9 @@ def fit_and_test(
     )
     best = checkpoint.best_model_path or None
     try:
-        (test_metrics,) = trainer.test(module, datamodule=datamodule, ckpt_path=best or None)
+        (test_metrics,) = trainer.test(
+            module, datamodule=datamodule, ckpt_path=best or None, weights_only=True
+        )
     except SIGTERM_EXCEPTIONS:
         stop_before_results(output_dir)
     if trainer.received_sigterm:  # Lightning finishes the last test batch regardless
