@@ -31,7 +31,6 @@ def run(tmp_path: Path, cache_dir: Path, *overrides: str) -> tuple[Path, str]:
         cwd=tmp_path,
         env={"PYTHONUNBUFFERED": "1"},
     )
-    (out / "stderr.txt").write_text(proc.stderr)  # Lightning's rank-zero messages go here
     return out, proc.stdout
 
 
@@ -127,8 +126,9 @@ def test_combined_strategy_from_the_command_line(tmp_path, cache_dir, transfer_r
     )
     results = json.loads((out / "results.json").read_text())
     assert results["strategy"] == "freeze_then_unfreeze+discriminative_lr+warmup"
-    log = (out / "stderr.txt").read_text()
+    log = (out / "run.log").read_text()  # freezeft's and Lightning's messages, as on the console
     assert "FreezeThenUnfreeze + DiscriminativeLR + LRWarmup: layer groups" in log
+    assert log.count("FreezeThenUnfreeze: epoch 1: unfroze") == 1  # once, not once per handler
     assert "FreezeThenUnfreeze: epoch 1: unfroze ['model.layer_1'" in log
     metrics = (out / "csv" / "version_0" / "metrics.csv").read_text()
     assert "lr-AdamW/model.layer_1" in metrics and "trainable_params" in metrics
@@ -181,7 +181,7 @@ def test_bad_rows_and_a_nan_batch_are_skipped_and_reported(tmp_path, german_corp
     )
     with open(out / "skipped_samples.csv", newline="") as stream:
         rows = list(csv.DictReader(stream))
-    assert [(r["split"], r["row"].rsplit(":", 1)[1], r["problem"]) for r in rows] == [
+    assert [(r["split"], r["row"].rsplit(":", 1)[1], r["kind"]) for r in rows] == [
         ("train", "34", "missing audio"),
         ("train", "35", "truncated audio"),
         ("train", "36", "outside alphabet"),

@@ -57,7 +57,7 @@ def write_skipped(rows: list[tuple[str, Any]], output_dir: Path) -> None:
         return
     with open(output_dir / "skipped_samples.csv", "w", newline="") as stream:
         writer = csv.writer(stream)
-        writer.writerow(["split", "row", "wav_filename", "problem", "detail"])
+        writer.writerow(["split", "row", "file", "kind", "detail"])
         writer.writerows([split, r.source, r.path, r.kind, r.detail] for split, r in rows)
     kinds = Counter(row.kind for _, row in rows)
     log.warning(

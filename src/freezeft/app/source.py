@@ -28,7 +28,8 @@ def _source_settings(cfg: DictConfig) -> dict[str, Any]:
     if isinstance(data.get("corpus"), dict):
         data["corpus"].pop("cache_dir", None)
     model = _plain(cfg.model)
-    model.pop("decoder", None)  # the source is tested with greedy decoding, whatever the run's
+    for key in cfg.source.get("model") or {}:  # what pretraining sets for itself
+        model.pop(key, None)
     return {
         "data": data,
         "model": model,
@@ -57,8 +58,8 @@ def pretrained_source(cfg: DictConfig, fit_and_test: Callable[..., dict[str, Any
         # One process pretrains while the others wait on the cache lock, so it must not
         # start a multi-process strategy (DDP ranks would wait for each other forever).
         OmegaConf.update(source_cfg, "trainer.devices", 1)
-        if "decoder" in source_cfg.model:
-            OmegaConf.update(source_cfg, "model.decoder", "greedy")
+        for key, value in (cfg.source.get("model") or {}).items():  # e.g. the speech task's
+            OmegaConf.update(source_cfg, f"model.{key}", value)  # greedy decoder
         OmegaConf.update(source_cfg, "trainer.strategy", "auto", force_add=True)
         results = fit_and_test(
             source_cfg,
