@@ -113,6 +113,7 @@ print(json.dumps(sorted(set(sys.modules) - baseline)))
 """
 
 
+@pytest.mark.slow  # a subprocess that imports torch and Lightning afresh
 def test_importing_the_library_loads_no_app_or_speech_dependency():
     import json
 
