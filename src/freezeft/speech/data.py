@@ -139,7 +139,7 @@ class SpeechDataModule(pl.LightningDataModule):
             self.datasets[split] = dataset
         return self.datasets[split]
 
-    # -- freezeft.task.TaskData: what `python -m freezeft.run` needs --------------------
+    # -- freezeft.task: what the app may ask of a task's data (every hook optional) ------
     @property
     def language(self) -> str | None:
         """The data's language: ``language`` if given, else the corpus' (``None``: unknown)."""
