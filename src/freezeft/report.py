@@ -156,9 +156,10 @@ def _job_order(path: Path) -> tuple:
     return tuple(int(p) if p.isdigit() else math.inf for p in path.parent.parts), str(path)
 
 
-def summarise(runs: Sequence[Run]) -> list[StrategySummary]:
-    """One summary per strategy, the best mean of the ranking metric first."""
-    spec = ranking(runs)
+def summarise(runs: Sequence[Run], spec: dict[str, Any] | None = None) -> list[StrategySummary]:
+    """One summary per strategy, the best mean of the ranking metric first (``spec``: the
+    runs' :func:`ranking`, computed here if not given)."""
+    spec = spec or ranking(runs)
     by_variant: dict[str, list[Run]] = {}
     for run in runs:
         by_variant.setdefault(run.variant, []).append(run)
@@ -224,10 +225,13 @@ def _budget(runs: Sequence[Run]) -> str:
 
 
 def _command(sweep_dir: Path) -> str | None:
+    """The command that reproduces the sweep, and the folder it ran from (relative paths in
+    its overrides, e.g. ``transfer.source``, are relative to it)."""
     path = sweep_dir / "multirun.yaml"
     if not path.exists():
         return None
-    overrides = OmegaConf.load(path).hydra.overrides
+    hydra_cfg = OmegaConf.load(path).hydra
+    overrides = hydra_cfg.overrides
     launch = [
         o
         for o in overrides.hydra
@@ -235,12 +239,14 @@ def _command(sweep_dir: Path) -> str | None:
     ]
     config_dirs = [  # --config-dir: the user's own model and data configs
         f"--config-dir {shlex.quote(source.path)}"
-        for source in OmegaConf.load(path).hydra.runtime.get("config_sources", [])
+        for source in hydra_cfg.runtime.get("config_sources", [])
         if source.get("provider") == "command-line"
     ]
-    return "python -m freezeft.run -m " + " ".join(
+    command = "python -m freezeft.run -m " + " ".join(
         [*config_dirs, *(shlex.quote(str(o)) for o in [*launch, *overrides.task])]
     )
+    cwd = hydra_cfg.runtime.get("cwd")
+    return f"`{command}`" + (f" (from `{cwd}`)" if cwd else "")
 
 
 def _optuna(sweep_dir: Path, monitor: str) -> str | None:
@@ -407,8 +413,8 @@ def write_report(sweep_dir: str | Path) -> Path:
             f"No finished job (results.json) under {sweep_dir}, so there is nothing to "
             f"compare. Failed jobs: {listed}"
         )
-    summaries = summarise(runs)
     spec = ranking(runs)
+    summaries = summarise(runs, spec)
     metrics = _metrics(spec)
     key, label = spec["rank_by"], metrics.get(spec["rank_by"], (spec["rank_by"],))[0]
     monitor = str(runs[0].results.get("monitor") or "val_cer")
@@ -442,10 +448,7 @@ def write_report(sweep_dir: str | Path) -> Path:
     )
     command = _command(sweep_dir)
     if command:
-        lines.append(f"- Reproduce: `{command}`")
-        cwd = OmegaConf.load(sweep_dir / "multirun.yaml").hydra.runtime.get("cwd")
-        if cwd:  # relative paths in the overrides (transfer.source=...) are relative to it
-            lines[-1] += f" (from `{cwd}`)"
+        lines.append(f"- Reproduce: {command}")
     optuna = _optuna(sweep_dir, monitor)
     if optuna:
         lines.append(f"- {optuna}")
