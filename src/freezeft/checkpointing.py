@@ -40,6 +40,7 @@ from freezeft._lightning import (
     SIGTERM_EXCEPTIONS,
     fabric_of,
     pl,
+    rank_zero_info,
     rank_zero_warn,
 )
 from freezeft.cache import umask
@@ -51,6 +52,7 @@ __all__ = [
     "find_resume_checkpoint",
     "load_checkpoint",
     "read_checkpoint_file",
+    "reroot_checkpoint_states",
 ]
 
 log = logging.getLogger(__name__)
@@ -114,6 +116,12 @@ class InterruptCheckpoint(*CALLBACK_BASES):  # type: ignore[misc]
     with the monitored value of the epoch: from its validation when the resumed run ran it,
     else the value saved in the checkpoint (the validation had finished before the stop).
 
+    A run dir that was moved or copied keeps its best checkpoint: Lightning's
+    ``ModelCheckpoint`` forgets the best score when its folder changed but keeps the old
+    best path (another dir's file). Before the callbacks load their state, every
+    ``ModelCheckpoint`` state recorded for another folder is re-rooted into ``dirpath``
+    (paths and scores), and the move is logged.
+
     Args:
         dirpath: the run's checkpoint folder.
     """
@@ -174,6 +182,19 @@ class InterruptCheckpoint(*CALLBACK_BASES):  # type: ignore[misc]
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._trainer = trainer
+
+    @override
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # runs before any callback loads its state: ModelCheckpoint then finds its own folder
+        moved = reroot_checkpoint_states(checkpoint, self.dirpath)
+        if moved:
+            rank_zero_info(
+                f"freezeft: this run was moved or copied from {moved} to {self.dirpath.parent}; "
+                "its best and last checkpoints are re-rooted there (the best is tested from "
+                "this run dir)."
+            )
 
     @property
     def _monitored(self) -> dict[str, float]:
@@ -258,6 +279,41 @@ class InterruptCheckpoint(*CALLBACK_BASES):  # type: ignore[misc]
         if self._previous_sigint is not None and _in_main_thread():
             signal.signal(signal.SIGINT, self._previous_sigint)
             self._previous_sigint = None
+
+
+#: ``ModelCheckpoint`` state entries that hold a checkpoint path (or paths, as dict keys)
+_PATH_KEYS = ("best_model_path", "kth_best_model_path", "last_model_path")
+
+
+def reroot_checkpoint_states(checkpoint: dict[str, Any], dirpath: str | Path) -> str | None:
+    """Point every ``ModelCheckpoint`` state in ``checkpoint`` that was recorded for another
+    folder at ``dirpath`` instead, in place; returns the run dir it came from (else None).
+
+    A path under the recorded folder maps to the same name under ``dirpath``; the scores
+    stay with their files.
+    """
+    new = os.path.realpath(dirpath)
+    moved_from = None
+    for state in (checkpoint.get("callbacks") or {}).values():
+        if not isinstance(state, dict) or not {"dirpath", "best_model_path"} <= state.keys():
+            continue
+        old = state["dirpath"]
+        if not isinstance(old, str) or old == new:
+            continue
+
+        def moved(path: Any, old: str = old) -> Any:
+            if isinstance(path, str) and path.startswith(old + os.sep):
+                return os.path.join(new, path[len(old) + 1 :])
+            return path
+
+        for key in _PATH_KEYS:
+            if key in state:
+                state[key] = moved(state[key])
+        if isinstance(state.get("best_k_models"), dict):
+            state["best_k_models"] = {moved(k): v for k, v in state["best_k_models"].items()}
+        state["dirpath"] = new
+        moved_from = str(Path(old).parent)
+    return moved_from
 
 
 def _plateau_configs(trainer: pl.Trainer) -> list[Any]:

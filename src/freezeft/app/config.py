@@ -131,7 +131,9 @@ def check_config(cfg: DictConfig) -> None:
         raise ValueError(f"transfer: {err}") from None
 
 
-#: Config sections a resumed run must share with the run it continues.
+#: Config sections a resumed run must share with the run it continues: what it trains, on
+#: what, how (the trainer and every callback: a resume promises the same continuation), and
+#: how it chooses its best model. Where the run looks (paths) or logs may change.
 RESUME_MUST_MATCH = (
     "stage",
     "seed",
@@ -139,22 +141,48 @@ RESUME_MUST_MATCH = (
     "data",
     "strategy",
     "transfer",
-    "source",
     "monitor",
     "monitor_mode",
+    "protocol",
+    "trainer",
+    "callbacks",
+)
+
+#: What a resume may change: a longer budget, and how much the console shows.
+RESUME_MAY_CHANGE = (
+    "trainer.max_epochs",
+    "trainer.enable_progress_bar",
+    "trainer.enable_model_summary",
 )
 
 
-def check_resume_config(cfg: DictConfig, run_dir: Path) -> None:
+def check_resume_config(cfg: DictConfig, run_dir: Path) -> DictConfig:
+    """The config of the run dir being resumed (``.hydra/config.yaml``), after checking
+    that ``cfg`` would continue it unchanged (:data:`RESUME_MUST_MATCH`).
+
+    The source settings are not compared: a resumed run has its weights already, from the
+    source the saved config names.
+
+    Raises:
+        ValueError: ``run_dir`` is not a run dir of freezeft (no saved config), or the
+            config differs (the message lists the keys, then and now).
+    """
     saved_path = run_dir / ".hydra" / "config.yaml"
     if not saved_path.exists():
-        log.warning(f"{run_dir} has no .hydra/config.yaml; cannot check the resumed config.")
-        return
+        raise ValueError(
+            f"resume={cfg.resume}: {run_dir} is not a run dir of `python -m freezeft.run` "
+            f"(it has no .hydra/config.yaml), so freezeft cannot check that it would continue "
+            "it unchanged. Resume a run dir freezeft wrote (outputs/<date>/<time>); to start a "
+            "new run from the weights of another Lightning checkpoint, give "
+            "transfer.source=PATH instead."
+        )
     saved = OmegaConf.load(saved_path)
     differences = []
     for section in RESUME_MUST_MATCH:
         before, now = _flat(_plain(saved.get(section))), _flat(_plain(cfg.get(section)))
         for key in sorted(set(before) | set(now)):
+            if f"{section}{key}" in RESUME_MAY_CHANGE:
+                continue
             if before.get(key) != now.get(key):
                 differences.append(
                     f"{section}{key}: {before.get(key)!r} then, {now.get(key)!r} now"
@@ -164,8 +192,12 @@ def check_resume_config(cfg: DictConfig, run_dir: Path) -> None:
             f"resume={cfg.resume}: the config differs from the run being resumed "
             f"({saved_path}): "
             + "; ".join(differences[:8])
-            + ". Resume with the same overrides as the original run."
+            + (f" (and {len(differences) - 8} more)" if len(differences) > 8 else "")
+            + ". A resume continues the run exactly as it was configured: resume with the "
+            "same overrides as the original run (only trainer.max_epochs may change, to "
+            "train longer), or start a new run with the new settings."
         )
+    return saved
 
 
 def _flat(node: Any, prefix: str = "") -> dict[str, Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from freezeft.app.config import _plain
 from freezeft.app.results import write_json
 from freezeft.cache import cached_entry, config_key, default_cache_dir
 
-__all__ = ["pretrained_source"]
+__all__ = ["pretrained_source", "source_checkpoint_path"]
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,21 @@ def _source_settings(cfg: DictConfig) -> dict[str, Any]:
     }
 
 
+def _entry(cfg: DictConfig) -> tuple[Path, DictConfig, dict[str, Any]]:
+    """The cache entry of ``cfg``'s source model, the config that pretrains it, its key."""
+    source_cfg = cfg.copy()
+    OmegaConf.update(source_cfg, "seed", cfg.source.seed)
+    settings = _source_settings(source_cfg)
+    root = Path(cfg.paths.cache_dir) if cfg.paths.cache_dir else default_cache_dir()
+    return root / "source" / config_key(settings), source_cfg, settings
+
+
+def source_checkpoint_path(cfg: DictConfig) -> Path:
+    """Where ``transfer.source=auto`` keeps ``cfg``'s source checkpoint, built or not (a
+    resumed run names the source it started from without pretraining it again)."""
+    return _entry(cfg)[0] / "source.ckpt"
+
+
 def pretrained_source(cfg: DictConfig, fit_and_test: Callable[..., dict[str, Any]]) -> Path:
     """The source checkpoint for ``transfer.source=auto``: pretrained once, then cached.
 
@@ -46,12 +62,10 @@ def pretrained_source(cfg: DictConfig, fit_and_test: Callable[..., dict[str, Any
     (``${seed}`` in the source data resolves to ``source.seed``): every job of a sweep
     over seeds shares one source model, and parallel jobs wait for the one that trains it.
     ``fit_and_test`` is :func:`freezeft.app.train.fit_and_test` (passed in: it calls this).
+    A cached entry whose ``source.ckpt`` is truncated or damaged is named in a warning and
+    pretrained again.
     """
-    source_cfg = cfg.copy()
-    OmegaConf.update(source_cfg, "seed", cfg.source.seed)
-    settings = _source_settings(source_cfg)
-    root = Path(cfg.paths.cache_dir) if cfg.paths.cache_dir else default_cache_dir()
-    entry = root / "source" / config_key(settings)
+    entry, source_cfg, settings = _entry(cfg)
 
     def build(folder: Path) -> None:
         log.info(f"Pretraining the source model into {entry} (one-time, cached)...")
@@ -74,4 +88,20 @@ def pretrained_source(cfg: DictConfig, fit_and_test: Callable[..., dict[str, Any
         shutil.rmtree(folder / "run" / "checkpoints")
         log.info(f"Source model: {results.get('headline', 'tested')}")
 
-    return cached_entry(entry, build, settings) / "source.ckpt"
+    return cached_entry(entry, build, settings, check=_checkpoint_intact) / "source.ckpt"
+
+
+def _checkpoint_intact(entry: Path) -> str | None:
+    """What is wrong with the entry's ``source.ckpt``, or ``None``: cheaply, without loading
+    its tensors (a truncated zip lacks its directory; the pickle's checksum is checked).
+    Entries built before entries recorded their files' sizes are checked this way too."""
+    path = entry / "source.ckpt"
+    if not path.is_file():
+        return "source.ckpt is missing"
+    try:
+        with zipfile.ZipFile(path) as archive:
+            pickle = next(name for name in archive.namelist() if name.endswith("data.pkl"))
+            archive.read(pickle)  # raises on a checksum mismatch
+    except Exception as err:  # zipfile's errors for a cut or altered file vary
+        return f"source.ckpt is truncated or damaged ({type(err).__name__}: {err})"
+    return None

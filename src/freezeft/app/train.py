@@ -24,7 +24,7 @@ from freezeft.app.config import (
     transfer_options,
 )
 from freezeft.app.results import stop_before_results, strategy_label, write_json, write_skipped
-from freezeft.app.source import pretrained_source
+from freezeft.app.source import pretrained_source, source_checkpoint_path
 from freezeft.checkpointing import (
     INTERRUPTED_CHECKPOINT,
     AtomicCheckpointIO,
@@ -138,7 +138,7 @@ def fit_and_test(
         if logged is not None
         else sum(p.numel() for p in module.parameters() if p.requires_grad)
     )
-    best = checkpoint.best_model_path or None
+    best = _this_runs_best(checkpoint, output_dir)
     try:
         (test_metrics,) = trainer.test(
             module, datamodule=datamodule, ckpt_path=best or None, weights_only=True
@@ -165,7 +165,11 @@ def fit_and_test(
         "total_params": sum(p.numel() for p in module.parameters()),
         "monitor": monitor,
         "monitor_mode": monitor_mode,
-        task.dev_key(monitor): (float(checkpoint.best_model_score) if best else None),
+        task.dev_key(monitor): (
+            float(checkpoint.best_model_score)
+            if best and checkpoint.best_model_score is not None
+            else None
+        ),
         "report": task.report_spec(module, monitor, monitor_mode, tested),
         "source": str(source) if source is not None else None,
         "transfer": options if source is not None else None,
@@ -190,19 +194,38 @@ def fit_and_test(
     return results
 
 
+def _this_runs_best(checkpoint: Any, output_dir: Path) -> str | None:
+    """The best checkpoint ``checkpoint`` (the monitored ModelCheckpoint) recorded, which
+    must be a file of this run dir: a run tests its own best model, never another dir's."""
+    best = checkpoint.best_model_path or None
+    if best is None:
+        return None
+    folder = (output_dir / "checkpoints").resolve()
+    if not Path(best).resolve().is_relative_to(folder) or not Path(best).is_file():
+        raise ValueError(
+            f"The best checkpoint recorded for {output_dir} is {best}, which is not a file in "
+            f"{folder}; testing it would test another run's model. Resume the run dir that "
+            "holds it, or start this run again."
+        )
+    return best
+
+
 def train(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     """Run the configured stage into ``output_dir``; returns the results."""
     check_config(cfg)
     resume_from = None
+    started = cfg  # the config the run started with: it names the source
     if cfg.get("resume"):
         output_dir, resume_from = find_resume_checkpoint(cfg.resume)
-        check_resume_config(cfg, output_dir)
+        started = check_resume_config(cfg, output_dir)
         log.info(f"Resuming {output_dir} from {resume_from}")
     pretrain = cfg.stage == "pretrain"
     source = None
     if not pretrain and not cfg.strategy.get("from_scratch"):
-        source = cfg.transfer.source
-        if source == "auto":
+        source = started.transfer.source
+        if source == "auto" and resume_from is not None:  # its weights are in the checkpoint
+            source = source_checkpoint_path(started)
+        elif source == "auto":
             source = pretrained_source(cfg, fit_and_test)
     results = fit_and_test(
         cfg,

@@ -1,0 +1,98 @@
+"""No silently wrong result: a moved run dir, a changed resume, a diverged run.
+
+In-process app runs (``freezeft.app.train.train``, what ``python -m freezeft.run`` wraps)
+on the README's own-model example (examples/own_model): under a second each.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+PROJECT = Path(__file__).parents[1] / "examples" / "own_model"
+
+
+@pytest.fixture(autouse=True)
+def own_model_importable(monkeypatch):
+    monkeypatch.syspath_prepend(str(PROJECT))  # features.py, as a user's cwd makes it
+
+
+def compose(*overrides: str):
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module(config_module="freezeft.conf", version_base="1.3"):
+        return compose(
+            config_name="config",
+            overrides=[
+                f"hydra.searchpath=[pkg://freezeft.speech.conf,file://{PROJECT / 'conf'}]",
+                "model=mynet",
+                "data=mydata",
+                "monitor=val_acc",
+                "monitor_mode=max",
+                "trainer.max_epochs=2",
+                *overrides,
+            ],
+        )
+
+
+def run(out: Path, *overrides: str) -> dict:
+    """One run into ``out``, its config saved where Hydra saves it."""
+    from freezeft.app.train import train
+
+    cfg = compose(*overrides)
+    if not cfg.get("resume"):
+        (out / ".hydra").mkdir(parents=True)
+        OmegaConf.save(cfg, out / ".hydra" / "config.yaml")
+    return train(cfg, out)
+
+
+def history(out: Path) -> list[dict]:
+    return json.loads((out / "history.json").read_text())["epochs"]
+
+
+@pytest.mark.parametrize("max_epochs", [2, 3])
+def test_a_copied_run_dir_resumes_with_its_own_best_checkpoint(tmp_path, max_epochs):
+    first = run(tmp_path / "a")
+    shutil.copytree(tmp_path / "a", tmp_path / "b")  # cp -a: the old dir stays
+    resumed = run(tmp_path / "b", f"resume={tmp_path / 'b'}", f"trainer.max_epochs={max_epochs}")
+    best = Path(resumed["best_checkpoint"])
+    assert best.parent == (tmp_path / "b" / "checkpoints").resolve()
+    scores = [epoch["val_acc"] for epoch in history(tmp_path / "b")]
+    assert len(scores) == max_epochs
+    assert resumed["dev_acc"] == pytest.approx(max(scores))
+    assert resumed["best_epoch"] == scores.index(max(scores))
+    if max_epochs == 2:  # nothing more to train: the same best model, tested again
+        assert resumed["best_epoch"] == first["best_epoch"]
+        assert resumed["test_acc"] == first["test_acc"]
+
+
+@pytest.mark.parametrize(
+    "changed",
+    [
+        ["+trainer.gradient_clip_val=0.0001", "+trainer.accumulate_grad_batches=4"],
+        ["protocol=converge", "trainer.max_epochs=2"],  # would add early stopping mid-run
+    ],
+)
+def test_a_resume_with_other_trainer_settings_is_refused(tmp_path, changed):
+    run(tmp_path / "a")
+    before = sorted(p.name for p in (tmp_path / "a" / "checkpoints").iterdir())
+    with pytest.raises(ValueError, match="differs from the run being resumed") as refused:
+        run(tmp_path / "a", f"resume={tmp_path / 'a'}", *changed)
+    assert "trainer." in str(refused.value) or "protocol" in str(refused.value)
+    assert "only trainer.max_epochs may change" in str(refused.value)
+    assert sorted(p.name for p in (tmp_path / "a" / "checkpoints").iterdir()) == before
+
+
+def test_resuming_a_plain_lightning_checkpoint_is_refused_before_writing_there(tmp_path):
+    run(tmp_path / "a")
+    plain = tmp_path / "lightning_logs" / "version_0" / "checkpoints"
+    plain.mkdir(parents=True)
+    shutil.copy(tmp_path / "a" / "checkpoints" / "last.ckpt", plain / "epoch=1-step=6.ckpt")
+    with pytest.raises(ValueError, match="not a run dir of `python -m freezeft.run`.*"
+                       "transfer.source=PATH"):  # fmt: skip
+        run(tmp_path / "b", f"resume='{plain / 'epoch=1-step=6.ckpt'}'")  # quoted: =
+    assert sorted(p.name for p in plain.parent.iterdir()) == ["checkpoints"]  # no csv/ there
