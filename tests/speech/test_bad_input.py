@@ -194,6 +194,26 @@ def test_missing_unreadable_truncated_and_empty_audio(tmp_path, speech, alphabet
         SpeechDataset([path], alphabet, on_bad_sample="error")
 
 
+def test_a_symlink_loop_as_audio_is_a_skipped_unreadable_row(tmp_path, speech, alphabet):
+    audio, text = speech
+    soundfile.write(tmp_path / "good.wav", audio, 16000)
+    (tmp_path / "loop.wav").symlink_to("loop.wav")  # ln -s loop.wav loop.wav
+    (tmp_path / "ping.wav").symlink_to("pong.wav")  # two links pointing at each other
+    (tmp_path / "pong.wav").symlink_to("ping.wav")
+    rows = [("good.wav", text), ("loop.wav", text), ("ping.wav", text)]
+    path = write_csv(tmp_path / "train.csv", rows)
+    dataset = SpeechDataset([path], alphabet)
+    assert len(dataset) == 1
+    assert [(s.source, s.kind) for s in dataset.skipped] == [
+        (f"{path}:3", "unreadable audio"),
+        (f"{path}:4", "unreadable audio"),
+    ]
+    assert all("is a symlink loop" in s.detail for s in dataset.skipped), dataset.skipped
+    assert "loop.wav is a symlink loop" in dataset.skipped[0].detail
+    with pytest.raises(ValueError, match=r"train.csv:3: audio file .*loop.wav is a symlink loop"):
+        SpeechDataset([path], alphabet, on_bad_sample="error")
+
+
 def test_other_rates_and_stereo_are_converted_with_a_note(tmp_path, speech, alphabet, caplog):
     audio, text = speech
     soundfile.write(tmp_path / "8k.wav", audio[::2], 8000)

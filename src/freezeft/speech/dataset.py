@@ -7,6 +7,7 @@ decode later is left out of its batch and reported the same way.
 
 from __future__ import annotations
 
+import errno
 import os
 from collections import Counter
 from collections.abc import Sequence
@@ -51,10 +52,11 @@ class SpeechDataset(Dataset):
     Rows that cannot be trained on are skipped (``on_bad_sample="skip"``: counted in
     :attr:`skipped`, summarised in a warning) or raise (``"error"``) with the CSV row:
     empty transcript; characters outside the alphabet; a duplicate row; a relative path
-    that leaves the CSV's folder; missing, unreadable, truncated or empty audio; audio too
-    short for its transcript (CTC needs a frame per label plus one between repeated
-    labels: DeepSpeech's "Not enough time for target transition sequence"). Audio at
-    another sample rate is resampled and multi-channel audio downmixed, with a note.
+    that leaves the CSV's folder; missing, unreadable (a symlink loop too), truncated or
+    empty audio; audio too short for its transcript (CTC needs a frame per label plus one
+    between repeated labels: DeepSpeech's "Not enough time for target transition
+    sequence"). Audio at another sample rate is resampled and multi-channel audio
+    downmixed, with a note.
 
     Args:
         csv_files: the split's CSVs.
@@ -123,6 +125,9 @@ class SpeechDataset(Dataset):
                 "outside alphabet",
                 f"transcript has characters outside the alphabet: {missing}",
             )
+        loop = _symlink_loop(sample.path)
+        if loop is not None:
+            return "unreadable audio", loop
         key = (sample.path.resolve(), sample.transcript)
         if key in seen:
             return "duplicate", f"duplicate of {seen[key]}"
@@ -194,6 +199,24 @@ class SpeechDataset(Dataset):
             "transcript": sample.transcript,
             "path": str(sample.path),
         }
+
+
+def _symlink_loop(path: Path) -> str | None:
+    """Why ``path`` cannot be opened because of a symlink loop (``ln -s a.wav a.wav``, or
+    two links pointing at each other, anywhere along the path), or ``None``.
+
+    Checked before ``Path.resolve()``, which raises ``RuntimeError`` on a loop (Python
+    3.12 and older) instead of leaving the row to be skipped as unreadable audio.
+    """
+    try:
+        os.stat(path)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            return (
+                f"audio file {path} is a symlink loop ({err.strerror}); point the link "
+                "at a real WAV file or remove the row"
+            )
+    return None
 
 
 def collate(items: list[dict]) -> dict:
