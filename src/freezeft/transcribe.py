@@ -9,6 +9,15 @@ Decoding is the run's: with the scorer the run built and tuned (``<run dir>/scor
 to the checkpoint's ``checkpoints/`` folder) when it used ``decoder=beam``, else greedy.
 ``--decoder greedy`` skips the scorer; ``--scorer DIR`` names another scorer folder.
 
+A scorer whose LM weight and word score were never tuned on dev (its ``scorer.json`` says
+``"tuned_on": null``: the run was stopped before or during tuning) is used with a one-line
+warning on stderr that says so and how to get tuned ones (resume the run). It warns rather
+than refuses: the transcripts are the beam search's with the weights tuning starts from,
+usually a little worse than tuned ones but not wrong in kind, and the stopped run reported
+no test score they could contradict; refusing would only push a user to greedy decoding,
+which is not tuned either. Weights the run's config fixed (``decoder.lm_weight`` and
+``decoder.word_score``) are not tuned by design and get no warning.
+
     python -m freezeft.transcribe outputs/2026-11-23/16-03-19-4242/checkpoints/last.ckpt \\
         hallo.wav welt.flac
 """
@@ -29,7 +38,7 @@ from freezeft.speech.decoding import greedy_decode
 from freezeft.speech.module import SpeechModule
 from freezeft.speech.scorer import Scorer
 
-__all__ = ["transcribe", "main", "load_model", "find_scorer"]
+__all__ = ["transcribe", "main", "load_model", "find_scorer", "untuned_scorer_warning"]
 
 DECODERS = ("greedy", "beam")
 
@@ -54,8 +63,11 @@ def load_model(checkpoint: str | Path, *, trusted: bool = False) -> SpeechModule
             f"{checkpoint} is not a checkpoint of freezeft's speech model: {err}"
         ) from None
     decoder = saved.get("hyper_parameters", {}).get("decoder") or {}
+    decoder = decoder if isinstance(decoder, dict) else {}
     #: how the run that wrote the checkpoint decoded ("greedy" or "beam")
-    model.trained_decoder = decoder.get("name", "greedy") if isinstance(decoder, dict) else "greedy"
+    model.trained_decoder = decoder.get("name", "greedy")
+    #: the (lm_weight, word_score) its config fixed; None where they were to be tuned on dev
+    model.fixed_weights = (decoder.get("lm_weight"), decoder.get("word_score"))
     return model.eval()
 
 
@@ -76,6 +88,29 @@ def find_scorer(checkpoint: str | Path, model: SpeechModule) -> Scorer | None:
             "is missing: name one with --scorer DIR, or use --decoder greedy."
         )
     return Scorer.load(folder, model.alphabet.labels)
+
+
+def untuned_scorer_warning(scorer: Scorer, model: SpeechModule) -> str | None:
+    """One line saying that ``scorer``'s LM weight and word score are not tuned on dev
+    (``"tuned_on": null`` in its ``scorer.json``) and how to get tuned ones, or ``None``
+    when they were tuned or the checkpoint's run fixed them (``decoder.lm_weight`` and
+    ``decoder.word_score`` set: nothing to tune)."""
+    settings = scorer.settings
+    weights = (settings.lm_weight, settings.word_score)
+    if settings.tuned_on is not None or getattr(model, "fixed_weights", None) == weights:
+        return None
+    run_dir = scorer.folder.parent
+    resume = (
+        f"python -m freezeft.run <its overrides> resume={run_dir}"
+        if (run_dir / "checkpoints").is_dir()
+        else "python -m freezeft.run <its overrides> resume=<its run dir>"
+    )
+    return (
+        f"warning: the scorer's lm_weight={settings.lm_weight} and word_score="
+        f"{settings.word_score} (DeepSpeech's alpha and beta) are its defaults, not tuned on "
+        f'dev ({scorer.folder / "scorer.json"} says "tuned_on": null: its run stopped before '
+        f"tuning ended); for tuned ones resume the run ({resume}), which tunes and saves them."
+    )
 
 
 @torch.no_grad()
@@ -103,6 +138,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m freezeft.transcribe",
         description="Print the transcript of each audio file with a trained speech model.",
+        epilog="A scorer whose lm_weight and word_score were not tuned on dev (the run was "
+        'stopped during tuning: scorer.json says "tuned_on": null) is used with a warning '
+        "on stderr, not refused: its transcripts are valid beam-search output with the "
+        "weights tuning starts from. Resume the run to tune them.",
     )
     parser.add_argument("checkpoint", help="a .ckpt written by python -m freezeft.run")
     parser.add_argument("audio", nargs="+", help="audio files (WAV, FLAC, ...; any rate)")
@@ -134,6 +173,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
         if scorer is not None:
             scorer.open()  # a broken scorer file is the scorer's error, not the audio's
+            untuned = untuned_scorer_warning(scorer, model)
+            if untuned:
+                print(f"freezeft.transcribe: {untuned}", file=sys.stderr, flush=True)
     except (OSError, ValueError) as err:
         print(f"freezeft.transcribe: error: {err}", file=sys.stderr)
         return 1

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import numpy as np
 import pytest
 import pytorch_lightning as pl
 import soundfile
+import torch
 
 from freezeft.speech.data import SpeechDataModule
 from freezeft.speech.module import SpeechModule
@@ -106,3 +110,44 @@ def test_a_broken_scorer_is_named_not_blamed_on_the_audio(beam_run, tmp_path, ca
     assert main([checkpoint, "a.wav", "--scorer", str(broken)]) == 1
     err = capsys.readouterr().err
     assert f"The scorer in {broken} cannot be read" in err and "a.wav" not in err
+
+
+def stopped_during_tuning(beam_run, folder):
+    """A copy of ``beam_run`` as a run killed while tuning leaves it: a config that tunes the
+    weights (none fixed), a scorer.json with the first weights tried and "tuned_on": null."""
+    (folder / "checkpoints").mkdir(parents=True)
+    saved = torch.load(beam_run / "checkpoints" / "best.ckpt", weights_only=False)
+    saved["hyper_parameters"]["decoder"].update(lm_weight=None, word_score=None)
+    torch.save(saved, folder / "checkpoints" / "best.ckpt")
+    shutil.copytree(beam_run / "scorer", folder / "scorer")
+    labels = saved["hyper_parameters"]["labels"]
+    Scorer.load(folder / "scorer", labels).with_weights(0.5, -1.0).save()
+    return folder / "checkpoints" / "best.ckpt", labels
+
+
+def test_an_untuned_scorer_is_used_with_a_one_line_warning(beam_run, german_corpus, tmp_path,
+                                                          capsys):  # fmt: skip
+    wav = str(german_corpus / "test" / "00000.wav")
+    checkpoint, labels = stopped_during_tuning(beam_run, tmp_path / "run")
+    assert json.loads((tmp_path / "run" / "scorer" / "scorer.json").read_text())["tuned_on"] is None
+    assert main([str(checkpoint), wav]) == 0
+    out, err = capsys.readouterr()
+    (line,) = out.splitlines()  # still transcribed, with the untuned scorer
+    scorer = Scorer.load(tmp_path / "run" / "scorer", labels)
+    assert line.split("\t")[1] == transcribe(load_model(checkpoint), wav, scorer)
+    (warning,) = err.splitlines()  # one line
+    assert warning.startswith("freezeft.transcribe: warning: the scorer's lm_weight=0.5 and ")
+    assert "word_score=-1.0" in warning and "not tuned on dev" in warning
+    assert '"tuned_on": null' in warning and f"resume={tmp_path / 'run'}" in warning
+    # once the resumed run has tuned and saved them: no warning
+    scorer.with_weights(1.0, 0.0, tuned_on={"reference_words": 8, "wer": 0.5}).save()
+    assert main([str(checkpoint), wav]) == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_weights_the_run_fixed_are_not_called_untuned(beam_run, german_corpus, capsys):
+    # beam_run set decoder.lm_weight and decoder.word_score: nothing to tune
+    assert json.loads((beam_run / "scorer" / "scorer.json").read_text())["tuned_on"] is None
+    wav = str(german_corpus / "test" / "00000.wav")
+    assert main([str(beam_run / "checkpoints" / "best.ckpt"), wav]) == 0
+    assert capsys.readouterr().err == ""
