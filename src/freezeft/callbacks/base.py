@@ -8,7 +8,9 @@ strategies compose in any order.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from torch import Tensor
@@ -19,7 +21,7 @@ from freezeft.coordinator import Coordinator
 from freezeft.groups import GroupSpec, LayerGroup
 from freezeft.plan import Plan
 
-__all__ = ["StrategyCallback"]
+__all__ = ["StrategyCallback", "RunLength", "run_length"]
 
 
 class StrategyCallback(*CALLBACK_BASES):  # type: ignore[misc]
@@ -190,3 +192,42 @@ def expect_bool(owner: object, name: str, value: Any) -> bool:
             f"{type(owner).__name__}: expected `{name}` true or false, but got {value!r}."
         )
     return value
+
+
+@dataclass(frozen=True)
+class RunLength:
+    """How long a fit will run at most, for the strategies' "too short" warnings.
+
+    Args:
+        steps: optimizer steps (``trainer.estimated_stepping_batches``); ``None``: unbounded
+            or unknown.
+        epochs: epochs started; ``None``: unbounded or unknown.
+        limits: the trainer settings behind them, for messages.
+    """
+
+    steps: int | None
+    epochs: int | None
+    limits: str
+
+
+def run_length(trainer: pl.Trainer) -> RunLength:
+    """The fit's length from ``trainer.max_epochs``, ``max_steps`` and
+    ``estimated_stepping_batches``, once the train dataloader is loaded (``on_train_start``
+    or later: earlier, Lightning would load it just to count)."""
+    steps: float = trainer.estimated_stepping_batches
+    batches = trainer.num_training_batches
+    max_epochs = trainer.max_epochs if trainer.max_epochs not in (None, -1) else math.inf
+    per_epoch = None
+    if math.isfinite(batches) and batches > 0:
+        per_epoch = math.ceil(batches / trainer.accumulate_grad_batches)
+    epochs = max_epochs
+    if per_epoch is not None and math.isfinite(steps) and steps > 0:
+        epochs = min(epochs, math.ceil(steps / per_epoch))
+    limits = f"trainer.max_epochs={trainer.max_epochs}, trainer.max_steps={trainer.max_steps}"
+    if per_epoch is not None:
+        limits += f", {per_epoch} optimizer steps per epoch"
+    return RunLength(
+        steps=int(steps) if math.isfinite(steps) and steps > 0 else None,
+        epochs=int(epochs) if math.isfinite(epochs) else None,
+        limits=limits,
+    )

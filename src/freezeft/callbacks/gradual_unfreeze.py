@@ -6,7 +6,8 @@ from collections.abc import Sequence
 
 from typing_extensions import override
 
-from freezeft.callbacks.base import expect_int
+from freezeft._lightning import pl, rank_zero_warn
+from freezeft.callbacks.base import expect_int, run_length
 from freezeft.callbacks.frozen_encoder import FrozenEncoder, HeadSpec
 from freezeft.groups import GroupSpec
 
@@ -15,6 +16,9 @@ __all__ = ["GradualUnfreeze"]
 
 class GradualUnfreeze(FrozenEncoder):
     """Start with the head; every ``every_n_epochs`` epochs the next group down joins.
+
+    When training starts, a warning names the groups that would never train if the run
+    (``trainer.max_epochs``, or fewer epochs by ``max_steps``) ends before their turn.
 
     Args:
         head: number of groups from the top, or a list of group names, trained from epoch 0.
@@ -49,10 +53,36 @@ class GradualUnfreeze(FrozenEncoder):
     def trainable(self, index: int, n_groups: int, epoch: int) -> bool | None:
         if index in self._head:
             return True
-        # groups holding only parameters the user froze (LoRA's embeddings) take no turn
-        encoder_top_down = [
+        return index in self.thaw_order(n_groups)[: epoch // self.every_n_epochs]
+
+    def thaw_order(self, n_groups: int) -> list[int]:
+        """The groups below the head in the order they join: the ``k``-th (from 1) trains
+        from epoch ``k * every_n_epochs``. Groups holding only parameters the user froze
+        (LoRA's embeddings) take no turn."""
+        return [
             i
             for i in reversed(range(n_groups))
             if i not in self._head and (self.plan is None or self.plan.has_own_params(i))
         ]
-        return index in encoder_top_down[: epoch // self.every_n_epochs]
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        length = run_length(trainer)
+        order = self.thaw_order(len(self.groups))
+        needed = len(order) * self.every_n_epochs + 1  # the last group trains one epoch
+        if length.epochs is None or not order or length.epochs >= needed:
+            return
+        never = [
+            self.groups[i].name
+            for k, i in enumerate(order, start=1)
+            if k * self.every_n_epochs >= length.epochs
+        ]
+        limited = length.steps is not None and trainer.max_steps == length.steps
+        raise_steps = " (and trainer.max_steps to match)" if limited else ""
+        rank_zero_warn(
+            f"{type(self).__name__}: thawing its {len(order)} groups below the head, one every "
+            f"{self.every_n_epochs} epoch(s), takes {needed} epochs for the last to train one, "
+            f"but this run has {length.epochs} ({length.limits}), so {never} never train. "
+            f"Set trainer.max_epochs >= {needed}{raise_steps}, a smaller `every_n_epochs`, "
+            "or more groups in `head`."
+        )

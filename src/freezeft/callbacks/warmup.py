@@ -7,7 +7,8 @@ from typing import Any
 
 from typing_extensions import override
 
-from freezeft.callbacks.base import StrategyCallback, expect_bool, expect_int
+from freezeft._lightning import pl, rank_zero_warn
+from freezeft.callbacks.base import StrategyCallback, expect_bool, expect_int, run_length
 from freezeft.coordinator import canonical_group_name
 
 __all__ = ["LRWarmup"]
@@ -17,6 +18,10 @@ class LRWarmup(StrategyCallback):
     """Ramp every group's LR linearly from ``start_factor`` to 1 over ``warmup_steps``
     optimizer steps, multiplied onto the user's scheduler. Groups unfrozen later get their
     own ramp from the step they start training (``rewarm_on_unfreeze``).
+
+    When training starts, a warning says so if the ramp is not shorter than the whole run
+    (``trainer.estimated_stepping_batches``, from ``max_epochs`` and ``max_steps``): the LR
+    would never reach its full value.
 
     Args:
         warmup_steps: optimizer steps of the ramp (0: no warmup).
@@ -49,10 +54,28 @@ class LRWarmup(StrategyCallback):
 
     @override
     def warmup_factor(self, index: int, step: int) -> float:
+        start = self.start_steps.get(canonical_group_name(self.groups[index].name), 0)
+        return self.warmup_factor_at(step - start)
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        length = run_length(trainer)
+        if length.steps is None or self.warmup_steps < length.steps:
+            return
+        reached = self.warmup_factor_at(length.steps - 1)
+        rank_zero_warn(
+            f"{type(self).__name__}: warmup_steps={self.warmup_steps} is not shorter than the "
+            f"whole run ({length.steps} optimizer steps: {length.limits}), so the LR never "
+            f"reaches its full value (its last step uses {reached:.0%} of it). Lower "
+            f"`warmup_steps` (a tenth of the run would be {max(1, length.steps // 10)}) or "
+            "train longer (trainer.max_epochs, trainer.max_steps)."
+        )
+
+    def warmup_factor_at(self, step: int) -> float:
+        """The ramp's LR multiplier ``step`` optimizer steps after it started."""
         if self.warmup_steps == 0:
             return 1.0
-        start = self.start_steps.get(canonical_group_name(self.groups[index].name), 0)
-        progress = min(1.0, max(0, step - start) / self.warmup_steps)
+        progress = min(1.0, max(0, step) / self.warmup_steps)
         return self.start_factor + (1.0 - self.start_factor) * progress
 
     @override
