@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import json
 
+import pytest
+
 from freezeft import task
 from freezeft.report import write_report
 
@@ -61,3 +63,26 @@ def test_a_metric_named_with_a_slash_has_its_test_counterpart(tmp_path):
         job(tmp_path, number, strategy, 0, monitor="val/mae", **{"test/mae": value})
     report = write_report(tmp_path).read_text()
     assert "Winner: **scratch** (highest mean test/mae)" in report  # mode "max" as declared
+
+
+def test_a_diverged_run_is_listed_apart_and_never_averaged_in(tmp_path):
+    job(tmp_path, 0, "naive", 0, test_acc=0.80, test_loss=0.2)
+    job(tmp_path, 1, "naive", 1, test_acc=0.84, test_loss=0.16)
+    job(tmp_path, 2, "scratch", 0, test_acc=0.70, test_loss=0.3)
+    diverged = tmp_path / "3"
+    (diverged / ".hydra").mkdir(parents=True)
+    (diverged / ".hydra" / "overrides.yaml").write_text("- strategy=naive\n- seed=2\n")
+    (diverged / "results.json").write_text(json.dumps({
+        "status": "diverged", "strategy": "naive", "seed": 2, "monitor": "val_acc",
+        "diverged": {"step": 2, "epoch": 0, "lr": [1e30], "what": "NaN in head.weight"},
+    }))  # fmt: skip
+    report = write_report(tmp_path).read_text()
+    with open(tmp_path / "report.csv") as stream:
+        rows = {row["strategy"]: row for row in csv.DictReader(stream)}
+    assert rows["naive"]["runs"] == "2" and float(rows["naive"]["test_acc_mean"]) == pytest.approx(
+        0.82
+    )
+    assert "3 finished, 1 failed (1 diverged, not ranked)" in report
+    assert (
+        "- `3` (strategy=naive seed=2): diverged at step 2 (epoch 0, learning rate 1e+30)" in report
+    )

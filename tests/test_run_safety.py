@@ -96,3 +96,14 @@ def test_resuming_a_plain_lightning_checkpoint_is_refused_before_writing_there(t
                        "transfer.source=PATH"):  # fmt: skip
         run(tmp_path / "b", f"resume='{plain / 'epoch=1-step=6.ckpt'}'")  # quoted: =
     assert sorted(p.name for p in plain.parent.iterdir()) == ["checkpoints"]  # no csv/ there
+
+
+def test_a_diverged_run_stops_says_so_and_is_marked(tmp_path):
+    from freezeft.app.divergence import Diverged
+
+    with pytest.raises(Diverged, match=r"diverged at step \d+ \(epoch 0, learning rate 1e\+30\)"):
+        run(tmp_path / "a", "model.lr=1e30")
+    results = json.loads((tmp_path / "a" / "results.json").read_text())
+    assert results["status"] == "diverged" and results["diverged"]["lr"] == [1e30]
+    assert "test_acc" not in results  # nothing tested
+    assert not any((tmp_path / "a" / "checkpoints").glob("*.ckpt"))  # nothing to resume

@@ -82,7 +82,11 @@ class StrategySummary:
 
 
 def collect(sweep_dir: Path) -> tuple[list[Run], list[dict[str, Any]]]:
-    """The finished runs and the failures (``failure.json`` contents, with ``dir``)."""
+    """The finished runs and the failures (``failure.json`` contents, with ``dir``).
+
+    A run whose ``results.json`` says it diverged is a failure (with ``diverged``: its
+    step, epoch and learning rate), never a run: its NaN metrics are not averaged in.
+    """
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
         raise FileNotFoundError(
@@ -90,17 +94,32 @@ def collect(sweep_dir: Path) -> tuple[list[Run], list[dict[str, Any]]]:
             "(multirun/<date>/<time> by default)."
         )
     runs = []
+    diverged = []
     for path in sorted(sweep_dir.rglob("results.json"), key=_job_order):
         try:
             results = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as err:
             raise ValueError(f"{path} is not a readable results.json ({err}).") from err
-        if results.get("stage", "transfer") == "transfer":
+        if results.get("status") == "diverged":
+            details = results.get("diverged") or {}
+            lrs = ", ".join(f"{lr:g}" for lr in details.get("lr") or []) or "unknown"
+            diverged.append(
+                {
+                    "dir": str(path.parent),
+                    "overrides": _overrides(path.parent),
+                    "error": f"diverged at step {details.get('step')} (epoch "
+                    f"{details.get('epoch')}, learning rate {lrs}): {details.get('what')}",
+                    "diverged": details,
+                }
+            )
+        elif results.get("stage", "transfer") == "transfer":
             runs.append(Run(path.parent, results))
     failures = [
         {**json.loads(path.read_text()), "dir": str(path.parent)}
         for path in sorted(sweep_dir.rglob("failure.json"), key=_job_order)
     ]
+    reported = {f["dir"] for f in diverged}  # a diverged job's failure.json says no more
+    failures = [f for f in failures if f["dir"] not in reported] + diverged
     for run in runs:
         run.variant = str(run.results.get("strategy") or "none")
     for key, value_of in _setting_keys(runs).items():
@@ -111,6 +130,17 @@ def collect(sweep_dir: Path) -> tuple[list[Run], list[dict[str, Any]]]:
                 if value_of(run) is not None:
                     run.variant += f" {key}={value_of(run)}"
     return runs, failures
+
+
+def _overrides(job_dir: Path) -> list[str]:
+    """The job's command-line overrides, as Hydra saved them (none if it did not)."""
+    path = job_dir / ".hydra" / "overrides.yaml"
+    if not path.is_file():
+        return []
+    try:
+        return [str(o) for o in OmegaConf.load(path)]
+    except Exception:  # unreadable: the report still lists the job
+        return []
 
 
 def _setting_keys(runs: Sequence[Run]) -> dict[str, Any]:
@@ -441,8 +471,11 @@ def write_report(sweep_dir: str | Path) -> Path:
     notes = [r.results["report_note"] for r in runs if r.results.get("report_note")]
     if notes:
         lines.append(f"- {_distinct(notes)}")
+    n_diverged = sum(1 for f in failures if f.get("diverged") is not None)
     lines.append(
-        f"- Jobs: {len(runs)} finished, {len(failures)} failed; "
+        f"- Jobs: {len(runs)} finished, {len(failures)} failed"
+        + (f" ({n_diverged} diverged, not ranked)" if n_diverged else "")
+        + "; "
         f"training {sum(r.results['train_seconds'] for r in runs):.0f} s in all"
         + (f", sweep wall time {wall:.0f} s" if wall is not None else "")
     )
@@ -478,7 +511,7 @@ def write_report(sweep_dir: str | Path) -> Path:
             f"`{lr_run.dir.relative_to(sweep_dir)}` ({lr_run.variant}).",
         ]
     if failures:
-        lines += ["", "## Failed jobs", ""]
+        lines += ["", "## Failed jobs (not ranked)", ""]
         lines += [
             f"- `{Path(f['dir']).relative_to(sweep_dir)}` "
             f"({' '.join(f.get('overrides', []))}): {f['error']}"

@@ -23,6 +23,7 @@ from freezeft.app.config import (
     monitored,
     transfer_options,
 )
+from freezeft.app.divergence import Diverged, DivergenceCheck
 from freezeft.app.results import stop_before_results, strategy_label, write_json, write_skipped
 from freezeft.app.source import pretrained_source, source_checkpoint_path
 from freezeft.checkpointing import (
@@ -103,7 +104,7 @@ def fit_and_test(
     trainer = build(
         cfg.trainer,
         max_epochs=max_epochs,
-        callbacks=[*callbacks, History(output_dir), checkpoint, last, interrupt],
+        callbacks=[*callbacks, History(output_dir), DivergenceCheck(), checkpoint, last, interrupt],
         logger=logger,
         default_root_dir=str(output_dir),
         plugins=plugins,
@@ -112,6 +113,23 @@ def fit_and_test(
     try:
         # weights only: a checkpoint never runs code (freezeft's own need nothing more)
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
+    except Diverged as err:
+        if trainer.is_global_zero:
+            write_json(
+                output_dir / "results.json",
+                {
+                    "status": "diverged",
+                    "diverged": err.details,
+                    "strategy": strategy_label(cfg) if with_strategies else None,
+                    "seed": cfg.seed,
+                    "monitor": monitor,
+                    "monitor_mode": monitor_mode,
+                    "transfer": options if source is not None else None,
+                    "run_dir": str(output_dir),
+                    "budget": {"max_epochs": max_epochs, "protocol": cfg.get("protocol")},
+                },
+            )
+        raise
     except SIGTERM_EXCEPTIONS:
         if resumable:
             print(
@@ -156,6 +174,7 @@ def fit_and_test(
     tested = task.test_results(module, test_metrics)
     results = {
         **tested,
+        "status": "finished",
         "strategy": strategy_label(cfg) if with_strategies else None,
         "seed": cfg.seed,
         "epochs": trainer.current_epoch,
