@@ -217,7 +217,9 @@ class Coordinator:
         if self.frozen_cache is None:
             return
         n = len(self.groups)
-        n_frozen = next((i for i in range(n) if self.plan.trains(i)), n)
+        # the cached prefix ends at the first group that trains, or that uses a tensor a
+        # later group trains (tied weights): its outputs would change under the cache
+        n_frozen = next((i for i in range(n) if self.plan.trains(i) or self.groups[i].tied), n)
         prefix = [param for group in self.groups[:n_frozen] for param in group.params.values()]
         self.frozen_cache.prepare(pl_module, prefix, n_frozen)
 

@@ -24,7 +24,10 @@ Resolution, first that applies:
 
 Every parameter belongs to exactly one group; a parameter outside every matched name
 joins the group of its nearest matched ancestor, else the group sharing the longest name
-prefix with it.
+prefix with it. A tensor registered under several names (tied weights: an LM head that
+is the embedding matrix) belongs to the latest group among its names (the head), so it
+trains whenever that group does; the earlier groups list it in ``tied`` and the group
+table says so.
 """
 
 from __future__ import annotations
@@ -48,6 +51,9 @@ class LayerGroup:
     name: str
     modules: list[str] = field(default_factory=list)
     params: dict[str, nn.Parameter] = field(default_factory=dict)
+    #: parameters this group's modules use that a later group owns (tied weights):
+    #: the name here -> (the owning group, the name there)
+    tied: dict[str, tuple[str, str]] = field(default_factory=dict)
 
     @property
     def num_params(self) -> int:
@@ -213,7 +219,7 @@ def discover_groups(module: nn.Module) -> list[list[str]]:
         for name in names:
             child = module.get_submodule(name) if name else module
             groups += _timm_groups(child, name) if _is_timm(child) else [[name]]
-    owned = [name for name, _ in module.named_parameters()]
+    owned = [name for name, _ in module.named_parameters(remove_duplicate=False)]
     groups = [g for g in groups if any(_covers(m, p) for m in g for p in owned)]
     if len(groups) < 2:
         where = f"{type(module).__name__}" + (f".{prefix}" if prefix else "")
@@ -263,7 +269,7 @@ def resolve_groups(
         patterns, where = list(module.layer_groups()), f"{type(module).__name__}.layer_groups()"
     specs = discover_groups(module) if patterns is None else list(patterns)
     module_names = [name for name, child in module.named_modules() if name and _has_params(child)]
-    param_names = [name for name, _ in module.named_parameters()]
+    param_names = [name for name, _ in module.named_parameters(remove_duplicate=False)]
     candidates = module_names + param_names
     groups: list[LayerGroup] = []
     owner: dict[str, str] = {}
@@ -289,8 +295,19 @@ def resolve_groups(
             owner[member] = name
         groups.append(LayerGroup(name=name, modules=matched))
     by_name = {g.name: g for g in groups}
-    for param_name, param in module.named_parameters():
-        by_name[_owning_group(param_name, owner, groups)].params[param_name] = param
+    index = {g.name: i for i, g in enumerate(groups)}
+    names_of: dict[int, list[str]] = {}
+    tensors: dict[int, nn.Parameter] = {}
+    for param_name, param in module.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(param), []).append(param_name)
+        tensors[id(param)] = param
+    for key, names in names_of.items():
+        owners = [_owning_group(n, owner, groups) for n in names]
+        last = max(range(len(names)), key=lambda i: index[owners[i]])  # the latest group
+        by_name[owners[last]].params[names[last]] = tensors[key]
+        for name, group in zip(names, owners, strict=True):
+            if group != owners[last]:
+                by_name[group].tied[name] = (owners[last], names[last])
     return groups
 
 
@@ -333,6 +350,12 @@ def format_group_table(
             count = sum(p.numel() for n, p in group.params.items() if n in frozen)
             line += f"  {count:>11,}"
         lines.append(f"{line}  {role}".rstrip())
+    for group in groups:
+        for name, (owner, there) in group.tied.items():
+            lines.append(
+                f"tied: {name} is {there}; it trains with {owner!r} (the later group), "
+                f"whatever {group.name!r} does"
+            )
     total = sum(g.num_params for g in groups)
     trainable = sum(p.numel() for g in groups for p in g.params.values() if p.requires_grad)
     summary = f"trainable parameters: {trainable:,} of {total:,}"
