@@ -107,3 +107,19 @@ def test_a_diverged_run_stops_says_so_and_is_marked(tmp_path):
     assert results["status"] == "diverged" and results["diverged"]["lr"] == [1e30]
     assert "test_acc" not in results  # nothing tested
     assert not any((tmp_path / "a" / "checkpoints").glob("*.ckpt"))  # nothing to resume
+
+
+@pytest.mark.parametrize(
+    ("override", "said"),
+    [
+        ("model.lr=-0.1", "`model.lr=-0.1`: expected a learning rate > 0"),
+        ("model.lr=nan", "`model.lr=nan`: expected a number, not NaN"),
+        ("model.lr=inf", "`model.lr=inf`: expected a learning rate > 0"),
+    ],
+)
+def test_an_absurd_learning_rate_is_refused_before_any_work(tmp_path, override, said):
+    from freezeft.app.train import train
+
+    with pytest.raises(ValueError, match=f"Invalid config value.*{said}"):
+        train(compose(override, f"paths.cache_dir={tmp_path / 'cache'}"), tmp_path / "a")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "cache").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,35 @@ def lightning_targets(node: Any, package: str) -> Any:
     return node
 
 
+#: optimizer settings by key name, wherever they are (model.optimizer.lr, model.lr, ...)
+_POSITIVE = {"lr", "learning_rate"}
+_NON_NEGATIVE = {"weight_decay", "momentum", "dampening", "min_lr", "eta_min", "final_lr"}
+#: the config sections a run's numbers come from
+_NUMBER_SECTIONS = ("model", "data", "strategy", "addons", "trainer", "transfer", "source")
+
+
+def _absurd_numbers(cfg: DictConfig) -> list[str]:
+    """A NaN anywhere in the run's sections, an infinite or non-positive learning rate, a
+    negative weight decay or momentum: what torch would only refuse (or train into NaN
+    with) once the optimizer is built, after any source pretraining."""
+    problems = []
+    for section in _NUMBER_SECTIONS:
+        node = OmegaConf.select(cfg, section)
+        if not isinstance(node, DictConfig):
+            continue
+        for key, value in _flat(_plain(node), section).items():
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                continue
+            name = key.rsplit(".", 1)[-1]
+            if math.isnan(value):
+                problems.append(f"`{key}={value}`: expected a number, not NaN")
+            elif name in _POSITIVE and not (0 < value < math.inf):
+                problems.append(f"`{key}={value}`: expected a learning rate > 0 (e.g. 1e-3)")
+            elif name in _NON_NEGATIVE and not (0 <= value < math.inf):
+                problems.append(f"`{key}={value}`: expected a finite value >= 0")
+    return problems
+
+
 def transfer_options(cfg: DictConfig) -> dict[str, Any]:
     """``transfer.*`` but ``source``: the options the task's ``transfer_from`` takes."""
     return {k: v for k, v in _plain(cfg.transfer).items() if k != "source"}
@@ -86,6 +116,7 @@ def check_config(cfg: DictConfig) -> None:
         ok = isinstance(value, types) and not isinstance(value, bool) and test(value)
         if not ok:
             problems.append(f"`{key}={value!r}`: expected {allowed}")
+    problems += _absurd_numbers(cfg)
     if problems:
         raise ValueError("Invalid config value(s): " + "; ".join(problems) + ".")
     chosen = {**cfg.strategy.callbacks, **cfg.strategy.get("addons", {})}
