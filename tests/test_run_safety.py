@@ -123,3 +123,31 @@ def test_an_absurd_learning_rate_is_refused_before_any_work(tmp_path, override, 
     with pytest.raises(ValueError, match=f"Invalid config value.*{said}"):
         train(compose(override, f"paths.cache_dir={tmp_path / 'cache'}"), tmp_path / "a")
     assert not (tmp_path / "a").exists() and not (tmp_path / "cache").exists()
+
+
+@pytest.mark.slow  # a subprocess, as a user runs it
+def test_a_diverged_run_exits_non_zero_with_one_line(tmp_path):
+    from pyrun import run_python
+
+    proc = run_python(
+        [
+            "-m",
+            "freezeft.run",
+            "--config-dir",
+            str(PROJECT / "conf"),
+            "model=mynet",
+            "data=mydata",
+            "monitor=val_acc",
+            "monitor_mode=max",
+            "model.lr=1e30",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],  # fmt: skip
+        cwd=PROJECT,
+        check=False,
+    )
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "freezeft: error: the model diverged at step 2 (epoch 0, learning rate 1e+30)" in (
+        proc.stderr
+    )
+    assert "Traceback" not in proc.stderr
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["status"] == "diverged"
