@@ -1,14 +1,20 @@
 """Build-once cache entries shared by runs and teammates: stale builds cleaned up, entries
-readable by the group (umask), a read-only cache that lacks an entry named in the error."""
+readable by the group (umask), a read-only cache that lacks an entry named in the error, a
+damaged entry (files deleted, cut short or added) named and rebuilt."""
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 
-from freezeft.cache import cached_entry, umask
+from freezeft import cache
+from freezeft.cache import cached_entry, entry_damage, umask
 
 
 def build(folder: Path) -> None:
@@ -47,3 +53,113 @@ def test_an_unwritable_cache_location_names_the_setting(tmp_path):
     (tmp_path / "file").write_text("not a folder")
     with pytest.raises(OSError, match=r"cannot build the cache entry .*paths.cache_dir"):
         cached_entry(tmp_path / "file" / "corpus" / "e", build)
+
+
+def counting_build(calls: list) -> Callable[[Path], None]:
+    def build(folder: Path) -> None:
+        calls.append(folder)
+        (folder / "train").mkdir()
+        (folder / "train" / "00000.wav").write_bytes(b"RIFF" + bytes(400))
+        (folder / "train" / "00001.wav").write_bytes(b"RIFF" + bytes(400))
+        (folder / "train.csv").write_text("wav_filename,wav_filesize,transcript\n")
+
+    return build
+
+
+@pytest.mark.parametrize(
+    "damage, said",
+    [
+        (
+            lambda e: (e / "train" / "00001.wav").unlink(),
+            "1 of its 4 files missing (train/00001.wav)",
+        ),
+        (lambda e: (e / "train" / "00000.wav").write_bytes(b"RIFF"), "train/00000.wav: 4 bytes"),
+        (
+            lambda e: (e / "train" / "stray.wav").write_bytes(b"x"),
+            "not from its build (train/stray",
+        ),
+    ],
+    ids=["deleted", "truncated", "stray"],
+)
+def test_a_damaged_entry_is_named_and_rebuilt(tmp_path, caplog, damage, said):
+    calls = []
+    entry = cached_entry(tmp_path / "corpus" / "de-1234", counting_build(calls), {"n": 1})
+    damage(entry)
+    with caplog.at_level(logging.WARNING, logger="freezeft.cache"):
+        assert cached_entry(entry, counting_build(calls), {"n": 1}) == entry
+    assert len(calls) == 2
+    assert f"The cache entry {entry} is damaged (" in caplog.text and said in caplog.text
+    assert entry_damage(entry) is None and not (entry / "train" / "stray.wav").exists()
+    assert (entry / "train" / "00000.wav").stat().st_size == 404
+    assert sorted(p.name for p in entry.parent.iterdir()) == ["de-1234", "de-1234.lock"]
+    cached_entry(entry, counting_build(calls), {"n": 1})
+    assert len(calls) == 2  # intact now: used as it is
+
+
+def test_an_entry_built_before_entries_recorded_their_files_is_used(tmp_path, caplog):
+    calls = []
+    entry = cached_entry(tmp_path / "e", counting_build(calls))
+    (entry / "contents.json").unlink()  # as an older freezeft left it
+    (entry / "train" / "00001.wav").unlink()
+    with caplog.at_level(logging.WARNING):
+        assert cached_entry(entry, counting_build(calls)) == entry
+    assert len(calls) == 1 and not caplog.text
+
+
+def test_a_damaged_entry_that_cannot_be_rebuilt_is_refused_with_the_command_that_clears_it(
+    tmp_path, monkeypatch
+):
+    calls = []
+    entry = cached_entry(tmp_path / "e", counting_build(calls))
+    (entry / "train" / "00001.wav").unlink()
+
+    class ReadOnlyLock:  # what a read-only cache folder does to the lock
+        def __init__(self, path: str) -> None:
+            pass
+
+        def acquire(self) -> None:
+            raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(cache, "FileLock", ReadOnlyLock)
+    with pytest.raises(OSError, match=rf"^the cache entry {entry} is damaged \(1 of its 3 files "
+                       rf"missing .*Remove it with `rm -rf {entry}`"):  # fmt: skip
+        cached_entry(entry, counting_build(calls))
+    assert len(calls) == 1
+
+
+def test_a_truncated_source_checkpoint_of_transfer_source_auto_is_rebuilt(tmp_path, caplog):
+    """transfer.source=auto: its cached source.ckpt cut short (a full disk, a copy killed
+    half-way) is named and pretrained again, also in an entry built before entries recorded
+    their files' sizes; the cache key stays the same."""
+    from hydra import compose, initialize_config_module
+
+    from freezeft.app.source import pretrained_source
+
+    with initialize_config_module(config_module="freezeft.conf", version_base="1.3"):
+        cfg = compose(
+            config_name="config",
+            overrides=["experiment=tiny", "transfer.source=auto", f"paths.cache_dir={tmp_path}"],
+        )
+    pretrainings = []
+
+    def fit_and_test(source_cfg, data_cfg, output_dir, **kwargs):  # a pretraining's outcome
+        pretrainings.append(output_dir)
+        best = output_dir / "checkpoints" / "best.ckpt"
+        best.parent.mkdir(parents=True)
+        torch.save({"state_dict": {"model.w": torch.ones(256)}}, best)
+        return {"best_checkpoint": str(best), "headline": "tested"}
+
+    source = pretrained_source(cfg, fit_and_test)
+    whole = source.read_bytes()
+    for older in (False, True):
+        if older:
+            (source.parent / "contents.json").unlink()
+        source.write_bytes(whole[: len(whole) // 2])
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="freezeft.cache"):
+            assert pretrained_source(cfg, fit_and_test) == source
+        assert f"The cache entry {source.parent} is damaged (" in caplog.text
+        assert "source.ckpt" in caplog.text
+        assert torch.load(source, weights_only=True)["state_dict"]["model.w"].sum() == 256
+    assert len(pretrainings) == 3
+    assert pretrained_source(cfg, fit_and_test) == source and len(pretrainings) == 3

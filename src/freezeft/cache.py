@@ -1,13 +1,18 @@
-"""Build-once cache entries: locked across processes, published atomically.
+"""Build-once cache entries: locked across processes, published atomically, checked on use.
 
 An entry is a folder that is built in a temporary sibling, marked complete, then renamed
-into place; a half-built entry (a killed process) is never used and is rebuilt.
+into place; a half-built entry (a killed process) is never used and is rebuilt. The entry
+records what it holds (``contents.json``: every file's name and size); each use compares
+the folder with it (one ``stat`` per file, nothing hashed), and an entry whose files went
+missing, changed size or gained a stranger is named in a warning, removed and built again.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -16,9 +21,15 @@ from pathlib import Path
 
 from filelock import FileLock
 
-__all__ = ["default_cache_dir", "config_key", "cached_entry", "umask"]
+from freezeft.files import WriteError, umask, write_text_atomic
+
+__all__ = ["default_cache_dir", "config_key", "cached_entry", "entry_damage", "umask"]
+
+log = logging.getLogger(__name__)
 
 _COMPLETE = "COMPLETE"
+#: what a complete entry holds: {"files": {relative path: size in bytes}, "count": n}
+CONTENTS = "contents.json"
 
 
 def default_cache_dir() -> Path:
@@ -35,20 +46,89 @@ def config_key(settings: dict) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def cached_entry(path: Path, build: Callable[[Path], None], settings: dict | None = None) -> Path:
+def _files(folder: Path) -> dict[str, int]:
+    """Every file under ``folder`` (but the marker and the record): relative path -> size."""
+    found: dict[str, int] = {}
+    pending = [folder]
+    while pending:
+        with os.scandir(pending.pop()) as entries:
+            for item in entries:
+                if item.is_dir(follow_symlinks=False):
+                    pending.append(Path(item.path))
+                    continue
+                name = Path(item.path).relative_to(folder).as_posix()
+                if name not in (_COMPLETE, CONTENTS):
+                    found[name] = item.stat(follow_symlinks=False).st_size
+    return found
+
+
+def _listed(names: list[str], limit: int = 3) -> str:
+    shown = ", ".join(sorted(names)[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def entry_damage(path: Path) -> str | None:
+    """What is wrong with the complete entry ``path`` compared with its record, or ``None``.
+
+    An entry built before entries recorded their files (no ``contents.json``) is taken as
+    it is.
+    """
+    record = path / CONTENTS
+    if not record.exists():
+        return None
+    try:
+        expected = json.loads(record.read_text(encoding="utf-8"))["files"]
+        if not isinstance(expected, dict):
+            raise TypeError
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"its record {CONTENTS} is unreadable"
+    try:
+        found = _files(path)
+    except OSError as err:
+        return f"it cannot be listed: {err}"
+    problems = []
+    if missing := [name for name in expected if name not in found]:
+        problems.append(f"{len(missing)} of its {len(expected)} files missing ({_listed(missing)})")
+    changed = [
+        f"{name}: {found[name]} bytes, built with {expected[name]}"
+        for name in expected
+        if name in found and found[name] != expected[name]
+    ]
+    if changed:
+        problems.append(f"{len(changed)} truncated or changed ({_listed(changed)})")
+    if strangers := [name for name in found if name not in expected]:
+        problems.append(f"{len(strangers)} not from its build ({_listed(strangers)})")
+    return "; ".join(problems) or None
+
+
+def cached_entry(
+    path: Path,
+    build: Callable[[Path], None],
+    settings: dict | None = None,
+    check: Callable[[Path], str | None] | None = None,
+) -> Path:
     """Return the complete cache folder ``path``, calling ``build(tmp_dir)`` first if needed.
 
     Concurrent callers (parallel sweep jobs) wait on a file lock; exactly one builds.
     ``settings`` are written beside the entry as ``settings.json`` for people to read.
+    A complete entry is checked against its record of files (and by ``check(path)``, which
+    returns what is wrong or ``None``); a damaged one is named in a warning and rebuilt.
+
+    Raises:
+        OSError: the entry cannot be built (an unwritable cache folder, a full disk), or it
+            is damaged and cannot be removed; the message says what to do.
     """
     path = Path(path)
-    if (path / _COMPLETE).exists():
+    damage = _damage(path, check)
+    if damage is None and (path / _COMPLETE).exists():
         return path
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         lock = FileLock(str(path) + ".lock")
         lock.acquire()
     except OSError as err:
+        if damage is not None:
+            raise _cannot_rebuild(path, damage, err) from None
         raise OSError(
             err.errno,
             f"cannot build the cache entry {path}: {err.strerror or err} (is the cache folder "
@@ -56,7 +136,17 @@ def cached_entry(path: Path, build: Callable[[Path], None], settings: dict | Non
         ) from None
     try:
         if (path / _COMPLETE).exists():
-            return path
+            damage = _damage(path, check)  # another process may have rebuilt it meanwhile
+            if damage is None:
+                return path
+            log.warning(
+                f"The cache entry {path} is damaged ({damage}); removing and rebuilding it."
+            )
+            try:
+                (path / _COMPLETE).unlink()  # others see a half-built entry, and wait
+                shutil.rmtree(path)
+            except OSError as err:
+                raise _cannot_rebuild(path, damage, err) from None
         if path.exists():  # left behind by a build that did not finish
             shutil.rmtree(path)
         for stale in path.parent.glob(path.name + ".building-*"):  # killed builds (we hold
@@ -66,7 +156,11 @@ def cached_entry(path: Path, build: Callable[[Path], None], settings: dict | Non
         try:
             build(tmp)
             if settings is not None:
-                (tmp / "settings.json").write_text(json.dumps(settings, indent=2, default=str))
+                write_text_atomic(
+                    tmp / "settings.json", json.dumps(settings, indent=2, default=str)
+                )
+            files = _files(tmp)
+            write_text_atomic(tmp / CONTENTS, json.dumps({"count": len(files), "files": files}))
             (tmp / _COMPLETE).touch()
             os.replace(tmp, path)
         finally:
@@ -77,8 +171,17 @@ def cached_entry(path: Path, build: Callable[[Path], None], settings: dict | Non
     return path
 
 
-def umask() -> int:
-    """The process' umask (files are made ``0o666 & ~umask()``, folders ``0o777 & ~umask()``)."""
-    current = os.umask(0o022)
-    os.umask(current)
-    return current
+def _damage(path: Path, check: Callable[[Path], str | None] | None) -> str | None:
+    if not (path / _COMPLETE).exists():
+        return None
+    return entry_damage(path) or (check(path) if check is not None else None)
+
+
+def _cannot_rebuild(path: Path, damage: str, err: OSError) -> OSError:
+    return WriteError(
+        err.errno or errno.EIO,
+        f"the cache entry {path} is damaged ({damage}) and cannot be rebuilt here: "
+        f"{err.strerror or err}. Remove it with `rm -rf {path}` (as a user who may), or "
+        "point paths.cache_dir (or $FREEZEFT_CACHE_DIR) at a writable folder",
+        path,
+    )
