@@ -29,12 +29,13 @@ class Diverged(ValueError):
     def __init__(self, details: dict[str, Any]) -> None:
         self.details = details
         lrs = ", ".join(f"{lr:g}" for lr in details["lr"]) or "unknown"
+        during = f" {details['during']}" if details.get("during") else ""
         super().__init__(
-            f"the model diverged at step {details['step']} (epoch {details['epoch']}, "
-            f"learning rate {lrs}): {details['what']}. Nothing after this step is usable, so "
-            "nothing was tested; results.json marks the run as diverged. Lower the learning "
-            "rate, add warmup (addons=[warmup]) or gradient clipping "
-            "(+trainer.gradient_clip_val=1.0), then start the run again."
+            f"the model diverged{during} at step {details['step']} (epoch "
+            f"{details['epoch']}, learning rate {lrs}): {details['what']}. Nothing after this "
+            "step is usable, so nothing was tested; results.json marks the run as diverged. "
+            "Lower the learning rate, add warmup (addons=[warmup]) or gradient clipping "
+            "(++trainer.gradient_clip_val=1.0), then start the run again."
         )
 
 

@@ -115,20 +115,7 @@ def fit_and_test(
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
     except Diverged as err:
         if trainer.is_global_zero:
-            write_json(
-                output_dir / "results.json",
-                {
-                    "status": "diverged",
-                    "diverged": err.details,
-                    "strategy": strategy_label(cfg) if with_strategies else None,
-                    "seed": cfg.seed,
-                    "monitor": monitor,
-                    "monitor_mode": monitor_mode,
-                    "transfer": options if source is not None else None,
-                    "run_dir": str(output_dir),
-                    "budget": {"max_epochs": max_epochs, "protocol": cfg.get("protocol")},
-                },
-            )
+            _write_diverged(cfg, output_dir, err, with_strategies=with_strategies)
         raise
     except SIGTERM_EXCEPTIONS:
         if resumable:
@@ -213,6 +200,28 @@ def fit_and_test(
     return results
 
 
+def _write_diverged(
+    cfg: DictConfig, output_dir: Path, err: Diverged, *, with_strategies: bool = True
+) -> None:
+    """``results.json`` of a run that diverged: where, and what it was; no metrics."""
+    monitor, monitor_mode = monitored(cfg)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    write_json(
+        output_dir / "results.json",
+        {
+            "status": "diverged",
+            "diverged": err.details,
+            "stage": cfg.stage,
+            "strategy": strategy_label(cfg) if with_strategies else None,
+            "seed": cfg.seed,
+            "monitor": monitor,
+            "monitor_mode": monitor_mode,
+            "run_dir": str(output_dir),
+            "budget": {"max_epochs": cfg.trainer.max_epochs, "protocol": cfg.get("protocol")},
+        },
+    )
+
+
 def _this_runs_best(checkpoint: Any, output_dir: Path) -> str | None:
     """The best checkpoint ``checkpoint`` (the monitored ModelCheckpoint) recorded, which
     must be a file of this run dir: a run tests its own best model, never another dir's."""
@@ -245,7 +254,14 @@ def train(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         if source == "auto" and resume_from is not None:  # its weights are in the checkpoint
             source = source_checkpoint_path(started)
         elif source == "auto":
-            source = pretrained_source(cfg, fit_and_test)
+            try:
+                source = pretrained_source(cfg, fit_and_test)
+            except Diverged as err:  # its results.json went with the unfinished cache entry
+                details = {**err.details, "during": "while pretraining the source model "
+                           "(transfer.source=auto, on source.data)"}  # fmt: skip
+                diverged = Diverged(details)
+                _write_diverged(cfg, output_dir, diverged)
+                raise diverged from None
     results = fit_and_test(
         cfg,
         cfg.source.data if pretrain else cfg.data,
