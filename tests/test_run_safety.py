@@ -125,6 +125,17 @@ def test_an_absurd_learning_rate_is_refused_before_any_work(tmp_path, override, 
     assert not (tmp_path / "a").exists() and not (tmp_path / "cache").exists()
 
 
+def test_a_source_pretraining_that_diverges_says_so_in_the_runs_dir(tmp_path):
+    from freezeft.app.divergence import Diverged
+
+    with pytest.raises(Diverged, match="diverged while pretraining the source model"):
+        run(tmp_path / "a", "model.lr=1e30", "transfer.source=auto", "+data@source.data=mydata",
+            f"paths.cache_dir={tmp_path / 'cache'}")  # fmt: skip
+    results = json.loads((tmp_path / "a" / "results.json").read_text())
+    assert results["status"] == "diverged" and "pretraining" in results["diverged"]["during"]
+    assert not list((tmp_path / "cache" / "source").glob("*/source.ckpt"))  # nothing cached
+
+
 @pytest.mark.slow  # a subprocess, as a user runs it
 def test_a_diverged_run_exits_non_zero_with_one_line(tmp_path):
     from pyrun import run_python
