@@ -1,7 +1,8 @@
 """The three wings and their one-way dependencies (docs/architecture.md).
 
-* the library (callbacks, groups, plan, coordinator, caches, checkpoint helpers): torch,
-  numpy, filelock and Lightning (through ``freezeft._lightning`` only);
+* the library (callbacks, groups, plan, coordinator, caches, checkpoint helpers, file
+  writes): torch, numpy, filelock and Lightning (through ``freezeft._lightning`` only);
+  ``freezeft.files`` the standard library only;
 * the app (``freezeft.run``, ``freezeft.report``, ``freezeft.task``, ``freezeft.app``):
   the library, Hydra, OmegaConf, matplotlib; never the speech task;
 * the speech task (``freezeft.speech``, ``freezeft.transcribe``): the library and its own
@@ -27,6 +28,8 @@ LIBRARY = sorted(
 )
 #: what the library may import besides the standard library and itself
 LIBRARY_DEPENDENCIES = {"torch", "numpy", "filelock", "typing_extensions"}
+#: library modules of the standard library alone (written files: anything may use them)
+STANDARD_LIBRARY_ONLY = [SRC / "files.py"]
 #: what users bring, imported inside a function only when their model is one of these
 USER_PACKAGES = {"timm"}
 LIGHTNING = {"pytorch_lightning", "lightning", "lightning_fabric", "lightning_utilities"}
@@ -79,6 +82,13 @@ def test_the_library_imports_torch_lightning_and_itself_only(path):
         or n in ("freezeft.task", "freezeft.transcribe", "freezeft.conf")
     )
     assert not upward, f"{path.relative_to(SRC)} imports the app or the speech task: {upward}"
+
+
+@pytest.mark.parametrize("path", STANDARD_LIBRARY_ONLY, ids=lambda p: str(p.relative_to(SRC)))
+def test_the_file_writing_helpers_import_the_standard_library_only(path):
+    assert path in LIBRARY
+    outside = sorted(n for n in imported(path) if top(n) not in sys.stdlib_module_names)
+    assert not outside, f"{path.relative_to(SRC)} imports {outside}"
 
 
 @pytest.mark.parametrize("path", APP, ids=lambda p: str(p.relative_to(SRC)))

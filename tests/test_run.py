@@ -2,6 +2,7 @@
 
 import csv
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -289,3 +290,38 @@ def test_auto_freeze_decisions_reach_history_lr_schedule_and_report(tmp_path, ca
     assert any(lr > 0 for lr in schedule["model.layer_6"][-2:])  # the head still trains
     write_report(sweep)  # a sweep dir of one job: the run dir
     assert (sweep / "lr_schedule.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_a_full_disk_is_one_line_with_the_folder_the_file_and_how_to_resume(tmp_path):
+    """ENOSPC from a write freezeft does not make itself (Lightning's CSV logger, while a
+    resumed run trains on): one line naming the folder and the file, exit code 1."""
+    project = Path(__file__).parents[1] / "examples" / "own_model"
+    args = ["--config-dir", str(project / "conf"), "model=mynet", "data=mydata",
+            "monitor=val_acc", "monitor_mode=max", "strategy=scratch"]  # fmt: skip
+    out = tmp_path / "run"
+    run_python(["-m", "freezeft.run", *args, f"hydra.run.dir={out}"], cwd=project)
+    full_disk = Path(__file__).with_name("full_disk.py")
+    proc = run_python(
+        [
+            str(full_disk),
+            str(out / "csv"),
+            "-m",
+            "freezeft.run",
+            *args,
+            "trainer.max_epochs=2",
+            f"resume={out}",
+            f"hydra.run.dir={tmp_path / 'resumed'}",
+        ],
+        cwd=project,
+        check=False,
+    )
+    assert proc.returncode == 1
+    error = re.search(r"freezeft: error: (.*)", proc.stderr)
+    assert error, proc.stderr[-3000:]
+    folder = re.escape(str(out / "csv" / "version_1"))
+    assert re.fullmatch(
+        rf"no space left on {folder} \(\d+ MiB free\) while writing {folder}/\S+; "
+        rf"free space and resume with resume={re.escape(str(out))}",
+        error.group(1),
+    ), error.group(1)
+    assert "Traceback" not in proc.stdout + proc.stderr

@@ -26,6 +26,7 @@ from typing import Any
 from typing_extensions import override
 
 from freezeft._lightning import CALLBACK_BASES, pl
+from freezeft.files import atomic_write, write_text_atomic
 
 __all__ = ["History", "read_decisions", "read_history", "read_lr_schedule"]
 
@@ -102,11 +103,15 @@ class History(*CALLBACK_BASES):  # type: ignore[misc]
         self.group_names = list(state_dict.get("group_names", []))
 
     def write(self) -> None:
-        """Write both files (called after every epoch)."""
+        """Write both files (called after every epoch), each atomically.
+
+        Raises:
+            freezeft.files.WriteError: a file could not be written (the message names it).
+        """
         self.folder.mkdir(parents=True, exist_ok=True)
         history = {"epochs": self.epochs, "decisions": self.decisions}
-        (self.folder / HISTORY_FILE).write_text(json.dumps(history, indent=1))
-        with open(self.folder / LR_FILE, "w", newline="") as stream:
+        write_text_atomic(self.folder / HISTORY_FILE, json.dumps(history, indent=1))
+        with atomic_write(self.folder / LR_FILE, newline="") as stream:
             writer = csv.DictWriter(stream, ["step", "epoch", *self.group_names], restval="")
             writer.writeheader()
             writer.writerows(self.lr_rows)

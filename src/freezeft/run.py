@@ -34,6 +34,7 @@ from freezeft import task
 from freezeft._lightning import MISCONFIGURATION_EXCEPTIONS
 from freezeft.app.config import refuse_local_ddp, threads_per_job
 from freezeft.app.train import train
+from freezeft.files import disk_full_message, write_text_atomic
 
 __all__ = ["main"]
 
@@ -58,6 +59,20 @@ def _is_user_error(err: BaseException) -> bool:
 
 
 _PACKAGE = Path(__file__).parent
+
+
+def _disk_full(err: BaseException, cfg: DictConfig, output_dir: Path) -> str | None:
+    """A full disk (``ENOSPC`` from anywhere: a results file, Lightning's CSV logger, a
+    checkpoint, a cache) in one line with the folder, the file and how to go on."""
+    full = disk_full_message(err, output_dir)
+    if full is None:
+        return None
+    run_dir = Path(cfg.resume) if cfg.get("resume") else output_dir
+    if run_dir.is_file():  # resume=<a .ckpt>: its run dir
+        run_dir = run_dir.parent.parent if run_dir.parent.name == "checkpoints" else run_dir.parent
+    if any((run_dir / "checkpoints").glob("*.ckpt")):
+        return f"{full}; free space and resume with resume={run_dir}"
+    return f"{full}; free space and run the same command again"
 
 
 def _lightning_logs_to_hydra() -> None:
@@ -93,11 +108,12 @@ def main(cfg: DictConfig) -> float:
         results = train(cfg, output_dir)
     except Exception as err:
         if not multirun:
-            if not _is_user_error(err) or os.environ.get("HYDRA_FULL_ERROR") == "1":
+            full = _disk_full(err, cfg, output_dir)
+            if not (full or _is_user_error(err)) or os.environ.get("HYDRA_FULL_ERROR") == "1":
                 raise
-            log.error(f"{type(err).__name__}: {err}")  # the run's log keeps it too
+            log.error(full or f"{type(err).__name__}: {err}")  # the run's log keeps it too
             print(
-                f"freezeft: error: {err}\n(HYDRA_FULL_ERROR=1 shows the traceback)",
+                f"freezeft: error: {full or err}\n(HYDRA_FULL_ERROR=1 shows the traceback)",
                 file=sys.stderr,
                 flush=True,
             )
@@ -109,8 +125,11 @@ def main(cfg: DictConfig) -> float:
             "error": f"{type(err).__name__}: {err}",
             "traceback": traceback.format_exc(),
         }
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "failure.json").write_text(json.dumps(failure, indent=2))
+        try:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(output_dir / "failure.json", json.dumps(failure, indent=2))
+        except OSError as unwritten:  # a full disk: the sweep still goes on
+            log.error(f"failure.json was not written: {unwritten}")
         print(f"freezeft: job {hydra_cfg.job.num} failed: {failure['error']}", flush=True)
         return math.nan
     print(

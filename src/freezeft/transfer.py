@@ -14,8 +14,6 @@ loaded with ``weights_only=True``: a file that needs code to load is refused.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -23,6 +21,7 @@ import torch
 from torch import nn
 
 from freezeft.checkpointing import read_checkpoint_file
+from freezeft.files import write_text_atomic
 
 __all__ = ["MatchingTransfer", "load_matching", "source_state_dict"]
 
@@ -48,12 +47,8 @@ class MatchingTransfer:
 
     def to_json(self, path: str | Path) -> None:
         """Write the report as JSON (atomically)."""
-        path = Path(path)
         text = json.dumps({"kind": "by name and shape", **asdict(self)}, indent=2)
-        handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        with os.fdopen(handle, "w") as stream:
-            stream.write(text)
-        os.replace(tmp, path)
+        write_text_atomic(path, text)
 
 
 def source_state_dict(path: str | Path) -> dict[str, torch.Tensor]:

@@ -12,6 +12,8 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from freezeft.files import atomic_write, write_text_atomic
+
 __all__ = ["write_json", "write_skipped", "strategy_label", "stop_before_results"]
 
 log = logging.getLogger(__name__)
@@ -46,16 +48,21 @@ def _standard_json(value: Any) -> Any:
 
 
 def write_json(path: Path, results: dict[str, Any]) -> None:
-    """Write ``results`` as standard JSON (non-finite numbers as ``null``, see above)."""
+    """Write ``results`` as standard JSON (non-finite numbers as ``null``, see above),
+    atomically: a full disk leaves the previous file or none, never a partial one.
+
+    Raises:
+        freezeft.files.WriteError: the file could not be written (the message names it).
+    """
     text = json.dumps(_standard_json(results), indent=2, ensure_ascii=False, allow_nan=False)
-    path.write_text(text)
+    write_text_atomic(path, text)
 
 
 def write_skipped(rows: list[tuple[str, Any]], output_dir: Path) -> None:
     """``skipped_samples.csv``: every row the data left out and why, with a summary."""
     if not rows:
         return
-    with open(output_dir / "skipped_samples.csv", "w", newline="") as stream:
+    with atomic_write(output_dir / "skipped_samples.csv", newline="") as stream:
         writer = csv.writer(stream)
         writer.writerow(["split", "row", "file", "kind", "detail"])
         writer.writerows([split, r.source, r.path, r.kind, r.detail] for split, r in rows)

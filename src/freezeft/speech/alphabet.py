@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from freezeft.files import write_text_atomic
+
 __all__ = ["Alphabet"]
 
 
@@ -82,7 +84,7 @@ class Alphabet:
         """Write the alphabet in DeepSpeech's format."""
         lines = ["# Each line is one label; the CTC blank is implicit and comes last."]
         lines += ["\\#" if label == "#" else label for label in self.labels]
-        Path(path).write_text("\n".join(lines) + "\n", encoding="utf-8")
+        write_text_atomic(path, "\n".join(lines) + "\n")
 
     def __len__(self) -> int:
         return len(self.labels)

@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from freezeft.files import write_text_atomic
 from freezeft.speech.decoding import error_counts
 
 log = logging.getLogger(__name__)
@@ -295,9 +296,9 @@ class Scorer:
 
     def save(self) -> None:
         """Write :attr:`settings` to ``scorer.json``."""
-        temporary = self.folder / "scorer.json.tmp"
-        temporary.write_text(json.dumps(asdict(self.settings), indent=2) + "\n", encoding="utf-8")
-        os.replace(temporary, self.folder / "scorer.json")
+        write_text_atomic(
+            self.folder / "scorer.json", json.dumps(asdict(self.settings), indent=2) + "\n"
+        )
 
     def with_weights(self, lm_weight: float, word_score: float, **tuned: Any) -> Scorer:
         """This scorer with another LM weight and word score (files shared, not rewritten)."""
@@ -615,6 +616,4 @@ def _quiet_stderr():
 
 
 def _write_lines(path: Path, lines: Iterable[str]) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    os.replace(temporary, path)
+    write_text_atomic(path, "\n".join(lines) + "\n")

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from freezeft.files import write_text_atomic
 from freezeft.speech.model import LAYER_NAMES
 
 if TYPE_CHECKING:
@@ -39,8 +40,8 @@ class TransferReport:
     target_labels: list[str] = field(default_factory=list)
 
     def to_json(self, path: str | Path) -> None:
-        """Write the report as JSON."""
-        Path(path).write_text(json.dumps(asdict(self), indent=2, ensure_ascii=False))
+        """Write the report as JSON (atomically)."""
+        write_text_atomic(path, json.dumps(asdict(self), indent=2, ensure_ascii=False))
 
     def summary(self) -> str:
         """One paragraph for the log."""
