@@ -1,5 +1,8 @@
 import csv
+import errno
 import hashlib
+import logging
+import re
 import subprocess
 import sys
 import time
@@ -9,9 +12,12 @@ import pytest
 import soundfile
 
 from freezeft.cache import cached_entry
+from freezeft.files import WriteError
 from freezeft.speech.alphabet import Alphabet
 from freezeft.speech.corpus import SynthCorpus
 from freezeft.speech.manifest import read_csv
+
+FULL_DISK = Path(__file__).parents[1] / "full_disk.py"
 
 
 def digest(path):
@@ -104,3 +110,47 @@ def test_the_synthesiser_stops_when_the_run_that_started_it_is_killed(tmp_path):
     while _processes_mentioning(str(cache)):
         assert time.monotonic() < deadline, f"synthesiser {children} outlived its parent"
         time.sleep(0.2)
+
+
+@pytest.mark.slow  # synthesises a corpus, twice
+def test_a_damaged_corpus_is_named_and_rebuilt_with_the_same_files(tmp_path, caplog):
+    corpus = SynthCorpus(language="de", n_train=3, n_dev=1, n_test=1, cache_dir=str(tmp_path))
+    folder = corpus.build()
+    built = {p: digest(p) for p in folder.rglob("*") if p.is_file()}
+    (folder / "train" / "00000.wav").unlink()
+    wav = folder / "train" / "00001.wav"
+    wav.write_bytes(wav.read_bytes()[:1000])  # cut short
+    (folder / "dev" / "stray.wav").write_bytes(b"RIFF")  # and a file that was never built
+    with caplog.at_level(logging.WARNING, logger="freezeft.cache"):
+        assert corpus.build() == folder
+    assert f"The cache entry {folder} is damaged (1 of its" in caplog.text
+    assert "train/00000.wav" in caplog.text and "train/00001.wav: 1000 bytes" in caplog.text
+    assert "dev/stray.wav" in caplog.text
+    assert {p: digest(p) for p in folder.rglob("*") if p.is_file()} == built
+
+
+@pytest.mark.slow  # synthesises in a subprocess
+def test_a_full_disk_while_synthesising_is_one_error_and_nothing_is_cached(
+    tmp_path, monkeypatch, capfd
+):
+    run = subprocess.run
+
+    def on_a_full_disk(command, **kwargs):  # the synthesiser, with the cache folder full
+        assert command[1:3] == ["-m", "freezeft.speech.corpus"]
+        return run([command[0], str(FULL_DISK), str(tmp_path), *command[1:]], **kwargs)
+
+    monkeypatch.setattr(subprocess, "run", on_a_full_disk)
+    corpus = SynthCorpus(language="de", n_train=2, n_dev=1, n_test=1, cache_dir=str(tmp_path))
+    with pytest.raises(WriteError) as raised:
+        corpus.build()
+    message = str(raised.value)
+    assert raised.value.errno == errno.ENOSPC
+    assert re.fullmatch(
+        rf"no space left on {re.escape(str(tmp_path))}/corpus/de-\w+\.building-\w+/train "
+        r"\(\d+ MiB free\) while writing \S+/train/00000\.wav \(synthesising the de corpus; "
+        r"nothing was cached: paths\.cache_dir or \$FREEZEFT_CACHE_DIR can point at a folder "
+        r"with room\)",
+        message,
+    ), message
+    assert "Traceback" not in capfd.readouterr().err  # the synthesiser's error came back
+    assert [p.name for p in (tmp_path / "corpus").iterdir()] == [corpus.path.name + ".lock"]

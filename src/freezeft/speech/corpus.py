@@ -11,6 +11,7 @@ for identical settings.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import signal
@@ -30,6 +31,7 @@ from tqdm import tqdm
 
 from freezeft._lightning import rank_zero_info
 from freezeft.cache import cached_entry, config_key, default_cache_dir
+from freezeft.files import WriteError, atomic_write, write_bytes, write_error, written_path
 from freezeft.speech.alphabet import Alphabet
 from freezeft.speech.synth import Synthesizer, Voice
 
@@ -151,8 +153,25 @@ class SynthCorpus:
         # eSpeak NG's output depends on what it synthesised before in the same process;
         # a fresh process per corpus makes the files depend on the settings alone. A plain
         # subprocess (not multiprocessing) also works inside joblib/loky and daemon workers.
+        # A write that fails there (a full disk) comes back through a pipe as one line.
         command = [sys.executable, "-m", "freezeft.speech.corpus", json.dumps(asdict(self))]
-        done = subprocess.run([*command, str(folder), str(os.getpid())])  # its progress shows
+        read, write = os.pipe()
+        try:
+            done = subprocess.run(  # its progress shows
+                [*command, str(folder), str(os.getpid()), str(write)], pass_fds=(write,)
+            )
+        finally:
+            os.close(write)
+            with os.fdopen(read, "rb") as pipe:
+                reported = pipe.read()
+        if reported:
+            failure = json.loads(reported)
+            raise WriteError(
+                failure["errno"],
+                f"{failure['message']} (synthesising the {self.language} corpus; nothing was "
+                "cached: paths.cache_dir or $FREEZEFT_CACHE_DIR can point at a folder with room)",
+                failure["path"],
+            )
         if done.returncode != 0:
             raise RuntimeError(
                 f"Synthesising the {self.language} corpus into {folder} failed with exit code "
@@ -208,11 +227,10 @@ class SynthCorpus:
                         spoken = synth.speak(text, voice, seed=int(rng.integers(2**31)))
                         audio = self._render(spoken, synth.sample_rate, rng)
                         relative = f"{split}/{i:05d}{f'-{repeat}' if repeat else ''}.wav"
-                        soundfile.write(
-                            folder / relative, audio, self.sample_rate, subtype="PCM_16"
-                        )
-                        size = (folder / relative).stat().st_size
-                        rows.append([relative, size, text])
+                        wav = io.BytesIO()  # the same bytes as soundfile writes to a file
+                        soundfile.write(wav, audio, self.sample_rate, "PCM_16", format="WAV")
+                        write_bytes(folder / relative, wav.getvalue())  # errors in words
+                        rows.append([relative, len(wav.getvalue()), text])
                         voices.append([relative, voice.name, voice.rate, voice.pitch])
                         bar.update()
                 _write_csv(folder / f"{split}.csv", rows)
@@ -239,8 +257,23 @@ class SynthCorpus:
 
 
 def _write_csv(path: Path, rows: list[list]) -> None:
-    with path.open("w", newline="", encoding="utf-8") as handle:
+    with atomic_write(path, newline="") as handle:
         csv.writer(handle, lineterminator="\n").writerows(rows)
+
+
+def _synthesise(settings: str, folder: Path, report: int | None) -> None:
+    """The fresh process' work; a write that fails (an ``OSError``: a full disk, a folder
+    gone) is sent to the parent as one line through the file descriptor ``report``."""
+    try:
+        SynthCorpus(**json.loads(settings))._write(folder)
+    except OSError as err:
+        if report is None:
+            raise
+        path = written_path(err) or folder
+        failure = err if isinstance(err, WriteError) else write_error(err, path)
+        with os.fdopen(report, "w") as stream:
+            json.dump({"errno": failure.errno, "message": str(failure), "path": str(path)}, stream)
+        sys.exit(1)
 
 
 def _exit_with_parent(parent: int) -> None:
@@ -261,6 +294,6 @@ def _exit_with_parent(parent: int) -> None:
     threading.Thread(target=watch, daemon=True).start()
 
 
-if __name__ == "__main__":  # the fresh process of SynthCorpus.build: <settings> <folder> <pid>
+if __name__ == "__main__":  # SynthCorpus.build's fresh process: <settings> <folder> <pid> [<fd>]
     _exit_with_parent(int(sys.argv[3]))
-    SynthCorpus(**json.loads(sys.argv[1]))._write(Path(sys.argv[2]))
+    _synthesise(sys.argv[1], Path(sys.argv[2]), int(sys.argv[4]) if len(sys.argv) > 4 else None)
