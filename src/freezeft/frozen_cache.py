@@ -22,13 +22,19 @@ The fit's coordinator attaches the cache to the module (:meth:`FrozenOutputCache
 and :meth:`~FrozenOutputCache.prepare` prepares it before each batch; the module's
 ``training_step`` asks :func:`cached_forward`.
 
-Outputs stay in memory up to ``memory_gb`` and go to files in a temporary folder past it.
+Outputs stay in memory up to ``memory_gb`` and go to files in a temporary folder past it
+(``freezeft-frozen-<pid>@<host>-*`` in ``$TMPDIR``), removed when the cache is cleared, when it is
+garbage-collected or the process exits (an error, Ctrl+C or SIGTERM through Lightning),
+and, for a process killed outright, by the next cache of the machine that spills there.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import shutil
+import socket
 import tempfile
 import weakref
 from collections.abc import Hashable, Iterator, Sequence
@@ -40,6 +46,7 @@ import torch
 from torch import Tensor, nn
 
 from freezeft._lightning import rank_zero_warn
+from freezeft.files import WriteError, describe_write_error, is_disk_full
 
 __all__ = ["PrefixCachable", "FrozenOutputCache", "cached_forward"]
 
@@ -112,6 +119,7 @@ class FrozenOutputCache:
         #: :meth:`prepare` each batch).
         self.active = False
         self._spill: Path | None = None
+        self._remove_spill: weakref.finalize | None = None  # at exit or garbage collection
         self._files = 0  # spilled files written (their names)
 
     def __len__(self) -> int:
@@ -184,9 +192,10 @@ class FrozenOutputCache:
         self.on_disk.clear()
         self.depth.clear()
         self.bytes_in_memory = 0
-        if self._spill is not None:
-            shutil.rmtree(self._spill, ignore_errors=True)
-            self._spill = None
+        if self._remove_spill is not None:
+            self._remove_spill()  # removes the folder, once
+            self._remove_spill = None
+        self._spill = None
 
     # -- storage -------------------------------------------------------------------------
     def get(self, key: Hashable, device: torch.device) -> Tensor | None:
@@ -211,14 +220,43 @@ class FrozenOutputCache:
             self.memory[key] = output
             self.bytes_in_memory += size
             return
-        if self._spill is None:
-            self._spill = Path(tempfile.mkdtemp(prefix="freezeft-frozen-", dir=self.spill_root))
-        path = self.on_disk.get(key)
-        if path is None:
-            self._files += 1
-            path = self._spill / f"{self._files}.pt"
-        torch.save(output.cpu().clone(), path)
+        path = None
+        try:
+            if self._spill is None:
+                self._spill = self._make_spill_folder()
+            path = self.on_disk.get(key)
+            if path is None:
+                self._files += 1
+                path = self._spill / f"{self._files}.pt"
+            with open(path, "wb") as stream:  # a full disk raises OSError, not torch's
+                torch.save(output.cpu().clone(), stream)  # RuntimeError without a reason
+        except (OSError, RuntimeError) as err:
+            target = path or Path(self.spill_root or tempfile.gettempdir()) / "freezeft-frozen-*"
+            self.clear()  # the spill folder goes with it
+            if not is_disk_full(err, target.parent):
+                raise
+            raise WriteError(
+                errno.ENOSPC,
+                "the frozen-output cache could not spill the outputs past cache_memory_gb to "
+                f"disk: {describe_write_error(err, target)} (its folder is removed). Set TMPDIR "
+                "to a folder with room (the spill folder goes there), raise the strategy's "
+                "cache_memory_gb, or set cache_frozen=False",
+                target,
+            ) from None
         self.on_disk[key] = path
+
+    def _make_spill_folder(self) -> Path:
+        """A fresh spill folder; those of killed processes of this machine there go."""
+        root = Path(self.spill_root or tempfile.gettempdir())
+        host = socket.gethostname()
+        for stale in root.glob(f"freezeft-frozen-*@{host}-*"):  # TMPDIR may be shared
+            pid = stale.name[len("freezeft-frozen-") :].split("@")[0]
+            if pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(stale, ignore_errors=True)
+        prefix = f"freezeft-frozen-{os.getpid()}@{host}-"
+        folder = Path(tempfile.mkdtemp(prefix=prefix, dir=root))
+        self._remove_spill = weakref.finalize(self, shutil.rmtree, folder, ignore_errors=True)
+        return folder
 
     def forward(self, module: Any, batch: Any) -> Any:
         """The module's output for ``batch``, its prefix from the cache where it can."""
@@ -268,6 +306,17 @@ def _evaluating(module: nn.Module) -> Iterator[None]:
     finally:
         for m, training in modes:
             m.training = training
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (another user's counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
 
 
 def _fingerprint(params: Sequence[nn.Parameter]) -> tuple:

@@ -1,11 +1,22 @@
 """cache_frozen=True: the head trains from cached outputs of the frozen layers, and the cache
-is dropped whenever what it assumed (prefix, determinism, weights) stops being true."""
+is dropped whenever what it assumed (prefix, determinism, weights) stops being true; its
+spill folder goes on any exit, and a full disk while spilling is named."""
 
 from __future__ import annotations
+
+import errno
+import gc
+import os
+import re
+import socket
+import subprocess
+import sys
+import tempfile
 
 import pytest
 import pytorch_lightning as pl
 import torch
+from full_disk import fill
 
 from freezeft.callbacks import AutoFreeze, FreezeThenUnfreeze, FrozenEncoder, GradualUnfreeze
 from freezeft.frozen_cache import FrozenOutputCache, cached_forward
@@ -289,3 +300,82 @@ def test_a_users_dropout_is_off_in_what_the_cache_holds():
     assert module.prefix_modes and not any(module.prefix_modes)  # computed in eval mode
     # 16 training and 16 validation samples under the same integer keys, kept apart
     assert spy.seen[-1][:2] == (2 * 32, 32) and spy.sizes[-1] == 32
+
+
+def spill_fit(tmp_path, monkeypatch, module, epochs=2):
+    """A fit whose every frozen output spills (cache_memory_gb=0) into ``tmp_path/tmp``,
+    the system's temporary folder ($TMPDIR) meanwhile."""
+    spill_root = tmp_path / "tmp"
+    spill_root.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(spill_root))
+    strategy = FrozenEncoder(head=1, cache_frozen=True, cache_memory_gb=0)
+    trainer = pl.Trainer(
+        max_epochs=epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        num_sanity_val_steps=0,
+        callbacks=[strategy],
+    )
+    trainer.fit(module, *module.loaders())
+    return spill_root
+
+
+def test_a_full_disk_while_spilling_names_the_folder_and_removes_it(tmp_path, monkeypatch):
+    fill(monkeypatch, tmp_path / "tmp")
+    with pytest.raises(OSError) as raised:
+        spill_fit(tmp_path, monkeypatch, DropoutNet())
+    message = str(raised.value)
+    assert raised.value.errno == errno.ENOSPC
+    assert re.search(rf"no space left on {tmp_path}/tmp/freezeft-frozen-[^ ]+ \(\d+ MiB free\) "
+                     r"while writing .*\.pt", message), message  # fmt: skip
+    assert "Set TMPDIR to a folder with room" in message and "cache_memory_gb" in message
+    assert list((tmp_path / "tmp").iterdir()) == []  # the spill folder is gone
+
+
+class FailsInEpoch1(DropoutNet):
+    def on_train_epoch_start(self) -> None:
+        if self.current_epoch == 1:
+            raise RuntimeError("a bug in the user's module")
+
+
+def test_the_spill_folder_goes_when_a_failed_fit_is_let_go(tmp_path, monkeypatch):
+    """A fit that raises does not tear its callbacks down (Lightning skips ``teardown``): the
+    folder goes when the cache does, at the latest when the process exits."""
+    with pytest.raises(RuntimeError, match="a bug in the user's module"):
+        spill_fit(tmp_path, monkeypatch, FailsInEpoch1())
+    spilled = list((tmp_path / "tmp").glob("freezeft-frozen-*"))
+    assert spilled and any(spilled[0].iterdir())  # its outputs of epoch 0
+    gc.collect()  # the trainer, the strategy and the cache are no one's now
+    assert not spilled[0].exists()
+
+
+def test_a_killed_processes_spill_folder_goes_with_the_next_spill(tmp_path):
+    gone = subprocess.Popen(["true"])  # a process that ended: the run killed with -9
+    gone.wait()
+    left = tmp_path / f"freezeft-frozen-{gone.pid}@{socket.gethostname()}-abc123"
+    left.mkdir()
+    (left / "1.pt").write_bytes(b"outputs of a run killed with -9")
+    alive = tmp_path / f"freezeft-frozen-{os.getpid()}@{socket.gethostname()}-def456"
+    alive.mkdir()  # a live run's: kept
+    elsewhere = tmp_path / f"freezeft-frozen-{gone.pid}@another-machine-ghi789"
+    elsewhere.mkdir()  # a shared TMPDIR: another machine's process may live
+    cache = FrozenOutputCache(memory_gb=0, spill_dir=tmp_path)
+    cache.put(("train", 0), torch.ones(3))
+    assert not left.exists() and alive.exists() and elsewhere.exists()
+    cache.clear()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([alive.name, elsewhere.name])
+
+
+@pytest.mark.slow  # a subprocess
+def test_the_spill_folder_goes_when_the_process_exits_on_an_error(tmp_path):
+    script = (
+        "import torch\n"
+        "from freezeft.frozen_cache import FrozenOutputCache\n"
+        f"cache = FrozenOutputCache(memory_gb=0, spill_dir={str(tmp_path)!r})\n"
+        "cache.put(('train', 0), torch.ones(3))\n"
+        "raise RuntimeError('the run failed')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 1 and "the run failed" in done.stderr
+    assert list(tmp_path.iterdir()) == []
