@@ -37,6 +37,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from freezeft.files import atomic_write, write_text_atomic
 from freezeft.history import read_decisions, read_history, read_lr_schedule
 from freezeft.machine import summary as machine_summary
 
@@ -301,7 +302,7 @@ def write_csv(
 ) -> None:
     """``report.csv``: strategy, runs, then ``<metric>_mean`` and ``<metric>_std``."""
     columns = ["strategy", "runs"] + [f"{k}_{s}" for k in metrics for s in ("mean", "std")]
-    with open(path, "w", newline="") as stream:
+    with atomic_write(path, "w", newline="") as stream:
         writer = csv.writer(stream)
         writer.writerow(columns)
         for summary in summaries:
@@ -518,7 +519,7 @@ def write_report(sweep_dir: str | Path) -> Path:
             for f in failures
         ]
     path = sweep_dir / "report.md"
-    path.write_text("\n".join(lines) + "\n")
+    write_text_atomic(path, "\n".join(lines) + "\n")
     return path
 
 
