@@ -4,6 +4,10 @@ Added to a run from the command line (``+callbacks.stop._target_=signal_at_step.
 it interrupts at a repeatable point instead of after a guessed delay: after training step
 ``step`` (``phase="train"``), or during the validation that follows it
 (``phase="validation"``), or during the last test batch (``phase="test"``).
+
+Where and how come from ``$SIGNAL_AT_STEP`` (``STEP:SIGNAL:PHASE``, e.g. ``12:SIGTERM:train``);
+without it the callback does nothing. The resumed run names the same callback (a resume
+must have the run's config, callbacks included) and leaves the variable unset.
 """
 
 from __future__ import annotations
@@ -15,8 +19,9 @@ import pytorch_lightning as pl
 
 
 class SignalAtStep(pl.Callback):
-    def __init__(self, step: int, name: str = "SIGTERM", phase: str = "train") -> None:
-        self.step = step
+    def __init__(self) -> None:
+        step, name, phase = (os.environ.get("SIGNAL_AT_STEP") or "-1:SIGTERM:none").split(":")
+        self.step = int(step)
         self.signum = getattr(signal, name)
         self.phase = phase
 

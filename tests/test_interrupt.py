@@ -24,6 +24,10 @@ OVERRIDES = [
     "trainer.max_epochs=3",
 ]
 
+#: the test's signal callback, in the interrupted run and (a resume has the run's config)
+#: its resume; $SIGNAL_AT_STEP arms it in the first only
+STOP = "+callbacks.stop._target_=signal_at_step.SignalAtStep"
+
 
 def run(
     tmp_path: Path,
@@ -32,7 +36,9 @@ def run(
     *extra: str,
     check: bool = True,
     overrides: list[str] = OVERRIDES,
+    signal_at: str = "",
 ):
+    """``signal_at``: ``STEP:SIGNAL:PHASE`` for the run's :class:`SignalAtStep` callback."""
     out = tmp_path / name
     proc = run_python(
         [
@@ -44,7 +50,10 @@ def run(
             *extra,
         ],
         cwd=tmp_path,
-        env={"PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"},
+        env={
+            "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+            "SIGNAL_AT_STEP": signal_at,
+        },
         check=check,
     )
     return out, proc
@@ -71,11 +80,9 @@ def interrupt(
         tmp_path,
         cache_dir,
         "cut",
-        "+callbacks.stop._target_=signal_at_step.SignalAtStep",
-        f"+callbacks.stop.step={step}",
-        f"+callbacks.stop.name={signal_name}",
-        f"+callbacks.stop.phase={phase}",
+        STOP,
         check=False,
+        signal_at=f"{step}:{signal_name}:{phase}",
     )
     assert proc.returncode == 143, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert not (out / "results.json").exists()
@@ -121,7 +128,7 @@ def test_sigterm_mid_epoch_then_resume_equals_an_uninterrupted_run(
     tmp_path, cache_dir, uninterrupted
 ):
     out = interrupt_at_step_12(tmp_path, cache_dir, "SIGTERM")
-    _, proc = run(tmp_path, cache_dir, "resumed", f"resume={out}")
+    _, proc = run(tmp_path, cache_dir, "resumed", f"resume={out}", STOP)
     assert f"-> {out}/results.json" in proc.stdout  # finished in the original run dir
     assert json.loads((out / "results.json").read_text())["resumed_from"].endswith(
         "interrupted.ckpt"
@@ -136,7 +143,7 @@ def test_ctrl_c_then_a_truncated_checkpoint_falls_back_to_the_previous_one(
     out = interrupt_at_step_12(tmp_path, cache_dir, "SIGINT")
     newest = out / "checkpoints" / "interrupted.ckpt"
     newest.write_bytes(newest.read_bytes()[:5000])  # as if killed while writing
-    _, proc = run(tmp_path, cache_dir, "resumed", f"resume={out}")
+    _, proc = run(tmp_path, cache_dir, "resumed", f"resume={out}", STOP)
     assert (
         "Skipping a bad checkpoint" in proc.stderr
         and "interrupted.ckpt is not a readable" in proc.stderr
@@ -152,7 +159,7 @@ def test_sigterm_during_validation_then_resume_equals_an_uninterrupted_run(
     out, _ = interrupt(tmp_path, cache_dir, "SIGTERM", 16, "validation")  # epoch 1's
     state = torch.load(out / "checkpoints" / "interrupted.ckpt", weights_only=False)
     assert state["global_step"] == 16
-    run(tmp_path, cache_dir, "resumed", f"resume={out}")
+    run(tmp_path, cache_dir, "resumed", f"resume={out}", STOP)
     assert_same_result(out, uninterrupted)  # all 24 steps trained, every validation whole
 
 
@@ -162,7 +169,7 @@ def test_sigterm_during_test_exits_143_and_resume_writes_the_results(
 ):
     out, stdout = interrupt(tmp_path, cache_dir, "SIGTERM", 0, "test")
     assert "interrupted before the results were written; training had finished" in stdout
-    run(tmp_path, cache_dir, "resumed", f"resume={out}")
+    run(tmp_path, cache_dir, "resumed", f"resume={out}", STOP)
     assert_same_result(out, uninterrupted)
 
 
@@ -262,13 +269,13 @@ def test_auto_freeze_with_its_cache_resumes_as_if_never_stopped(tmp_path, cache_
         tmp_path,
         cache_dir,
         "cut",
-        "+callbacks.stop._target_=signal_at_step.SignalAtStep",
-        "+callbacks.stop.step=28",  # epoch 3, behind 2 frozen groups, mid-window
+        STOP,
         check=False,
         overrides=AUTO_FREEZE,
+        signal_at="28:SIGTERM:train",  # epoch 3, behind 2 frozen groups, mid-window
     )
     assert proc.returncode == 143, proc.stderr[-2000:]
-    run(tmp_path, cache_dir, "resumed", f"resume={out}", overrides=AUTO_FREEZE)
+    run(tmp_path, cache_dir, "resumed", f"resume={out}", STOP, overrides=AUTO_FREEZE)
     assert_same_result(out, whole)  # weights, results, LR schedule, every validation
     decisions = [json.loads((d / "history.json").read_text())["decisions"] for d in (out, whole)]
     assert decisions[0] == decisions[1] and len(decisions[0]) == 5
