@@ -40,21 +40,34 @@ class Diverged(ValueError):
 
 
 class DivergenceCheck(*CALLBACK_BASES):  # type: ignore[misc]
-    """Raise :class:`Diverged` after the optimizer step that made a trainable weight NaN or
-    infinite, or at the end of an epoch in which no batch had a finite loss.
+    """Raise :class:`Diverged` when training has diverged:
+
+    * after the optimizer step that made a trainable weight NaN or infinite;
+    * at the end of an epoch in which no batch had a finite loss;
+    * at the end of an epoch whose mean training loss exploded: above :attr:`EXPLODED`
+      times the run's first training loss (the model before any update; at least 1e-2),
+      a loss no healthy run comes back from (a learning rate far too high with weights
+      that stay finite).
 
     One pass over the trainable parameters per batch (a sum each, one device sync): cheap
     next to the step that changed them. A single batch with a non-finite loss (the
-    speech model skips such batches, as DeepSpeech does) is not divergence.
+    speech model skips such batches, as DeepSpeech does) is not divergence. Under several
+    processes the decision is reduced across them, so every rank stops at the same step.
     """
 
+    #: how many times its start's mean an epoch's mean training loss may grow
+    EXPLODED = 1e4
+    #: the first finite training losses of the run that make its reference: the first
+    #: one, before any update could spoil it
+    REFERENCE_STEPS = 1
+
     def __init__(self) -> None:
-        self._finite_losses = 0
-        self._batches = 0
+        self._first: list[float] = []  # the run's first losses (saved with checkpoints)
+        self._epoch = torch.zeros(3, dtype=torch.float64)  # loss sum, finite, batches
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._finite_losses = self._batches = 0
+        self._epoch.zero_()
 
     @override
     def on_train_batch_end(
@@ -67,34 +80,82 @@ class DivergenceCheck(*CALLBACK_BASES):  # type: ignore[misc]
     ) -> None:
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if isinstance(loss, torch.Tensor):  # None: the module skipped the batch itself
-            self._batches += 1
-            self._finite_losses += bool(torch.isfinite(loss.detach()).all())
+            value = float(loss.detach().float().mean())
+            self._epoch[2] += 1
+            if math.isfinite(value):
+                self._epoch[0] += value
+                self._epoch[1] += 1
+                if len(self._first) < self.REFERENCE_STEPS:
+                    self._first.append(value)
         bad = _non_finite(pl_module)
+        if trainer.world_size > 1:  # sharded weights: each rank sees its own shard
+            any_bad = trainer.strategy.reduce(
+                torch.tensor(float(bool(bad)), device=pl_module.device), reduce_op="sum"
+            )
+            if float(any_bad) > 0 and not bad:
+                bad = ["a shard of another rank"]
         if bad:
             shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
             raise Diverged(_details(trainer, f"NaN or infinite values in {shown}"))
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._batches and not self._finite_losses:
+        epoch, first = (
+            self._epoch.clone(),
+            torch.tensor([sum(self._first), len(self._first)], dtype=torch.float64),
+        )
+        if trainer.world_size > 1:  # one decision for every rank
+            device = pl_module.device
+            epoch = trainer.strategy.reduce(epoch.to(device), reduce_op="sum").cpu()
+            first = trainer.strategy.reduce(first.to(device), reduce_op="sum").cpu()
+        total, finite, batches = float(epoch[0]), int(epoch[1]), int(epoch[2])
+        if batches and not finite:
             raise Diverged(
                 _details(
                     trainer,
-                    f"none of the {self._batches} training batches of the epoch had a finite "
+                    f"none of the {batches} training batches of the epoch had a finite "
                     "loss, though the weights are finite",
                 )
             )
+        if not finite or not first[1]:
+            return
+        mean, start = total / finite, float(first[0] / first[1])
+        if mean > self.EXPLODED * max(start, 1e-2):
+            raise Diverged(
+                _details(
+                    trainer,
+                    f"the training loss exploded: its mean over the epoch, {mean:.4g}, is "
+                    f"over {self.EXPLODED:g} times the run's first training loss, "
+                    f"{start:.4g}",
+                )
+            )
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"first_losses": list(self._first)}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._first = [float(v) for v in state_dict.get("first_losses", [])]
 
 
 def _non_finite(module: torch.nn.Module) -> list[str]:
-    """The names of the trainable parameters holding a NaN or an infinity."""
-    trainable = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    """The names of the trainable parameters holding a NaN or an infinity (of the local
+    shard, for a parameter sharded across processes)."""
+    trainable = [(n, _local(p)) for n, p in module.named_parameters() if p.requires_grad]
+    trainable = [(n, p) for n, p in trainable if p.numel()]
     if not trainable:
         return []
-    sums = torch.stack([p.detach().float().sum() for _, p in trainable])
+    sums = torch.stack([p.float().sum() for _, p in trainable])
     if bool(torch.isfinite(sums).all()):  # NaN and inf survive a sum: one sync
         return []
-    return [n for n, p in trainable if not bool(torch.isfinite(p.detach()).all())]
+    return [n for n, p in trainable if not bool(torch.isfinite(p).all())]
+
+
+def _local(param: torch.Tensor) -> torch.Tensor:
+    """A parameter's own values on this process (a DTensor's local shard)."""
+    param = param.detach()
+    return param.to_local() if hasattr(param, "to_local") else param
 
 
 def _details(trainer: pl.Trainer, what: str) -> dict[str, Any]:
