@@ -86,3 +86,19 @@ def test_a_diverged_run_is_listed_apart_and_never_averaged_in(tmp_path):
     assert (
         "- `3` (strategy=naive seed=2): diverged at step 2 (epoch 0, learning rate 1e+30)" in report
     )
+
+
+def test_runs_of_a_swept_setting_are_not_averaged_as_if_they_were_seeds(tmp_path):
+    for number, (lr, seed, acc) in enumerate(
+        [("0.1", 0, 0.5), ("0.1", 1, 0.52), ("0.001", 0, 0.8), ("0.001", 1, 0.84)]
+    ):
+        job(tmp_path, number, "naive", seed, test_acc=acc, test_loss=1 - acc)
+        overrides = tmp_path / str(number) / ".hydra" / "overrides.yaml"
+        overrides.parent.mkdir()
+        overrides.write_text(f"- model.lr={lr}\n- seed={seed}\n- hydra.job.chdir=false\n")
+    write_report(tmp_path)
+    with open(tmp_path / "report.csv") as stream:
+        rows = {row["strategy"]: row for row in csv.DictReader(stream)}
+    assert sorted(rows) == ["naive model.lr=0.001", "naive model.lr=0.1"]
+    assert rows["naive model.lr=0.001"]["runs"] == "2"
+    assert float(rows["naive model.lr=0.001"]["test_acc_mean"]) == pytest.approx(0.82)

@@ -130,7 +130,32 @@ def collect(sweep_dir: Path) -> tuple[list[Run], list[dict[str, Any]]]:
             for run in runs:
                 if value_of(run) is not None:
                     run.variant += f" {key}={value_of(run)}"
+    # any other swept override (model.lr=0.1,0.01) makes runs different measures too:
+    # only the seed is averaged over
+    swept = [_swept_settings(r.dir) for r in runs]
+    for key in sorted({k for settings in swept for k in settings}):
+        if len({settings.get(key) for settings in swept}) > 1:
+            for run, settings in zip(runs, swept, strict=True):
+                shown = f" {key.rsplit('.', 1)[-1]}=" in run.variant  # a transfer option
+                if key in settings and not shown:
+                    run.variant += f" {key}={settings[key]}"
     return runs, failures
+
+
+#: overrides that name what the report already shows, or that do not change a result
+_NOT_SETTINGS = ("seed", "strategy", "addons", "resume", "cpu_threads", "paths.")
+
+
+def _swept_settings(job_dir: Path) -> dict[str, str]:
+    """The job's command-line overrides that set something other than its seed and
+    strategy, as ``{key: value}``."""
+    settings = {}
+    for override in _overrides(job_dir):
+        key, _, value = override.lstrip("+~").partition("=")
+        if key.startswith(("hydra.", *_NOT_SETTINGS)) and not key.startswith("strategy."):
+            continue
+        settings[key] = value
+    return settings
 
 
 def _overrides(job_dir: Path) -> list[str]:
