@@ -30,6 +30,21 @@ def test_a_checkpoint_carrying_code_is_refused_and_runs_nothing(tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("zipped", [True, False], ids=["torch.save", "legacy torch.save"])
+def test_a_payload_saved_by_torch_is_refused_as_code_not_as_a_bad_file(tmp_path, zipped):
+    import torch
+
+    marker = tmp_path / "attacker-was-here"
+    torch.save(
+        {"state_dict": {}, "epoch": Payload(str(marker))},
+        tmp_path / "evil.ckpt",
+        _use_new_zipfile_serialization=zipped,
+    )
+    with pytest.raises(ValueError, match="was refused: loading it would run code it carries"):
+        load_checkpoint(tmp_path / "evil.ckpt")
+    assert not marker.exists()
+
+
 def test_resume_from_a_run_dir_with_a_payload_runs_nothing(tmp_path):
     marker = tmp_path / "attacker-was-here"
     evil_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt", marker)

@@ -87,6 +87,44 @@ def test_a_resume_with_other_trainer_settings_is_refused(tmp_path, changed):
     assert sorted(p.name for p in (tmp_path / "a" / "checkpoints").iterdir()) == before
 
 
+def test_a_resume_never_shortens_the_run(tmp_path):
+    run(tmp_path / "a", "trainer.max_epochs=3")
+    with pytest.raises(ValueError, match="trainer.max_epochs: 3 then, 2 now .*never shorter"):
+        run(tmp_path / "a", f"resume={tmp_path / 'a'}", "trainer.max_epochs=2")
+
+
+def test_a_best_checkpoint_that_would_run_code_is_refused_not_tested(tmp_path):
+    import pickle
+
+    from test_checkpoint_safety import Payload
+
+    first = run(tmp_path / "a")
+    marker = tmp_path / "attacker-was-here"
+    Path(first["best_checkpoint"]).write_bytes(pickle.dumps({"epoch": Payload(str(marker))}))
+    with pytest.raises(ValueError, match="was refused: loading it would run code"):
+        run(tmp_path / "a", f"resume={tmp_path / 'a'}")
+    assert not marker.exists()
+
+
+def test_a_diverged_run_or_a_checkpoints_folder_is_no_resume_target(tmp_path):
+    with pytest.raises(ValueError):
+        run(tmp_path / "d", "model.lr=1e30")
+    with pytest.raises(ValueError, match="that run diverged"):
+        run(tmp_path / "d", f"resume={tmp_path / 'd'}")
+    run(tmp_path / "a")
+    with pytest.raises(FileNotFoundError, match="a folder of checkpoints, not a run dir"):
+        run(tmp_path / "a", f"resume={tmp_path / 'a' / 'checkpoints'}")
+
+
+def test_cache_frozen_on_a_model_without_the_cache_protocol_is_refused_before_work(tmp_path):
+    from freezeft.app.train import train
+
+    cfg = compose("strategy=frozen_encoder", "strategy.callbacks.frozen_encoder.cache_frozen=true")
+    with pytest.raises(ValueError, match=r"FrozenEncoder\(cache_frozen=True\) needs the model"):
+        train(cfg, tmp_path / "a")
+    assert not (tmp_path / "a").exists()
+
+
 def test_resuming_a_plain_lightning_checkpoint_is_refused_before_writing_there(tmp_path):
     run(tmp_path / "a")
     plain = tmp_path / "lightning_logs" / "version_0" / "checkpoints"
@@ -112,9 +150,9 @@ def test_a_diverged_run_stops_says_so_and_is_marked(tmp_path):
 @pytest.mark.parametrize(
     ("override", "said"),
     [
-        ("model.lr=-0.1", "`model.lr=-0.1`: expected a learning rate > 0"),
+        ("model.lr=-0.1", "`model.lr=-0.1`: expected a finite learning rate >= 0"),
         ("model.lr=nan", "`model.lr=nan`: expected a number, not NaN"),
-        ("model.lr=inf", "`model.lr=inf`: expected a learning rate > 0"),
+        ("model.lr=inf", "`model.lr=inf`: expected a finite learning rate >= 0"),
     ],
 )
 def test_an_absurd_learning_rate_is_refused_before_any_work(tmp_path, override, said):
@@ -123,6 +161,16 @@ def test_an_absurd_learning_rate_is_refused_before_any_work(tmp_path, override, 
     with pytest.raises(ValueError, match=f"Invalid config value.*{said}"):
         train(compose(override, f"paths.cache_dir={tmp_path / 'cache'}"), tmp_path / "a")
     assert not (tmp_path / "a").exists() and not (tmp_path / "cache").exists()
+
+
+def test_a_loss_that_explodes_with_finite_weights_is_divergence_too(tmp_path):
+    from freezeft.app.divergence import Diverged
+
+    with pytest.raises(Diverged, match=r"at step 3 \(epoch 0, learning rate 1000\): the "
+                       "training loss exploded: its mean over the epoch"):  # fmt: skip
+        run(tmp_path / "a", "model.lr=1000")
+    results = json.loads((tmp_path / "a" / "results.json").read_text())
+    assert results["status"] == "diverged" and "exploded" in results["diverged"]["what"]
 
 
 def test_a_source_pretraining_that_diverges_says_so_in_the_runs_dir(tmp_path):

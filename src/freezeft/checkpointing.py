@@ -16,6 +16,7 @@ and finding the newest intact checkpoint of a run to resume from.
 from __future__ import annotations
 
 import errno
+import io
 import logging
 import os
 import pickletools
@@ -386,8 +387,9 @@ def read_checkpoint_file(path: str | Path, *, trusted: bool = False) -> Any:
                 f"{path} was refused: loading it would run code it carries (it names "
                 "callables a weights-only load does not allow). freezeft loads checkpoints as "
                 "weights only, and its own checkpoints never need more. If you trust where "
-                "the file came from, load it with --trust-checkpoint (python -m "
-                "freezeft.transcribe), or re-save its tensors with torch.save."
+                "the file came from, re-save its tensors (torch.load with "
+                "weights_only=False, then torch.save of the state dict), or, for python -m "
+                "freezeft.transcribe, pass --trust-checkpoint."
             ) from None
         raise ValueError(
             f"{path} is not a readable checkpoint (truncated or not written by torch.save): "
@@ -423,9 +425,20 @@ def _calls_code(path: Path) -> bool:
                 data = archive.read(name)
         else:
             data = path.read_bytes()
-        return any(op.name in _CODE_OPCODES for op, _, _ in pickletools.genops(data))
-    except Exception:  # not a pickle at all (truncated, or another format)
+    except Exception:  # unreadable
         return False
+    # torch's legacy format is several pickles in a row (magic number, protocol, system
+    # info, then the objects), followed by raw tensor data
+    stream = io.BytesIO(data)
+    for _ in range(8):
+        try:
+            if any(op.name in _CODE_OPCODES for op, _, _ in pickletools.genops(stream)):
+                return True
+        except Exception:  # no (further) pickle: tensor bytes, truncated, another format
+            return False
+        if stream.tell() >= len(data):
+            return False
+    return False
 
 
 def _first_line(err: BaseException) -> str:
@@ -458,6 +471,12 @@ def find_resume_checkpoint(target: str | Path) -> tuple[Path, Path]:
     candidates = sorted(
         (target / "checkpoints").glob("*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True
     )
+    if not candidates and any(target.glob("*.ckpt")):
+        raise FileNotFoundError(
+            f"Cannot resume {target}: it is a folder of checkpoints, not a run dir (a run "
+            f"dir holds checkpoints/, .hydra/ and its logs). Pass the run dir "
+            f"({target.parent}, if this is its checkpoints/ folder) or one .ckpt file."
+        )
     if not candidates:
         raise FileNotFoundError(
             f"Cannot resume {target}: {target / 'checkpoints'} holds no .ckpt file "

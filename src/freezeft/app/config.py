@@ -11,6 +11,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from freezeft import machine, task
+from freezeft.frozen_cache import PrefixCachable
 
 __all__ = [
     "CHECKS",
@@ -76,7 +77,7 @@ _NUMBER_SECTIONS = ("model", "data", "strategy", "addons", "trainer", "transfer"
 
 
 def _absurd_numbers(cfg: DictConfig) -> list[str]:
-    """A NaN anywhere in the run's sections, an infinite or non-positive learning rate, a
+    """A NaN anywhere in the run's sections, an infinite or negative learning rate, a
     negative weight decay or momentum: what torch would only refuse (or train into NaN
     with) once the optimizer is built, after any source pretraining."""
     problems = []
@@ -90,8 +91,10 @@ def _absurd_numbers(cfg: DictConfig) -> list[str]:
             name = key.rsplit(".", 1)[-1]
             if math.isnan(value):
                 problems.append(f"`{key}={value}`: expected a number, not NaN")
-            elif name in _POSITIVE and not (0 < value < math.inf):
-                problems.append(f"`{key}={value}`: expected a learning rate > 0 (e.g. 1e-3)")
+            elif name in _POSITIVE and not (0 <= value < math.inf):  # 0: evaluate only
+                problems.append(
+                    f"`{key}={value}`: expected a finite learning rate >= 0 (e.g. 1e-3)"
+                )
             elif name in _NON_NEGATIVE and not (0 <= value < math.inf):
                 problems.append(f"`{key}={value}`: expected a finite value >= 0")
     return problems
@@ -133,9 +136,7 @@ def check_config(cfg: DictConfig) -> None:
             f"the chosen `strategy` already has, e.g. strategy=warmup addons=[warmup]); drop "
             "it from `addons`."
         )
-    for callback in chosen.values():
-        if callback:
-            instantiate(callback, _convert_="all")
+    strategies = [instantiate(c, _convert_="all") for c in chosen.values() if c]
     # The task's own classes check their values (one validator per value); building them
     # is cheap: no corpus is synthesised, no data read but a DeepSpeech alphabet file.
     if cfg.stage == "pretrain" or (
@@ -156,6 +157,15 @@ def check_config(cfg: DictConfig) -> None:
         if cfg.transfer.get("source") == "auto" and not cfg.strategy.get("from_scratch"):
             instantiate(cfg.source.data, _convert_="all")  # pretrained first
     model = instantiate(cfg.model, **task.model_kwargs(data), _convert_="all")
+    for strategy in strategies:
+        if getattr(strategy, "cache_frozen", False) and not isinstance(model, PrefixCachable):
+            raise ValueError(
+                f"{type(strategy).__name__}(cache_frozen=True) needs the model to implement "
+                "freezeft.frozen_cache.PrefixCachable (sample_keys, forward_prefix, "
+                "forward_from_prefix, prefix_is_deterministic) and to call cached_forward() "
+                f"in its training_step; {type(model).__name__} (model._target_) does not. "
+                "Implement it, or drop the strategy's cache_frozen=true."
+            )
     try:
         task.check_transfer(type(model), transfer_options(cfg))
     except (TypeError, ValueError) as err:
@@ -218,6 +228,12 @@ def check_resume_config(cfg: DictConfig, run_dir: Path) -> DictConfig:
                 differences.append(
                     f"{section}{key}: {before.get(key)!r} then, {now.get(key)!r} now"
                 )
+    then, now = saved.trainer.get("max_epochs"), cfg.trainer.get("max_epochs")
+    if isinstance(then, int) and isinstance(now, int) and now < then:
+        differences.append(
+            f"trainer.max_epochs: {then} then, {now} now (a resume may train longer, "
+            "never shorter: the checkpoints may be past the new end)"
+        )
     if differences:
         raise ValueError(
             f"resume={cfg.resume}: the config differs from the run being resumed "

@@ -4,13 +4,13 @@ main in :mod:`freezeft.run` wraps it."""
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
@@ -31,6 +31,7 @@ from freezeft.checkpointing import (
     AtomicCheckpointIO,
     InterruptCheckpoint,
     find_resume_checkpoint,
+    read_checkpoint_file,
 )
 from freezeft.history import History
 
@@ -144,6 +145,8 @@ def fit_and_test(
         else sum(p.numel() for p in module.parameters() if p.requires_grad)
     )
     best = _this_runs_best(checkpoint, output_dir)
+    # read as weights only first: a file that would run code is refused in freezeft's words
+    best_epoch = read_checkpoint_file(best)["epoch"] if best else None
     try:
         (test_metrics,) = trainer.test(
             module, datamodule=datamodule, ckpt_path=best or None, weights_only=True
@@ -152,7 +155,6 @@ def fit_and_test(
         stop_before_results(output_dir)
     if trainer.received_sigterm:  # Lightning finishes the last test batch regardless
         stop_before_results(output_dir)
-    best_epoch = torch.load(best, map_location="cpu", weights_only=True)["epoch"] if best else None
     before = len(skipped)
     skipped = task.skipped(datamodule, module)  # with test files that failed to decode
     if trainer.is_global_zero and len(skipped) > before:
@@ -222,6 +224,22 @@ def _write_diverged(
     )
 
 
+def _refuse_resuming_a_diverged_run(target: Path) -> None:
+    run_dir = target if target.is_dir() else target.parent.parent
+    results = run_dir / "results.json"
+    try:
+        diverged = json.loads(results.read_text()).get("status") == "diverged"
+    except (OSError, ValueError):
+        return
+    if diverged:
+        raise ValueError(
+            f"resume={target}: that run diverged ({results} says so and why); its "
+            "checkpoints hold a model from before the divergence at best, and resuming "
+            "would diverge again. Start a new run with a lower learning rate (or warmup, "
+            "or gradient clipping)."
+        )
+
+
 def _this_runs_best(checkpoint: Any, output_dir: Path) -> str | None:
     """The best checkpoint ``checkpoint`` (the monitored ModelCheckpoint) recorded, which
     must be a file of this run dir: a run tests its own best model, never another dir's."""
@@ -244,6 +262,7 @@ def train(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     resume_from = None
     started = cfg  # the config the run started with: it names the source
     if cfg.get("resume"):
+        _refuse_resuming_a_diverged_run(Path(cfg.resume))
         output_dir, resume_from = find_resume_checkpoint(cfg.resume)
         started = check_resume_config(cfg, output_dir)
         log.info(f"Resuming {output_dir} from {resume_from}")
