@@ -26,6 +26,30 @@ if TYPE_CHECKING:
 __all__ = ["Coordinator", "canonical_group_name"]
 
 
+def _uses_ddp_reducer(strategy: Any) -> bool:
+    """Whether ``strategy`` wraps the model in DDP, whose reducer syncs only the
+    parameters that required gradients when it was built (DeepSpeed, a DDPStrategy
+    subclass, reduces its own way)."""
+    names = [c.__name__ for c in type(strategy).__mro__]
+    return "DDPStrategy" in names and "DeepSpeedStrategy" not in names
+
+
+def _fsdp_units(module: Any) -> list[tuple[Any, list[Any]]]:
+    """The modules ``fully_shard`` (FSDP2) made units of, each with the parameters it
+    manages itself (not those of the units inside it)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch without FSDP2
+        return []
+    units = [m for m in module.modules() if isinstance(m, FSDPModule)]
+    result = []
+    for unit in units:
+        inner = {id(p) for u in units if u is not unit for p in u.parameters()
+                 if any(u is m for m in unit.modules())}  # fmt: skip
+        result.append((unit, [p for p in unit.parameters() if id(p) not in inner]))
+    return result
+
+
 def canonical_group_name(name: str) -> str:
     """A group name without ``torch.compile``'s ``_orig_mod`` (same layers, compiled or not)."""
     return ".".join(part for part in name.split(".") if part != "_orig_mod")
@@ -63,6 +87,8 @@ class Coordinator:
         self.plan: Plan | None = None
         self.frozen_cache: FrozenOutputCache | None = None
         self._restored_trainable: dict[str, bool] | None = None
+        self._fsdp_units: list[tuple[Any, list[Any]]] = []
+        self._fsdp_flags: list[bool] | None = None  # the flags the units were gathered with
 
     @property
     def groups(self) -> list:
@@ -84,9 +110,12 @@ class Coordinator:
 
     # -- the fit -----------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """At ``setup("fit")``: under a parallel strategy, make the plan now, before DDP
-        wraps the model (its reducer takes the parameters that require gradients then)."""
-        if hasattr(trainer.strategy, "parallel_devices"):
+        """At ``setup("fit")``: under DDP, make the plan now, before DDP wraps the model
+        (its reducer takes the parameters that require gradients then). A sharding engine
+        (FSDP2 through ``ModelParallelStrategy``) replaces the parameters in
+        ``configure_model``, after this hook: its plan is made at fit start, from the
+        parameters the optimizer holds."""
+        if _uses_ddp_reducer(trainer.strategy):
             self._make_plan(pl_module)
 
     def _make_plan(self, pl_module: pl.LightningModule) -> None:
@@ -108,7 +137,8 @@ class Coordinator:
             self._make_plan(pl_module)
         plan = self.plan
         assert plan is not None
-        if trainer.world_size > 1:
+        self._fsdp_units = _fsdp_units(pl_module)
+        if trainer.world_size > 1 and _uses_ddp_reducer(trainer.strategy):
             plan.record_reducer_params(pl_module)
         if self._restored_trainable is not None:  # resuming: the flags as they were saved
             plan.set_trainable(self._restored_flags())
@@ -214,6 +244,7 @@ class Coordinator:
         if self.plan is None:
             return
         self.epoch_start(trainer)
+        self._reshard_fsdp_units()
         if self.frozen_cache is None:
             return
         n = len(self.groups)
@@ -222,6 +253,19 @@ class Coordinator:
         n_frozen = next((i for i in range(n) if self.plan.trains(i) or self.groups[i].tied), n)
         prefix = [param for group in self.groups[:n_frozen] for param in group.params.values()]
         self.frozen_cache.prepare(pl_module, prefix, n_frozen)
+
+    def _reshard_fsdp_units(self) -> None:
+        """FSDP2 reshards a unit in its backward, which a frozen unit never runs: it would
+        keep its gathered parameters (memory) and the ``requires_grad`` they were gathered
+        with, so a unit thawed later would never train. Frozen units are resharded before
+        every batch; after the flags changed, every unit is."""
+        if not self._fsdp_units or self.plan is None:
+            return
+        changed = self.plan.trainable != self._fsdp_flags
+        self._fsdp_flags = list(self.plan.trainable)
+        for unit, own in self._fsdp_units:
+            if changed or not any(p.requires_grad for p in own):
+                unit.reshard()
 
     def epoch_end(self, pl_module: pl.LightningModule) -> None:
         """Log how many parameters trained this epoch (``trainable_params``)."""

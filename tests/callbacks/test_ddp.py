@@ -7,10 +7,7 @@ import pytest
 import torch
 from pyrun import run_python
 
-pytestmark = pytest.mark.library  # runs where only torch and Lightning are installed
-
-pytestmark = pytest.mark.slow  # subprocess runs
-
+pytestmark = [pytest.mark.library, pytest.mark.slow]  # torch and Lightning only; subprocesses
 SCRIPT = Path(__file__).with_name("ddp_run.py")
 
 

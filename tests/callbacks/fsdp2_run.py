@@ -1,0 +1,143 @@
+"""Run by test_fsdp2.py: a strategy on a model sharded with FSDP2 (``fully_shard`` in
+``configure_model``) under Lightning's ModelParallelStrategy, 2 CPU processes (gloo), or the
+same model unsharded on one process with the same global batch.
+
+usage: python fsdp2_run.py OUT_DIR STRATEGY {sharded,single}
+
+Writes ``initial.pt`` and ``weights.pt`` (the full weights before and after fit, from rank
+0) and ``rank<r>.json``: per optimizer step, the frozen parameters that had a gradient or
+optimizer state (none may) and the optimizer's learning rates.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Subset, TensorDataset
+
+from freezeft._lightning import pl
+from freezeft.callbacks import (
+    AutoFreeze,
+    DiscriminativeLR,
+    FreezeThenUnfreeze,
+    FrozenEncoder,
+    GradualUnfreeze,
+    LRWarmup,
+)
+
+STRATEGIES = {
+    "naive": lambda: [],
+    "frozen_encoder": lambda: [FrozenEncoder(head=1)],
+    "freeze_then_unfreeze": lambda: [FreezeThenUnfreeze(head=1, unfreeze_at_epoch=1)],
+    "gradual_unfreeze": lambda: [GradualUnfreeze(head=1, every_n_epochs=1)],
+    "discriminative_lr+warmup": lambda: [DiscriminativeLR(decay=0.5), LRWarmup(warmup_steps=3)],
+    # a generous threshold: it freezes groups within the run (decisions are compared)
+    "auto_freeze": lambda: [
+        AutoFreeze(head=1, threshold=10.0, check_every_n_steps=2, patience=1, min_epochs=1)
+    ],
+}
+GLOBAL_BATCH = 16
+
+
+class Net(pl.LightningModule):
+    def __init__(self, shard: bool) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.encoder = nn.Sequential(
+            nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 12), nn.Tanh(), nn.Linear(12, 12)
+        )
+        self.head = nn.Linear(12, 3)
+        self.shard = shard
+
+    def configure_model(self) -> None:
+        if not self.shard:
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.device_mesh["data_parallel"]
+        for unit in (self.encoder[0], self.encoder[2], self.encoder[4], self.head):
+            fully_shard(unit, mesh=mesh)
+        fully_shard(self, mesh=mesh)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self.head(self.encoder(x)), y)
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", nn.functional.cross_entropy(self.head(self.encoder(x)), y))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+    def train_dataloader(self):
+        # Lightning's own sampler would shuffle per rank; here rank r takes every other
+        # sample from r, so the ranks' batches together are the single process' batch
+        world, rank = self.trainer.world_size, self.trainer.global_rank
+        torch.manual_seed(0)
+        data = TensorDataset(torch.randn(96, 6), torch.randint(0, 3, (96,)))
+        return DataLoader(Subset(data, range(rank, 96, world)), batch_size=GLOBAL_BATCH // world)
+
+    def val_dataloader(self):
+        return self.train_dataloader()
+
+
+class FrozenProbe(pl.Callback):
+    """Before each optimizer step: frozen parameters with a gradient or optimizer state."""
+
+    def __init__(self) -> None:
+        self.steps = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        frozen = [(n, p) for n, p in pl_module.named_parameters() if not p.requires_grad]
+        self.steps.append(
+            {
+                "epoch": trainer.current_epoch,
+                "frozen": sorted(n for n, _ in frozen),
+                "with_grad": sorted(n for n, p in frozen if p.grad is not None),
+                "with_state": sorted(n for n, p in frozen if optimizer.state.get(p)),
+                "lrs": [g["lr"] for g in optimizer.param_groups],
+            }
+        )
+
+
+def full(param: torch.Tensor) -> torch.Tensor:
+    return (param.full_tensor() if hasattr(param, "full_tensor") else param).detach().clone()
+
+
+def main(out: Path, strategy: str, mode: str) -> None:
+    sharded = mode == "sharded"
+    model = Net(shard=sharded)
+    torch.save({n: p.detach().clone() for n, p in model.named_parameters()}, out / "initial.pt")
+    probe = FrozenProbe()
+    engine = (
+        pl.strategies.ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
+        if sharded
+        else "auto"
+    )
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=2 if sharded else 1,
+        strategy=engine,
+        max_epochs=4,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        use_distributed_sampler=False,
+        callbacks=[*STRATEGIES[strategy](), probe],
+    )
+    trainer.fit(model)
+    weights = {n: full(p) for n, p in model.named_parameters()}
+    if trainer.global_rank == 0:
+        torch.save(weights, out / "weights.pt")
+    (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(probe.steps))
+    decisions = [c.decisions for c in trainer.callbacks if isinstance(c, AutoFreeze)]
+    (out / f"decisions{trainer.global_rank}.json").write_text(json.dumps(decisions))
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), sys.argv[2], sys.argv[3])
