@@ -19,6 +19,7 @@ from freezeft._lightning import pl, rank_zero_info, rank_zero_warn
 from freezeft.frozen_cache import FrozenOutputCache, PrefixCachable
 from freezeft.groups import format_group_table, resolve_groups
 from freezeft.plan import Plan
+from freezeft.sharding import check_deepspeed, check_fsdp1, engine_of, fsdp1_units
 
 if TYPE_CHECKING:
     from freezeft.callbacks.base import StrategyCallback
@@ -50,9 +51,32 @@ def _fsdp_units(module: Any) -> list[tuple[Any, list[Any]]]:
     return result
 
 
+#: name parts that wrappers add (torch.compile, FSDP1, activation checkpointing)
+_WRAPPER_PARTS = {"_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"}
+
+
+def _reshard_if_frozen(own: list[Any]) -> Callable[..., None]:
+    """A forward hook that frees an FSDP2 unit's gathered parameters when none of its own
+    parameters trains: FSDP2 would keep them gathered until the unit's backward, which a
+    frozen unit never runs (it gathers them again if a backward passes through it)."""
+
+    def hook(unit: Any, inputs: Any, output: Any) -> None:
+        if not any(p.requires_grad for p in own):
+            unit.reshard()
+
+    return hook
+
+
 def canonical_group_name(name: str) -> str:
-    """A group name without ``torch.compile``'s ``_orig_mod`` (same layers, compiled or not)."""
-    return ".".join(part for part in name.split(".") if part != "_orig_mod")
+    """A group name without the parts wrappers add (``torch.compile``'s ``_orig_mod``,
+    FSDP1's ``_fsdp_wrapped_module``): the same layers, wrapped or not."""
+    return ".".join(part for part in name.split(".") if part not in _WRAPPER_PARTS)
+
+
+def _epochs(trainer: pl.Trainer) -> int:
+    """The epochs a fixed schedule is looked at over (``max_epochs``, at most 1000)."""
+    max_epochs = trainer.max_epochs
+    return min(max_epochs, 1000) if isinstance(max_epochs, int) and max_epochs > 0 else 1000
 
 
 class Coordinator:
@@ -89,6 +113,7 @@ class Coordinator:
         self._restored_trainable: dict[str, bool] | None = None
         self._fsdp_units: list[tuple[Any, list[Any]]] = []
         self._fsdp_flags: list[bool] | None = None  # the flags the units were gathered with
+        self._hooks: list[Any] = []  # removed at teardown
 
     @property
     def groups(self) -> list:
@@ -115,8 +140,8 @@ class Coordinator:
         (FSDP2 through ``ModelParallelStrategy``) replaces the parameters in
         ``configure_model``, after this hook: its plan is made at fit start, from the
         parameters the optimizer holds."""
-        if _uses_ddp_reducer(trainer.strategy):
-            self._make_plan(pl_module)
+        if _uses_ddp_reducer(trainer.strategy) or engine_of(trainer.strategy) == "deepspeed":
+            self._make_plan(pl_module)  # DeepSpeed: frozen before it builds its engine
 
     def _make_plan(self, pl_module: pl.LightningModule) -> None:
         """Resolve the groups, make the plan (it notes what the user froze) and apply the
@@ -138,6 +163,8 @@ class Coordinator:
         plan = self.plan
         assert plan is not None
         self._fsdp_units = _fsdp_units(pl_module)
+        for unit, own in self._fsdp_units:  # FSDP2 does not reshard a frozen unit itself
+            self._hooks.append(unit.register_forward_hook(_reshard_if_frozen(own)))
         if trainer.world_size > 1 and _uses_ddp_reducer(trainer.strategy):
             plan.record_reducer_params(pl_module)
         if self._restored_trainable is not None:  # resuming: the flags as they were saved
@@ -157,6 +184,7 @@ class Coordinator:
         ]
         warms = any(s.warms_up for s in self.strategies)
         changes_lr = warms or any(scale != 1.0 for scale in scales)
+        self._check_engine(trainer, pl_module, scales, changes_lr)
         added = plan.attach(optimizers, scales, pl_module, changes_lr)
         if added:
             names = sorted({g.name for g in self.groups for a in added if a in g.params})
@@ -213,7 +241,8 @@ class Coordinator:
         self.frozen_cache.attach(pl_module)
 
     def epoch_start(self, trainer: pl.Trainer) -> None:
-        """Apply the freezing schedule's flags for the current epoch, if they changed."""
+        """Apply the freezing schedule's flags for the current epoch, if they changed. A
+        group frozen mid-run gives back its optimizer state (moments it will not use)."""
         flags = self._flags(trainer.current_epoch)
         plan = self.plan
         if flags is None or plan is None or flags == plan.trainable:
@@ -221,6 +250,10 @@ class Coordinator:
         before, was = plan.trainable_params(), list(plan.trainable)
         unfrozen = [i for i in plan.set_trainable(flags) if plan.trains(i)]
         frozen = [i for i, (a, b) in enumerate(zip(was, flags, strict=True)) if a and not b]
+        for index in frozen:
+            for optimizer in trainer.optimizers:
+                for param in self.groups[index].params.values():
+                    optimizer.state.pop(param, None)
         if unfrozen:
             for strategy in self.strategies:
                 strategy.on_groups_unfrozen(unfrozen, trainer.global_step)
@@ -253,6 +286,37 @@ class Coordinator:
         n_frozen = next((i for i in range(n) if self.plan.trains(i) or self.groups[i].tied), n)
         prefix = [param for group in self.groups[:n_frozen] for param in group.params.values()]
         self.frozen_cache.prepare(pl_module, prefix, n_frozen)
+
+    def _check_engine(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, scales: list[float],
+        changes_lr: bool,
+    ) -> None:  # fmt: skip
+        """Refuse, or warn once about, what the trainer's sharding engine cannot do with
+        this plan (:mod:`freezeft.sharding`)."""
+        engine = engine_of(trainer.strategy)
+        names = [type(s).__name__ for s in self.strategies]
+        epochs = _epochs(trainer)
+        flags = [self._flags(e) for e in range(epochs)] if self.schedule is not None else []
+        dynamic = self.schedule is not None and self.schedule.decides_during_fit
+        if engine == "deepspeed":
+            thaws = dynamic or any(f != flags[0] for f in flags)
+            check_deepspeed(thaws, changes_lr, names)
+        elif engine == "fsdp1":
+            options = getattr(trainer.strategy, "kwargs", {}) or {}
+            head = set(getattr(self.schedule, "_head", ())) if dynamic else set()
+
+            def differ(i: int, j: int) -> bool:
+                if scales[i] != scales[j]:
+                    return True
+                if dynamic:
+                    return not {i, j} <= head
+                return any(f is not None and f[i] != f[j] for f in flags)
+
+            model = getattr(trainer.strategy, "model", None) or pl_module
+            for message in check_fsdp1(
+                fsdp1_units(model), self.groups, differ, options.get("use_orig_params", True)
+            ):
+                rank_zero_warn(message)
 
     def _reshard_fsdp_units(self) -> None:
         """FSDP2 reshards a unit in its backward, which a frozen unit never runs: it would
@@ -297,6 +361,9 @@ class Coordinator:
 
     def teardown(self, pl_module: pl.LightningModule) -> None:
         """At fit end: flags, LRs, hooks and norm modes as they were; the cache dropped."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
         if self.plan is not None:
             self.plan.release()
         if self.frozen_cache is not None:

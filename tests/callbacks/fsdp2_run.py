@@ -2,7 +2,7 @@
 ``configure_model``) under Lightning's ModelParallelStrategy, 2 CPU processes (gloo), or the
 same model unsharded on one process with the same global batch.
 
-usage: python fsdp2_run.py OUT_DIR STRATEGY {sharded,single}
+usage: python fsdp2_run.py OUT_DIR STRATEGY {sharded,single,ddp} [EPOCHS [RESUME_CKPT]]
 
 Writes ``initial.pt`` and ``weights.pt`` (the full weights before and after fit, from rank
 0) and ``rank<r>.json``: per optimizer step, the frozen parameters that had a gradient or
@@ -99,38 +99,58 @@ class FrozenProbe(pl.Callback):
                 "with_grad": sorted(n for n, p in frozen if p.grad is not None),
                 "with_state": sorted(n for n, p in frozen if optimizer.state.get(p)),
                 "lrs": [g["lr"] for g in optimizer.param_groups],
+                # this rank's bytes: a sharded tensor counts its local shard only
+                "grad_bytes": sum(_bytes(p.grad) for p in pl_module.parameters()),
+                "state_bytes": sum(
+                    _bytes(v) for state in optimizer.state.values() for v in state.values()
+                ),
             }
         )
+
+
+def _bytes(tensor) -> int:
+    if not isinstance(tensor, torch.Tensor):
+        return 0
+    local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+    return local.numel() * local.element_size()
 
 
 def full(param: torch.Tensor) -> torch.Tensor:
     return (param.full_tensor() if hasattr(param, "full_tensor") else param).detach().clone()
 
 
-def main(out: Path, strategy: str, mode: str) -> None:
+def main(out: Path, strategy: str, mode: str, epochs: int = 4, resume: str | None = None) -> None:
+    """``mode``: sharded or single; ``epochs``: the run's max_epochs (a checkpoint is saved
+    at every epoch end into ``out/checkpoints``); ``resume``: a checkpoint to go on from."""
     sharded = mode == "sharded"
     model = Net(shard=sharded)
+    if mode == "ddp":
+        engine = "ddp"
+    elif sharded:
+        engine = pl.strategies.ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
+    else:
+        engine = "auto"
     torch.save({n: p.detach().clone() for n, p in model.named_parameters()}, out / "initial.pt")
     probe = FrozenProbe()
-    engine = (
-        pl.strategies.ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
-        if sharded
-        else "auto"
-    )
     trainer = pl.Trainer(
         accelerator="cpu",
-        devices=2 if sharded else 1,
+        devices=1 if mode == "single" else 2,
         strategy=engine,
-        max_epochs=4,
+        max_epochs=epochs,
         logger=False,
-        enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
         use_distributed_sampler=False,
-        callbacks=[*STRATEGIES[strategy](), probe],
+        callbacks=[
+            *STRATEGIES[strategy](),
+            probe,
+            pl.callbacks.ModelCheckpoint(
+                dirpath=out / "checkpoints", filename="{epoch}", save_top_k=-1
+            ),
+        ],
     )
-    trainer.fit(model)
+    trainer.fit(model, ckpt_path=resume)
     weights = {n: full(p) for n, p in model.named_parameters()}
     if trainer.global_rank == 0:
         torch.save(weights, out / "weights.pt")
@@ -140,4 +160,5 @@ def main(out: Path, strategy: str, mode: str) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), sys.argv[2], sys.argv[3])
+    out, strategy, mode, *rest = sys.argv[1:]
+    main(Path(out), strategy, mode, *(int(rest[0]),) if rest else (), *rest[1:2])

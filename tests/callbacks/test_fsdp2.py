@@ -17,25 +17,35 @@ SCRIPT = Path(__file__).with_name("fsdp2_run.py")
 ENV = {"PL_DISABLE_FORK": "1", "OMP_NUM_THREADS": "1"}
 
 
-def train(tmp_path: Path, strategy: str, mode: str) -> Path:
-    out = tmp_path / mode
-    out.mkdir()
-    run_python([str(SCRIPT), str(out), strategy, mode], cwd=tmp_path, env=ENV, timeout=300)
-    return out
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """``get(strategy, mode)``: the out dir of that run, each made once per module. The
+    sharded runs are 2-process launches; the unsharded reference runs in this process."""
+    done: dict[tuple[str, str], Path] = {}
+
+    def get(strategy: str, mode: str) -> Path:
+        if (strategy, mode) not in done:
+            out = tmp_path_factory.mktemp(f"{strategy}-{mode}".replace("+", "_"))
+            if mode == "single":
+                import fsdp2_run
+
+                fsdp2_run.main(out, strategy, mode)
+            else:
+                run_python([str(SCRIPT), str(out), strategy, mode], cwd=out, env=ENV,
+                           timeout=300)  # fmt: skip
+            done[strategy, mode] = out
+        return done[strategy, mode]
+
+    return get
 
 
 @pytest.mark.parametrize(
     "strategy",
-    [
-        "frozen_encoder",
-        "freeze_then_unfreeze",
-        "gradual_unfreeze",
-        "discriminative_lr+warmup",
-        "auto_freeze",
-    ],
+    # FrozenEncoder and GradualUnfreeze freeze and thaw as these do (tested unsharded)
+    ["freeze_then_unfreeze", "discriminative_lr+warmup", "auto_freeze"],
 )
-def test_a_sharded_run_trains_as_the_unsharded_one(tmp_path, strategy):
-    sharded, single = train(tmp_path, strategy, "sharded"), train(tmp_path, strategy, "single")
+def test_a_sharded_run_trains_as_the_unsharded_one(runs, strategy):
+    sharded, single = runs(strategy, "sharded"), runs(strategy, "single")
     got = torch.load(sharded / "weights.pt", weights_only=True)
     want = torch.load(single / "weights.pt", weights_only=True)
     # float32 sums in another order (a reduce-scatter of two half batches): 1e-6
@@ -59,8 +69,26 @@ def test_a_sharded_run_trains_as_the_unsharded_one(tmp_path, strategy):
         assert steps[0]["frozen"] and not steps[-1]["frozen"]
         initial = torch.load(sharded / "initial.pt", weights_only=True)
         assert not torch.equal(got["encoder.0.weight"], initial["encoder.0.weight"])
-    if strategy == "frozen_encoder":  # bit-identical where frozen
-        initial = torch.load(sharded / "initial.pt", weights_only=True)
-        for name in initial:
-            if name.startswith("encoder."):
-                assert torch.equal(got[name], initial[name]), name
+
+
+def test_a_sharded_run_resumed_across_the_thaw_equals_the_uninterrupted_one(runs, tmp_path):
+    """Lightning's distributed checkpoint (a folder of shards) after the frozen epoch, then
+    a new pair of processes resumes it: the thaw, the weights and the LRs as never stopped."""
+    whole = runs("freeze_then_unfreeze", "sharded")
+    cut, resumed = tmp_path / "cut", tmp_path / "resumed"
+    for out, args in ((cut, ["1"]), (resumed, ["4", str(cut / "checkpoints" / "epoch=0.ckpt")])):
+        out.mkdir()
+        run_python(
+            [str(SCRIPT), str(out), "freeze_then_unfreeze", "sharded", *args],
+            cwd=tmp_path,
+            env=ENV,
+            timeout=300,
+        )
+    assert (cut / "checkpoints" / "epoch=0.ckpt" / "meta.pt").exists()  # sharded, a folder
+    got = torch.load(resumed / "weights.pt", weights_only=True)
+    want = torch.load(whole / "weights.pt", weights_only=True)
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+    steps = [json.loads((d / "rank0.json").read_text()) for d in (whole, resumed)]
+    assert [s["lrs"] for s in steps[0][6:]] == [s["lrs"] for s in steps[1]]  # after epoch 0
+    assert steps[1][0]["frozen"] == []  # the resumed run starts thawed, as the whole one did

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from typing_extensions import override
@@ -66,6 +66,8 @@ class AutoFreeze(FrozenEncoder):
 
         trainer = Trainer(callbacks=[AutoFreeze(head=1, threshold=0.1)])
     """
+
+    decides_during_fit: ClassVar[bool] = True
 
     def __init__(
         self,

@@ -39,6 +39,9 @@ class StrategyCallback(*CALLBACK_BASES):  # type: ignore[misc]
 
     #: True for strategies that decide which groups train (at most one per run).
     schedules_freezing: ClassVar[bool] = False
+    #: True for a schedule that decides during the fit from what it measures (its flags
+    #: cannot be known at fit start): the sharding checks assume any group may change.
+    decides_during_fit: ClassVar[bool] = False
 
     def __init__(self, groups: Sequence[GroupSpec] | None = None, bn: str = "frozen") -> None:
         if groups is not None:
