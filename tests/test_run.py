@@ -308,7 +308,7 @@ def test_a_full_disk_is_one_line_with_the_folder_the_file_and_how_to_resume(tmp_
             "-m",
             "freezeft.run",
             *args,
-            "trainer.max_epochs=2",
+            "trainer.max_epochs=12",  # trains on: the logger writes again
             f"resume={out}",
             f"hydra.run.dir={tmp_path / 'resumed'}",
         ],
