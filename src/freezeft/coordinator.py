@@ -197,7 +197,16 @@ class Coordinator:
         ]
         plan.install_norm_hooks(pl_module)
         if self.schedule is not None and getattr(self.schedule, "cache_frozen", False):
-            self._start_frozen_cache(pl_module, self.schedule)
+            sharded = self._fsdp_units or engine_of(trainer.strategy) is not None
+            if sharded:  # its outputs would be computed from one rank's shard of the model
+                rank_zero_warn(
+                    f"freezeft: {type(self.schedule).__name__}(cache_frozen=True) stands aside "
+                    f"under {type(trainer.strategy).__name__} with sharded parameters: the "
+                    "frozen groups run every step (frozen, without gradients), as with "
+                    "cache_frozen=False."
+                )
+            else:
+                self._start_frozen_cache(pl_module, self.schedule)
         head = max(s.head_size(n) for s in self.strategies)
         names = " + ".join(type(s).__name__ for s in self.strategies)
         table = format_group_table(self.groups, head=head, user_frozen=plan.user_frozen)

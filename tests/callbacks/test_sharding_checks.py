@@ -67,3 +67,44 @@ def test_deepspeed_refuses_thaws_and_per_group_learning_rates_only():
     with pytest.raises(ValueError, match="DiscriminativeLR sets per-group learning rates"):
         check_deepspeed(thaws=False, changes_lr=True, strategies=["DiscriminativeLR"])
     check_deepspeed(thaws=False, changes_lr=False, strategies=["FrozenEncoder"])  # allowed
+
+
+def test_the_frozen_output_cache_stands_aside_under_fsdp2_with_one_warning(gloo):
+    """An FSDP2-sharded model (a one-process mesh) trained by a plain Trainer: the cache
+    would compute outputs from shards, so it stands aside and the run trains as without."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from freezeft._lightning import pl
+    from freezeft.callbacks import FrozenEncoder
+
+    class Sharded(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+
+        def configure_model(self) -> None:
+            mesh = init_device_mesh("cpu", (1,))
+            fully_shard(self.net[0], mesh=mesh)
+            fully_shard(self.net[2], mesh=mesh)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return nn.functional.cross_entropy(self.net(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    torch.manual_seed(0)
+    data = DataLoader(TensorDataset(torch.randn(8, 4), torch.randint(0, 2, (8,))), batch_size=4)
+    model = Sharded()
+    trainer = pl.Trainer(
+        accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False,
+        callbacks=[FrozenEncoder(head=1, cache_frozen=True)],
+    )  # fmt: skip
+    before = model.net[0].weight.detach().clone()  # sharded at fit start
+    with pytest.warns(UserWarning, match=r"cache_frozen=True\) stands aside under"):
+        trainer.fit(model, data)
+    assert torch.equal(model.net[0].weight.full_tensor(), before)  # frozen all the same
