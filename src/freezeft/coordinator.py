@@ -19,36 +19,12 @@ from freezeft._lightning import pl, rank_zero_info, rank_zero_warn
 from freezeft.frozen_cache import FrozenOutputCache, PrefixCachable
 from freezeft.groups import format_group_table, resolve_groups
 from freezeft.plan import Plan
-from freezeft.sharding import check_deepspeed, check_fsdp1, engine_of, fsdp1_units
+from freezeft.sharding import check_deepspeed, check_fsdp1, engine_of, fsdp1_units, fsdp2_units
 
 if TYPE_CHECKING:
     from freezeft.callbacks.base import StrategyCallback
 
 __all__ = ["Coordinator", "canonical_group_name"]
-
-
-def _uses_ddp_reducer(strategy: Any) -> bool:
-    """Whether ``strategy`` wraps the model in DDP, whose reducer syncs only the
-    parameters that required gradients when it was built (DeepSpeed, a DDPStrategy
-    subclass, reduces its own way)."""
-    names = [c.__name__ for c in type(strategy).__mro__]
-    return "DDPStrategy" in names and "DeepSpeedStrategy" not in names
-
-
-def _fsdp_units(module: Any) -> list[tuple[Any, list[Any]]]:
-    """The modules ``fully_shard`` (FSDP2) made units of, each with the parameters it
-    manages itself (not those of the units inside it)."""
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # a torch without FSDP2
-        return []
-    units = [m for m in module.modules() if isinstance(m, FSDPModule)]
-    result = []
-    for unit in units:
-        inner = {id(p) for u in units if u is not unit for p in u.parameters()
-                 if any(u is m for m in unit.modules())}  # fmt: skip
-        result.append((unit, [p for p in unit.parameters() if id(p) not in inner]))
-    return result
 
 
 #: name parts that wrappers add (torch.compile, FSDP1, activation checkpointing)
@@ -140,7 +116,7 @@ class Coordinator:
         (FSDP2 through ``ModelParallelStrategy``) replaces the parameters in
         ``configure_model``, after this hook: its plan is made at fit start, from the
         parameters the optimizer holds."""
-        if _uses_ddp_reducer(trainer.strategy) or engine_of(trainer.strategy) == "deepspeed":
+        if engine_of(trainer.strategy) in ("ddp", "deepspeed"):
             self._make_plan(pl_module)  # DeepSpeed: frozen before it builds its engine
 
     def _make_plan(self, pl_module: pl.LightningModule) -> None:
@@ -162,10 +138,10 @@ class Coordinator:
             self._make_plan(pl_module)
         plan = self.plan
         assert plan is not None
-        self._fsdp_units = _fsdp_units(pl_module)
+        self._fsdp_units = fsdp2_units(pl_module)
         for unit, own in self._fsdp_units:  # FSDP2 does not reshard a frozen unit itself
             self._hooks.append(unit.register_forward_hook(_reshard_if_frozen(own)))
-        if trainer.world_size > 1 and _uses_ddp_reducer(trainer.strategy):
+        if trainer.world_size > 1 and engine_of(trainer.strategy) == "ddp":
             plan.record_reducer_params(pl_module)
         if self._restored_trainable is not None:  # resuming: the flags as they were saved
             plan.set_trainable(self._restored_flags())
@@ -197,7 +173,7 @@ class Coordinator:
         ]
         plan.install_norm_hooks(pl_module)
         if self.schedule is not None and getattr(self.schedule, "cache_frozen", False):
-            sharded = self._fsdp_units or engine_of(trainer.strategy) is not None
+            sharded = self._fsdp_units or engine_of(trainer.strategy) in ("fsdp1", "deepspeed")
             if sharded:  # its outputs would be computed from one rank's shard of the model
                 rank_zero_warn(
                     f"freezeft: {type(self.schedule).__name__}(cache_frozen=True) stands aside "
@@ -303,6 +279,8 @@ class Coordinator:
         """Refuse, or warn once about, what the trainer's sharding engine cannot do with
         this plan (:mod:`freezeft.sharding`)."""
         engine = engine_of(trainer.strategy)
+        if engine not in ("fsdp1", "deepspeed"):  # DDP, FSDP2 and one device take any plan
+            return
         names = [type(s).__name__ for s in self.strategies]
         epochs = _epochs(trainer)
         flags = [self._flags(e) for e in range(epochs)] if self.schedule is not None else []
@@ -328,17 +306,15 @@ class Coordinator:
                 rank_zero_warn(message)
 
     def _reshard_fsdp_units(self) -> None:
-        """FSDP2 reshards a unit in its backward, which a frozen unit never runs: it would
-        keep its gathered parameters (memory) and the ``requires_grad`` they were gathered
-        with, so a unit thawed later would never train. Frozen units are resharded before
-        every batch; after the flags changed, every unit is."""
-        if not self._fsdp_units or self.plan is None:
+        """After the flags changed, reshard every FSDP2 unit: a unit still gathered (a root
+        kept gathered after a validation forward) would train with the ``requires_grad``
+        its parameters were gathered with. (Frozen units are resharded after each forward
+        by :func:`_reshard_if_frozen`.)"""
+        if not self._fsdp_units or self.plan is None or self.plan.trainable == self._fsdp_flags:
             return
-        changed = self.plan.trainable != self._fsdp_flags
         self._fsdp_flags = list(self.plan.trainable)
-        for unit, own in self._fsdp_units:
-            if changed or not any(p.requires_grad for p in own):
-                unit.reshard()
+        for unit, _ in self._fsdp_units:
+            unit.reshard()
 
     def epoch_end(self, pl_module: pl.LightningModule) -> None:
         """Log how many parameters trained this epoch (``trainable_params``)."""

@@ -21,18 +21,39 @@ from typing import Any
 
 from freezeft.groups import LayerGroup
 
-__all__ = ["engine_of", "fsdp1_units", "check_fsdp1", "check_deepspeed"]
+__all__ = ["engine_of", "fsdp1_units", "fsdp2_units", "check_fsdp1", "check_deepspeed"]
 
 
 def engine_of(strategy: Any) -> str | None:
-    """``"fsdp1"``, ``"deepspeed"`` or ``None`` (DDP, FSDP2, a single device) for a
-    Lightning strategy, by its class (of either Lightning package)."""
+    """``"ddp"``, ``"fsdp1"``, ``"deepspeed"`` or ``None`` (FSDP2, a single device) for a
+    Lightning strategy, by its class (of either Lightning package; DeepSpeedStrategy is a
+    DDPStrategy subclass that reduces its own way)."""
     names = {c.__name__ for c in type(strategy).__mro__}
     if "DeepSpeedStrategy" in names:
         return "deepspeed"
     if "FSDPStrategy" in names:
         return "fsdp1"
+    if "DDPStrategy" in names:
+        return "ddp"
     return None
+
+
+def fsdp2_units(module: Any) -> list[tuple[Any, list[Any]]]:
+    """The modules ``fully_shard`` (FSDP2) made units of, each with the parameters it
+    manages itself (not those of the units inside it)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch without FSDP2
+        return []
+
+    def own(node: Any) -> list[Any]:
+        params = list(node.parameters(recurse=False))
+        for child in node.children():
+            if not isinstance(child, FSDPModule):
+                params += own(child)
+        return params
+
+    return [(m, own(m)) for m in module.modules() if isinstance(m, FSDPModule)]
 
 
 def fsdp1_units(module: Any) -> list[tuple[str, list[int]]]:
