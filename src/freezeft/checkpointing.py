@@ -54,6 +54,7 @@ __all__ = [
     "load_checkpoint",
     "read_checkpoint_file",
     "reroot_checkpoint_states",
+    "run_dir_of",
 ]
 
 log = logging.getLogger(__name__)
@@ -446,6 +447,15 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
+def run_dir_of(target: str | Path) -> Path:
+    """The run dir a ``resume=`` target names: the target itself, or for a ``.ckpt`` file
+    the run dir holding its ``checkpoints/`` folder (else the file's folder)."""
+    target = Path(target)
+    if not target.is_file():
+        return target
+    return target.parent.parent if target.parent.name == "checkpoints" else target.parent
+
+
 def find_resume_checkpoint(target: str | Path) -> tuple[Path, Path]:
     """``(run dir, checkpoint)`` to resume ``target``: a run dir or a ``.ckpt`` in one.
 
@@ -461,8 +471,7 @@ def find_resume_checkpoint(target: str | Path) -> tuple[Path, Path]:
     target = Path(target)
     if target.is_file():
         load_checkpoint(target)
-        run_dir = target.parent.parent if target.parent.name == "checkpoints" else target.parent
-        return run_dir, target
+        return run_dir_of(target), target
     if not target.is_dir():
         raise FileNotFoundError(
             f"Cannot resume {target}: no such run dir or checkpoint. Pass `resume=` a run dir "

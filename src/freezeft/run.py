@@ -34,6 +34,7 @@ from freezeft import task
 from freezeft._lightning import MISCONFIGURATION_EXCEPTIONS
 from freezeft.app.config import refuse_local_ddp, threads_per_job
 from freezeft.app.train import train
+from freezeft.checkpointing import run_dir_of
 from freezeft.files import disk_full_message, write_text_atomic
 
 __all__ = ["main"]
@@ -67,9 +68,7 @@ def _disk_full(err: BaseException, cfg: DictConfig, output_dir: Path) -> str | N
     full = disk_full_message(err, output_dir)
     if full is None:
         return None
-    run_dir = Path(cfg.resume) if cfg.get("resume") else output_dir
-    if run_dir.is_file():  # resume=<a .ckpt>: its run dir
-        run_dir = run_dir.parent.parent if run_dir.parent.name == "checkpoints" else run_dir.parent
+    run_dir = run_dir_of(cfg.resume) if cfg.get("resume") else output_dir
     if any((run_dir / "checkpoints").glob("*.ckpt")):
         return f"{full}; free space and resume with resume={run_dir}"
     return f"{full}; free space and run the same command again"

@@ -32,6 +32,7 @@ from freezeft.checkpointing import (
     InterruptCheckpoint,
     find_resume_checkpoint,
     read_checkpoint_file,
+    run_dir_of,
 )
 from freezeft.history import History
 
@@ -225,8 +226,7 @@ def _write_diverged(
 
 
 def _refuse_resuming_a_diverged_run(target: Path) -> None:
-    run_dir = target if target.is_dir() else target.parent.parent
-    results = run_dir / "results.json"
+    results = run_dir_of(target) / "results.json"
     try:
         diverged = json.loads(results.read_text()).get("status") == "diverged"
     except (OSError, ValueError):
