@@ -37,6 +37,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from freezeft.app.divergence import describe as describe_divergence
 from freezeft.files import atomic_write, write_text_atomic
 from freezeft.history import read_decisions, read_history, read_lr_schedule
 from freezeft.machine import summary as machine_summary
@@ -103,13 +104,11 @@ def collect(sweep_dir: Path) -> tuple[list[Run], list[dict[str, Any]]]:
             raise ValueError(f"{path} is not a readable results.json ({err}).") from err
         if results.get("status") == "diverged":
             details = results.get("diverged") or {}
-            lrs = ", ".join(f"{lr:g}" for lr in details.get("lr") or []) or "unknown"
             diverged.append(
                 {
                     "dir": str(path.parent),
                     "overrides": _overrides(path.parent),
-                    "error": f"diverged at step {details.get('step')} (epoch "
-                    f"{details.get('epoch')}, learning rate {lrs}): {details.get('what')}",
+                    "error": describe_divergence(details),
                     "diverged": details,
                 }
             )

@@ -15,7 +15,7 @@ from typing_extensions import override
 
 from freezeft._lightning import CALLBACK_BASES, pl
 
-__all__ = ["Diverged", "DivergenceCheck"]
+__all__ = ["Diverged", "DivergenceCheck", "describe"]
 
 
 class Diverged(ValueError):
@@ -28,15 +28,23 @@ class Diverged(ValueError):
 
     def __init__(self, details: dict[str, Any]) -> None:
         self.details = details
-        lrs = ", ".join(f"{lr:g}" for lr in details["lr"]) or "unknown"
-        during = f" {details['during']}" if details.get("during") else ""
         super().__init__(
-            f"the model diverged{during} at step {details['step']} (epoch "
-            f"{details['epoch']}, learning rate {lrs}): {details['what']}. Nothing after this "
-            "step is usable, so nothing was tested; results.json marks the run as diverged. "
-            "Lower the learning rate, add warmup (addons=[warmup]) or gradient clipping "
-            "(++trainer.gradient_clip_val=1.0), then start the run again."
+            f"the model {describe(details)}. Nothing after this step is usable, so nothing "
+            "was tested; results.json marks the run as diverged. Lower the learning rate, add "
+            "warmup (addons=[warmup]) or gradient clipping (++trainer.gradient_clip_val=1.0), "
+            "then start the run again."
         )
+
+
+def describe(details: dict[str, Any]) -> str:
+    """``diverged at step S (epoch E, learning rate LR): what`` from :attr:`Diverged.details`
+    (as ``results.json`` keeps them: any of them may be missing)."""
+    lrs = ", ".join(f"{lr:g}" for lr in details.get("lr") or []) or "unknown"
+    during = f" {details['during']}" if details.get("during") else ""
+    return (
+        f"diverged{during} at step {details.get('step')} (epoch {details.get('epoch')}, "
+        f"learning rate {lrs}): {details.get('what')}"
+    )
 
 
 class DivergenceCheck(*CALLBACK_BASES):  # type: ignore[misc]
@@ -55,14 +63,11 @@ class DivergenceCheck(*CALLBACK_BASES):  # type: ignore[misc]
     processes the decision is reduced across them, so every rank stops at the same step.
     """
 
-    #: how many times its start's mean an epoch's mean training loss may grow
+    #: how many times the run's first training loss an epoch's mean may grow
     EXPLODED = 1e4
-    #: the first finite training losses of the run that make its reference: the first
-    #: one, before any update could spoil it
-    REFERENCE_STEPS = 1
 
     def __init__(self) -> None:
-        self._first: list[float] = []  # the run's first losses (saved with checkpoints)
+        self._first: float | None = None  # the run's first finite loss (in checkpoints)
         self._epoch = torch.zeros(3, dtype=torch.float64)  # loss sum, finite, batches
 
     @override
@@ -85,8 +90,8 @@ class DivergenceCheck(*CALLBACK_BASES):  # type: ignore[misc]
             if math.isfinite(value):
                 self._epoch[0] += value
                 self._epoch[1] += 1
-                if len(self._first) < self.REFERENCE_STEPS:
-                    self._first.append(value)
+                if self._first is None:
+                    self._first = value
         bad = _non_finite(pl_module)
         if trainer.world_size > 1:  # sharded weights: each rank sees its own shard
             any_bad = trainer.strategy.reduce(
@@ -102,7 +107,7 @@ class DivergenceCheck(*CALLBACK_BASES):  # type: ignore[misc]
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         epoch, first = (
             self._epoch.clone(),
-            torch.tensor([sum(self._first), len(self._first)], dtype=torch.float64),
+            torch.tensor([self._first or 0.0, self._first is not None], dtype=torch.float64),
         )
         if trainer.world_size > 1:  # one decision for every rank
             device = pl_module.device
@@ -132,11 +137,11 @@ class DivergenceCheck(*CALLBACK_BASES):  # type: ignore[misc]
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"first_losses": list(self._first)}
+        return {"first_loss": self._first}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._first = [float(v) for v in state_dict.get("first_losses", [])]
+        self._first = state_dict.get("first_loss")
 
 
 def _non_finite(module: torch.nn.Module) -> list[str]:
