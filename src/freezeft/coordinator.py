@@ -19,7 +19,14 @@ from freezeft._lightning import pl, rank_zero_info, rank_zero_warn
 from freezeft.frozen_cache import FrozenOutputCache, PrefixCachable
 from freezeft.groups import format_group_table, resolve_groups
 from freezeft.plan import Plan
-from freezeft.sharding import check_deepspeed, check_fsdp1, engine_of, fsdp1_units, fsdp2_units
+from freezeft.sharding import (
+    check_deepspeed,
+    check_fsdp1,
+    engine_of,
+    fsdp1_units,
+    fsdp2_units,
+    saved_callback_state,
+)
 
 if TYPE_CHECKING:
     from freezeft.callbacks.base import StrategyCallback
@@ -90,6 +97,7 @@ class Coordinator:
         self._fsdp_units: list[tuple[Any, list[Any]]] = []
         self._fsdp_flags: list[bool] | None = None  # the flags the units were gathered with
         self._hooks: list[Any] = []  # removed at teardown
+        self._trainer: pl.Trainer | None = None  # the fit's, from fit start to teardown
 
     @property
     def groups(self) -> list:
@@ -138,6 +146,8 @@ class Coordinator:
             self._make_plan(pl_module)
         plan = self.plan
         assert plan is not None
+        self._trainer = trainer
+        self._read_flags_before_the_engine_loads(trainer)
         self._fsdp_units = fsdp2_units(pl_module)
         for unit, own in self._fsdp_units:  # FSDP2 does not reshard a frozen unit itself
             self._hooks.append(unit.register_forward_hook(_reshard_if_frozen(own)))
@@ -319,7 +329,7 @@ class Coordinator:
     def epoch_end(self, pl_module: pl.LightningModule) -> None:
         """Log how many parameters trained this epoch (``trainable_params``)."""
         if self.plan is not None:
-            pl_module.log("trainable_params", float(self.plan.trainable_params()))
+            pl_module.log("trainable_params", float(self.plan.trainable_params()), sync_dist=True)
 
     def before_backward(self, trainer: pl.Trainer, loss: Tensor) -> None:
         """Explain a loss without gradient when freezeft's freezing is why."""
@@ -348,7 +358,9 @@ class Coordinator:
         """At fit end: flags, LRs, hooks and norm modes as they were; the cache dropped."""
         for handle in self._hooks:
             handle.remove()
-        self._hooks = []
+        if self._trainer is not None:  # fit ended without loading a checkpoint
+            self._trainer.strategy.__dict__.pop("load_checkpoint", None)
+        self._hooks, self._trainer = [], None
         if self.plan is not None:
             self.plan.release()
         if self.frozen_cache is not None:
@@ -364,6 +376,34 @@ class Coordinator:
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Flags to apply at fit start, matched to the groups by name."""
-        if "trainable" in state_dict:
-            self._restored_trainable = dict(state_dict["trainable"])
+        """Flags to apply at fit start, matched to the groups by name; or at once, when the
+        engine restores checkpoints after fit start (sharded engines)."""
+        if "trainable" not in state_dict:
+            return
+        saved, before = dict(state_dict["trainable"]), self._restored_trainable
+        self._restored_trainable = saved
+        if self.plan is not None and saved != before:  # after fit start: a sharded engine
+            self.plan.set_trainable(self._restored_flags())
+
+    def _read_flags_before_the_engine_loads(self, trainer: pl.Trainer) -> None:
+        """Sharded engines (FSDP2's ``ModelParallelStrategy``, ``FSDPStrategy``) load a
+        checkpoint after fit start, the optimizer's state before the callbacks' states, and
+        they load it for the parameters that require gradients then. So the saved flags are
+        read from the checkpoint, and applied, just before the engine loads it: the groups
+        a resumed run trains get their optimizer state back, and groups frozen since hold
+        none (the engine would refuse the checkpoint for lacking it)."""
+        strategy = trainer.strategy
+        if not strategy.restore_checkpoint_after_setup or strategy.lightning_restore_optimizer:
+            return
+        key = self.strategies[0].state_key
+        load = strategy.load_checkpoint
+
+        def load_with_the_saved_flags(checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:
+            strategy.__dict__.pop("load_checkpoint", None)  # once: the class' own again
+            state = saved_callback_state(checkpoint_path, key)
+            if state is not None:
+                self.load_state_dict(state)
+            return load(checkpoint_path, *args, **kwargs)
+
+        strategy.load_checkpoint = load_with_the_saved_flags  # type: ignore[method-assign]
+

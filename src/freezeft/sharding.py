@@ -15,13 +15,24 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from itertools import combinations
+from pathlib import Path
 from typing import Any
+
+import torch
 
 from freezeft.groups import LayerGroup
 
-__all__ = ["engine_of", "fsdp1_units", "fsdp2_units", "check_fsdp1", "check_deepspeed"]
+__all__ = [
+    "engine_of",
+    "fsdp1_units",
+    "fsdp2_units",
+    "check_fsdp1",
+    "check_deepspeed",
+    "saved_callback_state",
+]
 
 
 def engine_of(strategy: Any) -> str | None:
@@ -124,3 +135,22 @@ def check_deepspeed(thaws: bool, changes_lr: bool, strategies: Sequence[str]) ->
             "FrozenEncoder (frozen before DeepSpeed starts) or NaiveTransfer, or train with "
             "ModelParallelStrategy (FSDP2), where every strategy works."
         )
+
+
+def saved_callback_state(checkpoint_path: Any, state_key: str) -> dict[str, Any] | None:
+    """The state a callback saved under ``state_key`` in a Lightning checkpoint: a file, or
+    a sharded engine's folder (its ``meta.pt``). Read weights-only (the file's tensors are
+    memory-mapped, not read); ``None`` where it is not a local checkpoint or holds no such
+    state (Lightning's own load then says what is wrong)."""
+    path = Path(str(checkpoint_path))
+    meta = path / "meta.pt" if path.is_dir() else path
+    if not meta.is_file():
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            checkpoint = torch.load(meta, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - not ours to report: Lightning's load will
+        return None
+    state = checkpoint.get("callbacks", {}).get(state_key) if isinstance(checkpoint, dict) else None
+    return state if isinstance(state, dict) else None

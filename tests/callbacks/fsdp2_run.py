@@ -2,7 +2,9 @@
 ``configure_model``) under Lightning's ModelParallelStrategy, 2 CPU processes (gloo), or the
 same model unsharded on one process with the same global batch.
 
-usage: python fsdp2_run.py OUT_DIR STRATEGY {sharded,single,ddp} [EPOCHS [RESUME_CKPT]]
+usage: python fsdp2_run.py OUT_DIR STRATEGY {sharded,sharded_full,single,ddp} [EPOCHS [RESUME_CKPT]]
+
+``sharded_full`` saves Lightning's full checkpoints (one file) instead of folders of shards.
 
 Writes ``initial.pt`` and ``weights.pt`` (the full weights before and after fit, from rank
 0) and ``rank<r>.json``: per optimizer step, the frozen parameters that had a gradient or
@@ -122,12 +124,16 @@ def full(param: torch.Tensor) -> torch.Tensor:
 def main(out: Path, strategy: str, mode: str, epochs: int = 4, resume: str | None = None) -> None:
     """``mode``: sharded or single; ``epochs``: the run's max_epochs (a checkpoint is saved
     at every epoch end into ``out/checkpoints``); ``resume``: a checkpoint to go on from."""
-    sharded = mode == "sharded"
+    sharded = mode.startswith("sharded")
     model = Net(shard=sharded)
     if mode == "ddp":
         engine = "ddp"
     elif sharded:
-        engine = pl.strategies.ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
+        engine = pl.strategies.ModelParallelStrategy(
+            data_parallel_size=2,
+            tensor_parallel_size=1,
+            save_distributed_checkpoint=mode != "sharded_full",
+        )
     else:
         engine = "auto"
     torch.save({n: p.detach().clone() for n, p in model.named_parameters()}, out / "initial.pt")

@@ -41,8 +41,13 @@ def runs(tmp_path_factory):
 
 @pytest.mark.parametrize(
     "strategy",
-    # FrozenEncoder and GradualUnfreeze freeze and thaw as these do (tested unsharded)
-    ["freeze_then_unfreeze", "discriminative_lr+warmup", "auto_freeze"],
+    [
+        "frozen_encoder",
+        "freeze_then_unfreeze",
+        "gradual_unfreeze",
+        "discriminative_lr+warmup",
+        "auto_freeze",
+    ],
 )
 def test_a_sharded_run_trains_as_the_unsharded_one(runs, strategy):
     sharded, single = runs(strategy, "sharded"), runs(strategy, "single")
@@ -71,24 +76,40 @@ def test_a_sharded_run_trains_as_the_unsharded_one(runs, strategy):
         assert not torch.equal(got["encoder.0.weight"], initial["encoder.0.weight"])
 
 
-def test_a_sharded_run_resumed_across_the_thaw_equals_the_uninterrupted_one(runs, tmp_path):
-    """Lightning's distributed checkpoint (a folder of shards) after the frozen epoch, then
-    a new pair of processes resumes it: the thaw, the weights and the LRs as never stopped."""
-    whole = runs("freeze_then_unfreeze", "sharded")
+@pytest.mark.parametrize(
+    ("strategy", "checkpoints"),
+    [
+        # after the first thaw, before the next: the thawed group's optimizer state comes back
+        ("gradual_unfreeze", "sharded"),
+        # after groups froze: a checkpoint without their state (Lightning's full file)
+        ("auto_freeze", "sharded_full"),
+    ],
+)
+def test_a_sharded_run_resumed_mid_schedule_equals_the_uninterrupted_one(
+    runs, tmp_path, strategy, checkpoints
+):
+    """A run cut after epoch 1, then a new pair of processes resumes its checkpoint (a
+    folder of shards, or one full file): the weights bit-identical to the uninterrupted
+    sharded run, the same LRs and optimizer state per step, frozen parameters with none.
+    Sharded engines load the optimizer before the callbacks: the saved flags must be known
+    before, or the state of groups thawed by then is lost (found by a stranger's test)."""
+    whole = runs(strategy, "sharded")
     cut, resumed = tmp_path / "cut", tmp_path / "resumed"
-    for out, args in ((cut, ["1"]), (resumed, ["4", str(cut / "checkpoints" / "epoch=0.ckpt")])):
+    for out, args in ((cut, ["2"]), (resumed, ["4", str(cut / "checkpoints" / "epoch=1.ckpt")])):
         out.mkdir()
-        run_python(
-            [str(SCRIPT), str(out), "freeze_then_unfreeze", "sharded", *args],
-            cwd=tmp_path,
-            env=ENV,
-            timeout=300,
-        )
-    assert (cut / "checkpoints" / "epoch=0.ckpt" / "meta.pt").exists()  # sharded, a folder
+        run_python([str(SCRIPT), str(out), strategy, checkpoints, *args], cwd=tmp_path, env=ENV,
+                   timeout=300)  # fmt: skip
+    saved = cut / "checkpoints" / "epoch=1.ckpt"
+    assert saved.is_dir() == (checkpoints == "sharded")  # a folder of shards, or one file
     got = torch.load(resumed / "weights.pt", weights_only=True)
     want = torch.load(whole / "weights.pt", weights_only=True)
     for name in want:
         assert torch.equal(got[name], want[name]), name
-    steps = [json.loads((d / "rank0.json").read_text()) for d in (whole, resumed)]
-    assert [s["lrs"] for s in steps[0][6:]] == [s["lrs"] for s in steps[1]]  # after epoch 0
-    assert steps[1][0]["frozen"] == []  # the resumed run starts thawed, as the whole one did
+    for rank in (0, 1):
+        steps = [json.loads((d / f"rank{rank}.json").read_text()) for d in (whole, resumed)]
+        after_epoch_1 = [s for s in steps[0] if s["epoch"] >= 2]
+        keys = ("frozen", "lrs", "state_bytes")
+        assert [[s[k] for k in keys] for s in after_epoch_1] == [
+            [s[k] for k in keys] for s in steps[1]
+        ]
+        assert not any(s["with_grad"] or s["with_state"] for s in steps[1])
