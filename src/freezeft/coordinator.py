@@ -406,4 +406,3 @@ class Coordinator:
             return load(checkpoint_path, *args, **kwargs)
 
         strategy.load_checkpoint = load_with_the_saved_flags  # type: ignore[method-assign]
-
