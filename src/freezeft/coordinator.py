@@ -384,6 +384,11 @@ class Coordinator:
         self._restored_trainable = saved
         if self.plan is not None and saved != before:  # after fit start: a sharded engine
             self.plan.set_trainable(self._restored_flags())
+            training = [g.name for i, g in enumerate(self.groups) if self.plan.trains(i)]
+            rank_zero_info(  # the table at fit start showed the schedule's epoch 0
+                f"freezeft: resumed with the checkpoint's layer groups: training {training}, "
+                f"the rest frozen"
+            )
 
     def _read_flags_before_the_engine_loads(self, trainer: pl.Trainer) -> None:
         """Sharded engines (FSDP2's ``ModelParallelStrategy``, ``FSDPStrategy``) load a
