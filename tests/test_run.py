@@ -205,15 +205,6 @@ def test_bad_rows_and_a_nan_batch_are_skipped_and_reported(tmp_path, german_corp
     assert "Skipped 4 rows (" in output and "skipped_samples.csv" in output
 
 
-def test_a_user_error_is_one_message_without_a_traceback(tmp_path):
-    args = ["-m", "freezeft.run", "strategy=warmup", "addons=[warmup]", f"hydra.run.dir={tmp_path}"]
-    proc = run_python(args, cwd=tmp_path, check=False)
-    assert proc.returncode == 1
-    assert "freezeft: error: The strategy and its add-ons include LRWarmup twice" in proc.stderr
-    assert "Traceback" not in proc.stdout + proc.stderr
-    assert "Error executing job" not in proc.stdout + proc.stderr
-
-
 def test_runs_started_in_the_same_second_get_their_own_run_dirs(tmp_path):
     # each stops at once on a bad value, after Hydra made its run dir
     args = [sys.executable, "-m", "freezeft.run", "seed=-1"]

@@ -104,7 +104,10 @@ def test_a_failing_job_is_logged_and_the_sweep_goes_on(tmp_path, cache_dir, two_
     failure = json.loads((sweep / "0" / "failure.json").read_text())
     assert "transfer.drop_source_layers=0" in failure["overrides"]
     assert "Set `transfer.drop_source_layers` to 1 or more" in failure["error"]
-    assert "freezeft: job 0 failed: ValueError" in proc.stdout
+    said = [line for line in proc.stderr.splitlines() if "job 0 failed" in line]
+    assert len(said) == 1 and "drop_source_layers` to 1 or more" in said[0]  # one line
+    assert "Traceback" not in proc.stdout + proc.stderr  # it is in the job's run.log
+    assert "Traceback" in (sweep / "0" / "run.log").read_text()
     assert not (sweep / "0" / "results.json").exists()
     assert [r["transfer"]["drop_source_layers"] for r in job_results(sweep)] == [1]
     report = (sweep / "report.md").read_text()

@@ -22,44 +22,49 @@ import sys
 import traceback
 from pathlib import Path
 
-import hydra
-import torch
-from hydra.core.hydra_config import HydraConfig
-from hydra.errors import InstantiationException
-from hydra.types import RunMode
-from omegaconf import DictConfig
+from freezeft.extras import missing_extra
 
-import freezeft.conf  # noqa: F401  (registers the configs' resolvers)
-from freezeft import task
-from freezeft._lightning import MISCONFIGURATION_EXCEPTIONS
-from freezeft.app.config import refuse_local_ddp, threads_per_job
-from freezeft.app.train import train
-from freezeft.checkpointing import run_dir_of
-from freezeft.files import disk_full_message, write_text_atomic
+try:  # the app's packages come with freezeft[app]
+    import hydra
+    import torch
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf import DictConfig
 
-__all__ = ["main"]
+    import freezeft.conf  # noqa: F401  (registers the configs' resolvers)
+    from freezeft import task
+    from freezeft.app.config import refuse_local_ddp, threads_per_job
+    from freezeft.app.errors import is_user_error, one_line
+    from freezeft.app.train import train
+    from freezeft.checkpointing import run_dir_of
+    from freezeft.files import disk_full_message, write_text_atomic
+except ModuleNotFoundError as _missing:
+    if __name__ != "__main__" or missing_extra(_missing) is None:
+        raise
+    sys.exit(f"freezeft: error: {missing_extra(_missing)}")
+
+__all__ = ["main", "cli"]
 
 log = logging.getLogger(__name__)
 
+#: set by :func:`cli` (and inherited by the processes a run starts): "1" when the user
+#: asked for tracebacks with HYDRA_FULL_ERROR=1
+TRACEBACKS = "FREEZEFT_TRACEBACKS"
 
-def _is_user_error(err: BaseException) -> bool:
-    """What a user can cause and fix gets one message, no traceback, exit code 1: an
-    ``OSError`` (paths, permissions, a full disk), or a ``ValueError`` that freezeft raised
-    about their data, config or checkpoint. Anything else is a bug and keeps its traceback.
-    """
-    if isinstance(err, InstantiationException) and err.__cause__ is not None:
-        err = err.__cause__  # a config's object refused its arguments: judge that error
-    if isinstance(err, (OSError, *MISCONFIGURATION_EXCEPTIONS)):  # Lightning's config errors
-        return True
-    if not isinstance(err, ValueError):
-        return False
-    frame = err.__traceback__
-    while frame is not None and frame.tb_next is not None:
-        frame = frame.tb_next
-    return frame is not None and Path(frame.tb_frame.f_code.co_filename).is_relative_to(_PACKAGE)
+_is_user_error = is_user_error  # the name tests and older code use
 
 
-_PACKAGE = Path(__file__).parent
+def _wants_tracebacks() -> bool:
+    return os.environ.get(TRACEBACKS, os.environ.get("HYDRA_FULL_ERROR", "0")) == "1"
+
+
+def _to_run_log(message: str) -> None:
+    """Write ``message`` into the run's ``run.log`` only (the console gets it once, on
+    stderr, from the caller)."""
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, message, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
 
 
 def _disk_full(err: BaseException, cfg: DictConfig, output_dir: Path) -> str | None:
@@ -107,21 +112,17 @@ def main(cfg: DictConfig) -> float:
         results = train(cfg, output_dir)
     except Exception as err:
         if not multirun:
-            full = _disk_full(err, cfg, output_dir)
-            if not (full or _is_user_error(err)) or os.environ.get("HYDRA_FULL_ERROR") == "1":
+            message = _disk_full(err, cfg, output_dir) or one_line(err)
+            if message is None or _wants_tracebacks():
                 raise
-            log.error(full or f"{type(err).__name__}: {err}")  # the run's log keeps it too
-            print(
-                f"freezeft: error: {full or err}\n(HYDRA_FULL_ERROR=1 shows the traceback)",
-                file=sys.stderr,
-                flush=True,
-            )
+            _to_run_log(f"{message} (HYDRA_FULL_ERROR=1 shows the traceback)")
+            print(f"freezeft: error: {message}", file=sys.stderr, flush=True)
             raise SystemExit(1) from None
-        log.exception(f"Job {hydra_cfg.job.num} failed; the sweep goes on.")
+        _to_run_log(f"Job {hydra_cfg.job.num} failed; the sweep goes on.\n{traceback.format_exc()}")
         failure = {
             "job": hydra_cfg.job.num,
             "overrides": list(hydra_cfg.overrides.task),
-            "error": f"{type(err).__name__}: {err}",
+            "error": one_line(err) or f"{type(err).__name__}: {err}",
             "traceback": traceback.format_exc(),
         }
         try:
@@ -129,7 +130,11 @@ def main(cfg: DictConfig) -> float:
             write_text_atomic(output_dir / "failure.json", json.dumps(failure, indent=2))
         except OSError as unwritten:  # a full disk: the sweep still goes on
             log.error(f"failure.json was not written: {unwritten}")
-        print(f"freezeft: job {hydra_cfg.job.num} failed: {failure['error']}", flush=True)
+        print(
+            f"freezeft: job {hydra_cfg.job.num} failed (the sweep goes on): {failure['error']}",
+            file=sys.stderr,
+            flush=True,
+        )
         return math.nan
     print(
         f"freezeft {results['stage']}: strategy={results['strategy']} seed={results['seed']} "
@@ -141,5 +146,53 @@ def main(cfg: DictConfig) -> float:
     return float(best) if best is not None else math.nan
 
 
+#: overrides that need a plugin or a package an extra installs: (key, value prefix, module)
+_NEEDS = [
+    ("hydra/launcher", "joblib", "hydra_plugins.hydra_joblib_launcher"),
+    ("hydra/launcher", "submitit", "hydra_plugins.hydra_submitit_launcher"),
+    ("cluster", "slurm", "hydra_plugins.hydra_submitit_launcher"),
+    ("hydra/sweeper", "optuna", "hydra_plugins.hydra_optuna_sweeper"),
+    ("hparams_search", "", "hydra_plugins.hydra_optuna_sweeper"),
+    ("logger", "tensorboard", "tensorboard"),
+]
+
+
+def _missing_plugin(argv: list[str]) -> str | None:
+    """The one line for an override whose plugin or package is not installed, before
+    anything is composed or written."""
+    from importlib.util import find_spec
+
+    for arg in argv:
+        key, _, value = arg.lstrip("+~").partition("=")
+        for needs_key, prefix, module in _NEEDS:
+            if key != needs_key or not value.startswith(prefix) or value == "null":
+                continue
+            try:
+                found = find_spec(module) is not None
+            except ModuleNotFoundError:  # its parent package is missing too
+                found = False
+            if not found:
+                return missing_extra(ModuleNotFoundError(name=module))
+    return None
+
+
+def cli() -> None:
+    """``python -m freezeft.run``: the Hydra app, every user error in one line on stderr
+    with exit code 1 (``HYDRA_FULL_ERROR=1`` shows tracebacks)."""
+    message = _missing_plugin(sys.argv[1:])
+    if message is None:
+        os.environ.setdefault(TRACEBACKS, "1" if _wants_tracebacks() else "0")
+        os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises its errors; they are told here
+        try:
+            main()
+            return
+        except Exception as err:
+            message = None if _wants_tracebacks() else one_line(err)
+            if message is None:
+                raise
+    print(f"freezeft: error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(1)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -85,7 +85,13 @@ class SpeechDataModule(pl.LightningDataModule):
             raise ValueError(f"Expected `num_workers` >= 0 or 'auto', but got {num_workers!r}.")
         check_on_bad_sample(on_bad_sample)
         self.corpus = corpus
-        self._data_dir = Path(data_dir) if data_dir is not None else None
+        self._data_dir = Path(data_dir).expanduser() if data_dir is not None else None
+        if self._data_dir is not None and not self._data_dir.is_dir():
+            where = "is a file, not a folder" if self._data_dir.exists() else "does not exist"
+            raise FileNotFoundError(
+                f"The data folder {self._data_dir} (data_dir) {where}: give the folder that "
+                "holds your DeepSpeech CSVs and alphabet.txt."
+            )
         self.csvs = {"train": train_csv, "dev": dev_csv, "test": test_csv}
         self.alphabet_file = alphabet
         self.batch_size = batch_size

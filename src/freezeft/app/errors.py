@@ -1,0 +1,103 @@
+"""A user's mistake in one line: what was wrong and what to change, wherever it was raised.
+
+freezeft's own checks, Hydra's composition (an unknown option, a key not in the config),
+Hydra's instantiation of a config's object (the object's own error, unwrapped), a missing
+extra (the ``pip install`` that brings it), a path or a full disk. Anything else is a bug
+and keeps its traceback (:func:`one_line` returns None).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from hydra.errors import HydraException, InstantiationException, OverrideParseException
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+
+from freezeft._lightning import MISCONFIGURATION_EXCEPTIONS
+from freezeft.extras import missing_extra
+
+__all__ = ["is_user_error", "one_line"]
+
+_PACKAGE = Path(__file__).parents[1]  # src/freezeft
+
+
+def is_user_error(err: BaseException) -> bool:
+    """What a user can cause and fix: an ``OSError`` (paths, permissions, a full disk),
+    Lightning's misconfiguration errors, a ``ValueError`` raised by freezeft about their
+    data, config or checkpoint, or the error of an object a config built."""
+    if isinstance(err, InstantiationException) and err.__cause__ is not None:
+        cause = err.__cause__  # a config's object refused its arguments: judge that error
+        return isinstance(cause, TypeError) or is_user_error(cause)
+    if isinstance(err, (OSError, *MISCONFIGURATION_EXCEPTIONS)):
+        return True
+    if not isinstance(err, ValueError):
+        return False
+    frame = err.__traceback__
+    while frame is not None and frame.tb_next is not None:
+        frame = frame.tb_next
+    return frame is not None and Path(frame.tb_frame.f_code.co_filename).is_relative_to(_PACKAGE)
+
+
+def _joined(text: str) -> str:
+    """A message's lines as one."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    last = len(lines) - 1
+    return " ".join(
+        line if i == last or line.endswith((".", ":", ";", ",")) else f"{line};"
+        for i, line in enumerate(lines)
+    )
+
+
+def _omegaconf(err: OmegaConfBaseException) -> str:
+    """An OmegaConf error (a required value not given, a bad interpolation), one line."""
+    key = getattr(err, "full_key", None) or ""
+    if isinstance(err, MissingMandatoryValue) and key:
+        return f"{key} is required: give it on the command line, e.g. {key}=VALUE"
+    first = str(err).splitlines()[0].strip()
+    return f"{first} (config: {key})" if key and key not in first else first
+
+
+def _composition(err: HydraException) -> str:
+    """Hydra's composition errors, one line: the options of a group listed on it, the
+    config search path left out, an OmegaConf cause's own words (without its key dump)."""
+    text = str(err).split("Config search path:")[0]
+    found = re.search(r"Available options in '([^']+)':\n((?:\t.*\n?)*)", text)
+    head = _joined(text[: found.start()] if found else text)
+    if found:
+        options = [o.strip() for o in found.group(2).splitlines() if o.strip()]
+        head += f" Options for {found.group(1)}: {', '.join(options)}."
+    cause = err.__cause__
+    typo = re.search(r"Could not override '([^']+)'", text)
+    if typo and "is not in struct" in str(cause):
+        key = typo.group(1)
+        return (
+            f"{key} is not a key of the config: check its spelling (--cfg job prints every "
+            f"key), or add a new key with a leading +, as +{key}=..."
+        )
+    if cause is not None and not isinstance(cause, HydraException):
+        first = str(cause).splitlines()[0].strip() if str(cause).strip() else ""
+        if first and first not in head:
+            head += f" ({first})"
+    return head
+
+
+def one_line(err: BaseException) -> str | None:
+    """The one line to print for a user's mistake; None for a bug (it keeps its
+    traceback)."""
+    extra = missing_extra(err)
+    if extra is not None:
+        return extra
+    if isinstance(err, InstantiationException) and err.__cause__ is not None:
+        if not is_user_error(err):
+            return None
+        key = re.search(r"full_key: (\S+)", str(err))
+        inner = one_line(err.__cause__) or _joined(str(err.__cause__))
+        return f"{inner} (config: {key.group(1)})" if key and key.group(1) not in inner else inner
+    if isinstance(err, (OverrideParseException, HydraException)):
+        return _composition(err)
+    if isinstance(err, OmegaConfBaseException):
+        return _omegaconf(err)
+    if is_user_error(err):
+        return _joined(str(err))
+    return None
