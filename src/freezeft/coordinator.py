@@ -195,7 +195,9 @@ class Coordinator:
                 self._start_frozen_cache(pl_module, self.schedule)
         head = max(s.head_size(n) for s in self.strategies)
         names = " + ".join(type(s).__name__ for s in self.strategies)
-        table = format_group_table(self.groups, head=head, user_frozen=plan.user_frozen)
+        table = format_group_table(
+            self.groups, head=head, user_frozen=plan.user_frozen, lr_scales=scales
+        )
         rank_zero_info(f"{names}: layer groups\n{table}")
 
     def _restored_flags(self) -> list[bool]:
@@ -382,7 +384,8 @@ class Coordinator:
             return
         saved, before = dict(state_dict["trainable"]), self._restored_trainable
         self._restored_trainable = saved
-        if self.plan is not None and saved != before:  # after fit start: a sharded engine
+        # after fit start (a sharded engine loading); not a test's or predict's checkpoint
+        if self.plan is not None and self._trainer is not None and saved != before:
             self.plan.set_trainable(self._restored_flags())
             training = [g.name for i, g in enumerate(self.groups) if self.plan.trains(i)]
             rank_zero_info(  # the table at fit start showed the schedule's epoch 0

@@ -332,20 +332,29 @@ def _owning_group(param_name: str, owner: dict[str, str], groups: list[LayerGrou
 
 
 def format_group_table(
-    groups: Sequence[LayerGroup], head: int = 0, user_frozen: Collection[str] = ()
+    groups: Sequence[LayerGroup],
+    head: int = 0,
+    user_frozen: Collection[str] = (),
+    lr_scales: Sequence[float] | None = None,
 ) -> str:
-    """A plain-text table: index, group name, parameter count, trainable, parameters the
-    user froze (``user_frozen``: parameter names, shown when any), and the role (encoder or
-    head) when ``head`` > 0."""
+    """A plain-text table: index, group name, parameter count, trainable, each group's LR
+    multiplier (``lr_scales``, shown when one is not 1: what DiscriminativeLR set),
+    parameters the user froze (``user_frozen``: parameter names, shown when any), and the
+    role (encoder or head) when ``head`` > 0."""
     width = max(len("group"), *(len(g.name) for g in groups))
     frozen = set(user_frozen)
+    scaled = lr_scales is not None and any(scale != 1.0 for scale in lr_scales)
     header = f"{'#':>2}  {'group':<{width}}  {'params':>10}  trainable"
+    header += f"  {'LR x':<7}" if scaled else ""
     header += "  user-frozen" if frozen else ""
     lines = [header + ("  role" if head else "")]
     for index, group in enumerate(groups):
         role = ("head" if index >= len(groups) - head else "encoder") if head else ""
         line = f"{index:>2}  {group.name:<{width}}  {group.num_params:>10,}  "
         line += f"{'yes' if group.trainable else 'no':<9}"
+        if scaled:
+            assert lr_scales is not None
+            line += f"  {lr_scales[index]:<7.3g}"
         if frozen:
             count = sum(p.numel() for n, p in group.params.items() if n in frozen)
             line += f"  {count:>11,}"

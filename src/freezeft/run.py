@@ -34,6 +34,7 @@ try:  # the app's packages come with freezeft[app]
     import freezeft.conf  # noqa: F401  (registers the configs' resolvers)
     from freezeft import task
     from freezeft.app.config import refuse_local_ddp, threads_per_job
+    from freezeft.app.console import quiet_console
     from freezeft.app.errors import is_user_error, one_line
     from freezeft.app.train import train
     from freezeft.checkpointing import run_dir_of
@@ -100,6 +101,7 @@ def main(cfg: DictConfig) -> float:
     (Optuna counts the trial as failed), so the other jobs still run.
     """
     _lightning_logs_to_hydra()
+    quiet_console()
     hydra_cfg = HydraConfig.get()
     output_dir = Path(hydra_cfg.runtime.output_dir)
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
@@ -136,8 +138,9 @@ def main(cfg: DictConfig) -> float:
             flush=True,
         )
         return math.nan
+    strategy = f"strategy={results['strategy']} " if results.get("strategy") else ""
     print(
-        f"freezeft {results['stage']}: strategy={results['strategy']} seed={results['seed']} "
+        f"freezeft {results['stage']}: {strategy}seed={results['seed']} "
         f"{results.get('headline', 'tested')} "
         f"({results['train_seconds']:.0f}s training) -> {results['run_dir']}/results.json",
         flush=True,

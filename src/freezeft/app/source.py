@@ -68,7 +68,14 @@ def pretrained_source(cfg: DictConfig, fit_and_test: Callable[..., dict[str, Any
     entry, source_cfg, settings = _entry(cfg)
 
     def build(folder: Path) -> None:
-        log.info(f"Pretraining the source model into {entry} (one-time, cached)...")
+        size = OmegaConf.select(source_cfg, "source.data.corpus.n_train", default=None)
+        what = f"{size:,} source utterances" if isinstance(size, int) else "the source data"
+        log.info(
+            f"transfer.source=auto: pretraining the source model first, on {what} for "
+            f"{cfg.source.max_epochs} epochs. This happens once: the model is cached in "
+            f"{entry} for every later run with the same source settings. To start from "
+            "your own model instead: transfer.source=PATH.ckpt (or null: from scratch)."
+        )
         # One process pretrains while the others wait on the cache lock, so it must not
         # start a multi-process strategy (DDP ranks would wait for each other forever).
         OmegaConf.update(source_cfg, "trainer.devices", 1)

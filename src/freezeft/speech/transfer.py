@@ -45,11 +45,19 @@ class TransferReport:
 
     def summary(self) -> str:
         """One paragraph for the log."""
-        alphabet = (
-            "same alphabet"
-            if self.source_labels == self.target_labels
-            else f"alphabet {len(self.source_labels)} -> {len(self.target_labels)} labels"
-        )
+        source, target = set(self.source_labels), set(self.target_labels)
+        if self.source_labels == self.target_labels:
+            alphabet = "same alphabet"
+        else:
+            changed = [
+                f"{len(target - source)} new" if target - source else "",
+                f"{len(source - target)} dropped" if source - target else "",
+                "reordered" if source == target else "",
+            ]
+            alphabet = (
+                f"alphabet {len(self.source_labels)} -> {len(self.target_labels)} labels: "
+                + ", ".join(c for c in changed if c)
+            )
         return (
             f"Transferred {len(self.loaded)} tensors from {self.source} ({alphabet}); "
             f"drop_source_layers={self.drop_source_layers} re-initialised "
