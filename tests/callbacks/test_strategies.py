@@ -398,3 +398,14 @@ def test_two_step_resets_optimizer_state_at_the_thaw_and_stops_when_phase_2_plat
     assert steps_in_state == [0, 2, 0, 10, 10]  # then buffers for all 10 parameters
     with pytest.raises(ValueError, match="`stop_patience` needs a `monitor`"):
         FreezeThenUnfreeze(stop_patience=2)
+
+
+def test_testing_a_checkpoint_after_fit_leaves_the_flags_as_the_module_came(tmp_path):
+    """A strategy's saved flags are for resuming a fit: ``trainer.test`` or ``validate``
+    with a ``ckpt_path`` after fit loads them too, and must not freeze the module again."""
+    net = make_net()
+    checkpoint = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    trainer = fit(net, [FrozenEncoder(head=1), checkpoint], epochs=1)
+    assert all(p.requires_grad for p in net.parameters())  # fit leaves them as they came
+    trainer.validate(net, data(16), ckpt_path=tmp_path / "last.ckpt", verbose=False)
+    assert all(p.requires_grad for p in net.parameters())
