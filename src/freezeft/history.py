@@ -118,26 +118,82 @@ class History(*CALLBACK_BASES):  # type: ignore[misc]
 
 
 def read_decisions(run_dir: Path) -> list[dict[str, Any]]:
-    """The strategies' decisions a :class:`History` wrote in ``run_dir`` ([] if none)."""
-    path = Path(run_dir) / HISTORY_FILE
-    return json.loads(path.read_text()).get("decisions", []) if path.exists() else []
+    """The strategies' decisions a :class:`History` wrote in ``run_dir`` ([] if none).
+
+    Raises:
+        ValueError: ``history.json`` is there but not what :class:`History` writes (the
+            message names the file and says what is wrong with it).
+    """
+    return _read_history_file(Path(run_dir) / HISTORY_FILE)["decisions"]
 
 
 def read_history(run_dir: Path) -> list[dict[str, float]]:
-    """The per-epoch metrics a :class:`History` wrote in ``run_dir`` ([] if none)."""
-    path = Path(run_dir) / HISTORY_FILE
-    return json.loads(path.read_text())["epochs"] if path.exists() else []
+    """The per-epoch metrics a :class:`History` wrote in ``run_dir`` ([] if none).
+
+    Raises:
+        ValueError: ``history.json`` is there but not what :class:`History` writes.
+    """
+    return _read_history_file(Path(run_dir) / HISTORY_FILE)["epochs"]
+
+
+def _read_history_file(path: Path) -> dict[str, list[dict[str, Any]]]:
+    if not path.exists():
+        return {"epochs": [], "decisions": []}
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not a readable history.json ({err})") from None
+    if not text.strip():
+        raise ValueError(f"{path} is not a readable history.json (it is empty)")
+    try:
+        history = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not a readable history.json ({err})") from None
+    if not isinstance(history, dict) or not isinstance(history.get("epochs"), list):
+        raise ValueError(f"{path} is not a readable history.json (no list of epochs in it)")
+    epochs = history["epochs"]
+    if not all(isinstance(e, dict) and isinstance(e.get("epoch"), int) for e in epochs):
+        raise ValueError(f"{path} is not a readable history.json (an epoch without its number)")
+    decisions = history.get("decisions") or []
+    if not isinstance(decisions, list):
+        raise ValueError(f"{path} is not a readable history.json (its decisions are no list)")
+    return {"epochs": epochs, "decisions": [d for d in decisions if isinstance(d, dict)]}
 
 
 def read_lr_schedule(run_dir: Path) -> dict[str, list[float]]:
-    """``{"step": [...], "<group>": [...]}`` from ``lr_schedule.csv`` ({} if none)."""
+    """``{"step": [...], "<group>": [...]}`` from ``lr_schedule.csv`` ({} if none; an empty
+    cell, a group that was not in the optimizer yet, is NaN).
+
+    Raises:
+        ValueError: ``lr_schedule.csv`` is there but not what :class:`History` writes (empty,
+            a row cut short, a value that is no number): the message names the file.
+    """
     path = Path(run_dir) / LR_FILE
     if not path.exists():
         return {}
-    with open(path, newline="") as stream:
-        rows = list(csv.DictReader(stream))
-    if not rows:
-        return {}
-    return {
-        key: [float(row[key]) if row[key] != "" else math.nan for row in rows] for key in rows[0]
-    }
+    try:
+        with open(path, newline="") as stream:
+            reader = csv.reader(stream)
+            header = next(reader, None)
+            rows = list(reader)
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise ValueError(f"{path} is not a readable lr_schedule.csv ({err})") from None
+    if not header or header[:2] != ["step", "epoch"]:
+        raise ValueError(f"{path} is not a readable lr_schedule.csv (no step,epoch,... header)")
+    schedule: dict[str, list[float]] = {key: [] for key in header}
+    for number, row in enumerate(rows, start=2):
+        if len(row) != len(header):
+            raise ValueError(
+                f"{path} is not a readable lr_schedule.csv (line {number} has {len(row)} "
+                f"fields, the header {len(header)}: cut short?)"
+            )
+        try:
+            values = [float(cell) if cell != "" else math.nan for cell in row]
+        except ValueError:
+            raise ValueError(
+                f"{path} is not a readable lr_schedule.csv (line {number} holds something "
+                "that is not a number)"
+            ) from None
+        for key, value in zip(header, values, strict=True):
+            schedule[key].append(value)
+    return schedule if rows else {}

@@ -67,8 +67,9 @@ def write_skipped(rows: list[tuple[str, Any]], output_dir: Path) -> None:
         writer.writerow(["split", "row", "file", "kind", "detail"])
         writer.writerows([split, r.source, r.path, r.kind, r.detail] for split, r in rows)
     kinds = Counter(row.kind for _, row in rows)
+    counted = ", ".join(f"{n} {k}" for k, n in kinds.most_common())
     log.warning(
-        f"Skipped {len(rows)} row{'' if len(rows) == 1 else 's'} ({', '.join(f'{n} {k}' for k, n in kinds.most_common())}); "
+        f"Skipped {len(rows)} row{'' if len(rows) == 1 else 's'} ({counted}); "
         f"each one with its reason: {output_dir / 'skipped_samples.csv'}"
     )
 
