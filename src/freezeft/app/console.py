@@ -1,9 +1,11 @@
 """A quiet console for app runs: known, harmless third-party noise left out, warnings as
-one line each (in ``run.log`` too), and log lines that never land inside a progress bar."""
+one line each on stderr (and in ``run.log``), and log lines that never land inside a
+progress bar."""
 
 from __future__ import annotations
 
 import logging
+import sys
 import warnings
 from typing import Any
 
@@ -33,10 +35,22 @@ class _DropNoise(logging.Filter):
         return not any(noise in message for noise in _NOISE)
 
 
-def _one_line_warning(
-    message: Warning | str, category: type[Warning], filename: str, lineno: int, *args: Any
-) -> str:
-    return f"{category.__name__}: {message}\n"
+def _show_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: Any = None,
+    line: str | None = None,
+) -> None:
+    """A warning as one line on stderr (not the file and source line it came from), and
+    in the run's ``run.log``."""
+    text = f"{category.__name__}: {message}"
+    print(text, file=file or sys.stderr, flush=True)
+    record = logging.LogRecord("py.warnings", logging.WARNING, filename, lineno, text, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
 
 
 class _AboveProgressBars(logging.Handler):
@@ -63,8 +77,7 @@ def quiet_console() -> None:
     """Apply to the logging Hydra configured for this run (call it first in the job)."""
     for message, module in _HARMLESS_WARNINGS:
         warnings.filterwarnings("ignore", message=message, module=module)
-    warnings.formatwarning = _one_line_warning  # type: ignore[assignment]
-    logging.captureWarnings(True)  # warnings on the console once, and in run.log
+    warnings.showwarning = _show_warning
     root = logging.getLogger()
     for index, handler in enumerate(root.handlers):
         if type(handler) is logging.StreamHandler:

@@ -80,7 +80,7 @@ def pretrained_source(cfg: DictConfig, fit_and_test: Callable[..., dict[str, Any
         # start a multi-process strategy (DDP ranks would wait for each other forever).
         OmegaConf.update(source_cfg, "trainer.devices", 1)
         for key, value in (cfg.source.get("model") or {}).items():  # e.g. the speech task's
-            OmegaConf.update(source_cfg, f"model.{key}", value)  # greedy decoder
+            OmegaConf.update(source_cfg, f"model.{key}", value, force_add=True)  # greedy decoder
         OmegaConf.update(source_cfg, "trainer.strategy", "auto", force_add=True)
         results = fit_and_test(
             source_cfg,

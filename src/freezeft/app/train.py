@@ -149,8 +149,8 @@ def fit_and_test(
     # read as weights only first: a file that would run code is refused in freezeft's words
     best_epoch = read_checkpoint_file(best)["epoch"] if best else None
     try:
-        (test_metrics,) = trainer.test(
-            module, datamodule=datamodule, ckpt_path=best or None, weights_only=True
+        (test_metrics,) = trainer.test(  # not verbose: the run's last line has the results
+            module, datamodule=datamodule, ckpt_path=best or None, weights_only=True, verbose=False
         )
     except SIGTERM_EXCEPTIONS:
         stop_before_results(output_dir)

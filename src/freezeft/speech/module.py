@@ -68,6 +68,7 @@ class SpeechModule(pl.LightningModule):
         language: the data's language (``wordfreq`` code); the scorer's words come from its
             general word list unless ``decoder.lm_text`` names a text.
         scorer_dir: where the scorer is written; default ``<trainer.default_root_dir>/scorer``.
+        log_samples: log the test's best, median and worst samples (DeepSpeech's report).
 
     Example::
 
@@ -93,9 +94,12 @@ class SpeechModule(pl.LightningModule):
         decoder: Decoder | str | dict | None = None,
         language: str | None = None,
         scorer_dir: str | Path | None = None,
+        log_samples: bool = True,
     ) -> None:
         super().__init__()
         labels = list(labels)
+        #: the test logs its best, median and worst samples, DeepSpeech-style
+        self.log_samples = log_samples
         self.decoder = Decoder.from_config(decoder)
         if self.decoder.beam:  # before any training: a bad word source fails now
             check_words(labels, language, self.decoder.lm_text, self.decoder.vocabulary)
@@ -401,7 +405,7 @@ class SpeechModule(pl.LightningModule):
             greedy, self._greedy_counts = self._greedy_counts, None
             self._log_error_rates("test_greedy", greedy)
         self.test_samples = sorted(self._samples, key=lambda s: (s["cer"], s["path"]))
-        if self.test_samples:
+        if self.test_samples and self.log_samples:
             rank_zero_info(format_samples(self.test_samples, wer, cer))
 
     def _tuned_scorer(self) -> Scorer:
