@@ -21,7 +21,7 @@ import pytest
 pytestmark = pytest.mark.library  # runs where only torch and Lightning are installed
 
 SRC = Path(__file__).parents[1] / "src" / "freezeft"
-APP = sorted([SRC / "run.py", SRC / "report.py", SRC / "task.py", *SRC.glob("app/*.py")])
+APP = sorted([SRC / "run.py", SRC / "task.py", *SRC.glob("app/*.py"), *SRC.glob("report/*.py")])
 SPEECH = sorted([SRC / "transcribe.py", *SRC.glob("speech/*.py")])
 LIBRARY = sorted(
     [*SRC.glob("callbacks/*.py"), *(p for p in SRC.glob("*.py") if p not in APP + SPEECH)]
