@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -17,8 +18,15 @@ def tiny() -> dict:
 
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One cache folder for the session, shared with subprocess runs."""
-    return tmp_path_factory.mktemp("cache")
+    """One cache folder for the session, shared with subprocess runs and, under
+    pytest-xdist, with the other workers: freezeft's own cache locks let one process
+    build each corpus and source model while the others wait for it."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # each worker's base is in the session's
+        root = root.parent
+    path = root / "cache"
+    path.mkdir(exist_ok=True)
+    return path
 
 
 @pytest.fixture(scope="session")
