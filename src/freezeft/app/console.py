@@ -17,6 +17,9 @@ _NOISE = (
     "GPU available:",
     "TPU available:",
     "HPU available:",
+    # which checkpoint is read: the app says it in its own words (resuming, testing)
+    "Restoring states from the checkpoint path at",
+    "Loaded model weights from the checkpoint at",
 )
 #: warnings known to be harmless here: (message regex, module regex)
 _HARMLESS_WARNINGS = [

@@ -148,6 +148,11 @@ def fit_and_test(
     best = _this_runs_best(checkpoint, output_dir)
     # read as weights only first: a file that would run code is refused in freezeft's words
     best_epoch = read_checkpoint_file(best)["epoch"] if best else None
+    log.info(
+        f"Testing the best checkpoint, checkpoints/{Path(best).name} (epoch {best_epoch})"
+        if best
+        else "Testing the last weights (no best checkpoint was saved)"
+    )
     try:
         (test_metrics,) = trainer.test(  # not verbose: the run's last line has the results
             module, datamodule=datamodule, ckpt_path=best or None, weights_only=True, verbose=False
