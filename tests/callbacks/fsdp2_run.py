@@ -2,9 +2,11 @@
 ``configure_model``) under Lightning's ModelParallelStrategy, 2 CPU processes (gloo), or the
 same model unsharded on one process with the same global batch.
 
-usage: python fsdp2_run.py OUT_DIR STRATEGY {sharded,sharded_full,single,ddp} [EPOCHS [RESUME_CKPT]]
-
-``sharded_full`` saves Lightning's full checkpoints (one file) instead of folders of shards.
+usage: python fsdp2_run.py RUNS_JSON
+RUNS_JSON: a list of runs, each ``{"out": DIR, "strategy": NAME, "mode": MODE, "epochs": N,
+"resume": CKPT or null}``, MODE one of sharded, sharded_full (Lightning's full checkpoint
+files instead of folders of shards) or ddp. They run one after another in the same pair of
+processes (one launch: Lightning starts the second process once); ``main`` runs one.
 
 Writes ``initial.pt`` and ``weights.pt`` (the full weights before and after fit, from rank
 0) and ``rank<r>.json``: per optimizer step, the frozen parameters that had a gradient or
@@ -121,7 +123,7 @@ def full(param: torch.Tensor) -> torch.Tensor:
     return (param.full_tensor() if hasattr(param, "full_tensor") else param).detach().clone()
 
 
-def main(out: Path, strategy: str, mode: str, epochs: int = 4, resume: str | None = None) -> None:
+def main(out: Path, strategy: str, mode: str, epochs: int = 3, resume: str | None = None) -> None:
     """``mode``: sharded or single; ``epochs``: the run's max_epochs (a checkpoint is saved
     at every epoch end into ``out/checkpoints``); ``resume``: a checkpoint to go on from."""
     sharded = mode.startswith("sharded")
@@ -166,5 +168,6 @@ def main(out: Path, strategy: str, mode: str, epochs: int = 4, resume: str | Non
 
 
 if __name__ == "__main__":
-    out, strategy, mode, *rest = sys.argv[1:]
-    main(Path(out), strategy, mode, *(int(rest[0]),) if rest else (), *rest[1:2])
+    for run in json.loads(sys.argv[1]):
+        Path(run["out"]).mkdir(parents=True, exist_ok=True)
+        main(Path(run["out"]), run["strategy"], run["mode"], run["epochs"], run.get("resume"))

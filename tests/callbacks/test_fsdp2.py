@@ -17,38 +17,79 @@ SCRIPT = Path(__file__).with_name("fsdp2_run.py")
 ENV = {"PL_DISABLE_FORK": "1", "OMP_NUM_THREADS": "1"}
 
 
+TESTED = [
+    "frozen_encoder",
+    "freeze_then_unfreeze",
+    "gradual_unfreeze",
+    "discriminative_lr+warmup",
+    "auto_freeze",
+]
+#: the resume cases: a strategy and the checkpoints its sharded run saves
+RESUMED = [
+    # after the first thaw, before the next: the thawed group's optimizer state comes back
+    ("gradual_unfreeze", "sharded"),
+    # after groups froze: a checkpoint without their state (Lightning's full file)
+    ("auto_freeze", "sharded_full"),
+]
+
+
+def launch(runs: list[dict]) -> None:
+    """The runs one after another in one pair of processes (2 CPU ranks, gloo)."""
+    cwd = Path(runs[0]["out"]).parent
+    run_python([str(SCRIPT), json.dumps(runs)], cwd=cwd, env=ENV, timeout=600)
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """``get(strategy, mode)``: the out dir of that run, each made once per module. The
-    sharded runs are 2-process launches; the unsharded reference runs in this process."""
+    """``get(strategy, mode)``: the out dir of that run. Every sharded run is made by one
+    launch, the first time one is asked for; the unsharded reference runs in this process."""
+    root = tmp_path_factory.mktemp("fsdp2")
     done: dict[tuple[str, str], Path] = {}
 
     def get(strategy: str, mode: str) -> Path:
+        if mode == "sharded" and (strategy, mode) not in done:
+            batch = [
+                {"out": str(root / f"{name}-sharded".replace("+", "_")), "strategy": name,
+                 "mode": "sharded", "epochs": 3}
+                for name in TESTED
+            ]  # fmt: skip
+            launch(batch)
+            done.update({(r["strategy"], "sharded"): Path(r["out"]) for r in batch})
         if (strategy, mode) not in done:
-            out = tmp_path_factory.mktemp(f"{strategy}-{mode}".replace("+", "_"))
-            if mode == "single":
-                import fsdp2_run
+            import fsdp2_run
 
-                fsdp2_run.main(out, strategy, mode)
-            else:
-                run_python([str(SCRIPT), str(out), strategy, mode], cwd=out, env=ENV,
-                           timeout=300)  # fmt: skip
+            out = root / f"{strategy}-{mode}".replace("+", "_")
+            out.mkdir()
+            fsdp2_run.main(out, strategy, mode)
             done[strategy, mode] = out
         return done[strategy, mode]
 
     return get
 
 
-@pytest.mark.parametrize(
-    "strategy",
-    [
-        "frozen_encoder",
-        "freeze_then_unfreeze",
-        "gradual_unfreeze",
-        "discriminative_lr+warmup",
-        "auto_freeze",
-    ],
-)
+@pytest.fixture(scope="module")
+def resumed(tmp_path_factory):
+    """Each resume case cut after epoch 1 (``cut``: 2 epochs), then resumed from that
+    checkpoint by a new pair of processes to the whole run's 3 epochs: one launch cuts
+    every case, one resumes them."""
+    root = tmp_path_factory.mktemp("resumed")
+    dirs = {}
+    for strategy, checkpoints in RESUMED:
+        name = strategy.replace("+", "_")
+        dirs[strategy, checkpoints] = (root / f"{name}-cut", root / f"{name}-resumed")
+    launch([
+        {"out": str(cut), "strategy": s, "mode": m, "epochs": 2}
+        for (s, m), (cut, _) in dirs.items()
+    ])  # fmt: skip
+    launch([
+        {"out": str(again), "strategy": s, "mode": m, "epochs": 3,
+         "resume": str(cut / "checkpoints" / "epoch=1.ckpt")}
+        for (s, m), (cut, again) in dirs.items()
+    ])  # fmt: skip
+    return dirs
+
+
+@pytest.mark.parametrize("strategy", TESTED)
 def test_a_sharded_run_trains_as_the_unsharded_one(runs, strategy):
     sharded, single = runs(strategy, "sharded"), runs(strategy, "single")
     got = torch.load(sharded / "weights.pt", weights_only=True)
@@ -76,17 +117,9 @@ def test_a_sharded_run_trains_as_the_unsharded_one(runs, strategy):
         assert not torch.equal(got["encoder.0.weight"], initial["encoder.0.weight"])
 
 
-@pytest.mark.parametrize(
-    ("strategy", "checkpoints"),
-    [
-        # after the first thaw, before the next: the thawed group's optimizer state comes back
-        ("gradual_unfreeze", "sharded"),
-        # after groups froze: a checkpoint without their state (Lightning's full file)
-        ("auto_freeze", "sharded_full"),
-    ],
-)
+@pytest.mark.parametrize(("strategy", "checkpoints"), RESUMED)
 def test_a_sharded_run_resumed_mid_schedule_equals_the_uninterrupted_one(
-    runs, tmp_path, strategy, checkpoints
+    runs, resumed, strategy, checkpoints
 ):
     """A run cut after epoch 1, then a new pair of processes resumes its checkpoint (a
     folder of shards, or one full file): the weights bit-identical to the uninterrupted
@@ -94,11 +127,7 @@ def test_a_sharded_run_resumed_mid_schedule_equals_the_uninterrupted_one(
     Sharded engines load the optimizer before the callbacks: the saved flags must be known
     before, or the state of groups thawed by then is lost (found by a stranger's test)."""
     whole = runs(strategy, "sharded")
-    cut, resumed = tmp_path / "cut", tmp_path / "resumed"
-    for out, args in ((cut, ["2"]), (resumed, ["4", str(cut / "checkpoints" / "epoch=1.ckpt")])):
-        out.mkdir()
-        run_python([str(SCRIPT), str(out), strategy, checkpoints, *args], cwd=tmp_path, env=ENV,
-                   timeout=300)  # fmt: skip
+    cut, resumed = resumed[strategy, checkpoints]
     saved = cut / "checkpoints" / "epoch=1.ckpt"
     assert saved.is_dir() == (checkpoints == "sharded")  # a folder of shards, or one file
     got = torch.load(resumed / "weights.pt", weights_only=True)
