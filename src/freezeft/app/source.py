@@ -72,7 +72,8 @@ def pretrained_source(cfg: DictConfig, fit_and_test: Callable[..., dict[str, Any
         what = f"{size:,} source utterances" if isinstance(size, int) else "the source data"
         log.info(
             f"transfer.source=auto: pretraining the source model first, on {what} for "
-            f"{cfg.source.max_epochs} epochs. This happens once: the model is cached in "
+            f"{cfg.source.max_epochs} epoch{'' if cfg.source.max_epochs == 1 else 's'}. "
+            f"This happens once: the model is cached in "
             f"{entry} for every later run with the same source settings. To start from "
             "your own model instead: transfer.source=PATH.ckpt (or null: from scratch)."
         )

@@ -155,9 +155,11 @@ class FreezeThenUnfreeze(FrozenEncoder):
                 if self.monitor
                 else f"unfreeze_at_epoch={self.unfreeze_at_epoch} >= max_epochs"
             )
+            trained = trainer.current_epoch
             rank_zero_warn(
                 f"{type(self).__name__}: phase 2 (everything trains) never started: {reason} "
-                f"within the {trainer.current_epoch} epochs trained, so only the head trained. "
+                f"within the {trained} epoch{'' if trained == 1 else 's'} trained, so only the "
+                "head trained. "
                 "Give it more epochs (python -m freezeft.run: protocol=converge)."
             )
 
