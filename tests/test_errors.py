@@ -21,7 +21,7 @@ CASES = {
     ),
     "an unknown option": (
         ["strategy=nope"],
-        "Could not find 'strategy/nope' Options for strategy: auto_freeze, discriminative_lr",
+        "Could not find 'strategy/nope'. Options for strategy: auto_freeze, discriminative_lr",
     ),
     "a misspelt key": (
         ["model.optimizer.lrr=0.1"],

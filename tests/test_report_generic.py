@@ -337,9 +337,9 @@ def test_a_sweep_without_a_usable_job_is_refused_naming_the_dir(tmp_path, capsys
         write_report(tmp_path)
     with pytest.raises(SystemExit) as stop:
         main([str(tmp_path)])
-    assert stop.value.code == 2
+    assert stop.value.code == 1
     err = capsys.readouterr().err
-    assert err.startswith(f"error: No finished job under {tmp_path.resolve()}")
+    assert err.startswith(f"freezeft: error: No finished job under {tmp_path.resolve()}")
     assert "Traceback" not in err and not (tmp_path / "report.md").exists()
 
 
@@ -349,9 +349,9 @@ def test_a_single_run_dir_is_refused_in_one_line(tmp_path, capsys):
         collect(run)
     with pytest.raises(SystemExit) as stop:
         main([str(run)])
-    assert stop.value.code == 2
+    assert stop.value.code == 1
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and f"error: {run.resolve()} is a single run's dir" in err
+    assert err.count("\n") == 1 and f"freezeft: error: {run.resolve()} is a single run's dir" in err
     assert not (run / "report.md").exists()
     write_report(tmp_path)  # its parent: a folder of run dirs, one row of one run
     assert "One setting only: **naive** (1 run)" in (tmp_path / "report.md").read_text()

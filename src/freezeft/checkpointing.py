@@ -428,6 +428,8 @@ def _calls_code(path: Path) -> bool:
             data = path.read_bytes()
     except Exception:  # unreadable
         return False
+    if not data.startswith(b"\x80"):  # every pickle torch writes opens with its protocol
+        return False
     # torch's legacy format is several pickles in a row (magic number, protocol, system
     # info, then the objects), followed by raw tensor data
     stream = io.BytesIO(data)

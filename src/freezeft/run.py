@@ -24,6 +24,15 @@ from pathlib import Path
 
 from freezeft.extras import missing_extra
 
+if __name__ == "__main__":  # Ctrl+C while the app's packages load: one line, no traceback
+    import signal
+
+    def _interrupted_while_loading(*_: object) -> None:
+        print("freezeft: interrupted", file=sys.stderr, flush=True)
+        os._exit(130)
+
+    signal.signal(signal.SIGINT, _interrupted_while_loading)
+
 try:  # the app's packages come with freezeft[app]
     import hydra
     import torch
@@ -182,6 +191,9 @@ def _missing_plugin(argv: list[str]) -> str | None:
 def cli() -> None:
     """``python -m freezeft.run``: the Hydra app, every user error in one line on stderr
     with exit code 1 (``HYDRA_FULL_ERROR=1`` shows tracebacks)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl+C: KeyboardInterrupt again
     message = _missing_plugin(sys.argv[1:])
     if message is None:
         os.environ.setdefault(TRACEBACKS, "1" if _wants_tracebacks() else "0")
@@ -189,6 +201,9 @@ def cli() -> None:
         try:
             main()
             return
+        except KeyboardInterrupt:  # before training (it stops training in its own words)
+            print("freezeft: interrupted", file=sys.stderr, flush=True)
+            raise SystemExit(130) from None
         except Exception as err:
             message = None if _wants_tracebacks() else one_line(err)
             if message is None:

@@ -48,7 +48,7 @@ def test_a_warmup_that_ends_within_the_run_does_not_warn():
 
 def test_gradual_unfreeze_with_too_few_epochs_names_the_groups_that_never_train():
     (message,) = warnings_of("GradualUnfreeze", [GradualUnfreeze(head=1)], epochs=2)
-    assert "thawing its 2 groups below the head, one every 1 epoch(s), takes 3 epochs" in message
+    assert "thawing its 2 groups below the head, one every 1 epoch(s), needs 3 epochs" in message
     assert "this run has 2 (trainer.max_epochs=2" in message
     assert "['model.0'] never train" in message
     assert "Set trainer.max_epochs >= 3, a smaller `every_n_epochs`" in message
@@ -57,7 +57,7 @@ def test_gradual_unfreeze_with_too_few_epochs_names_the_groups_that_never_train(
         "GradualUnfreeze", [GradualUnfreeze(head=1, every_n_epochs=2)], epochs=2
     )
     # model.2 would join at epoch 2, model.0 at epoch 4: neither within epochs 0 and 1
-    assert "takes 5 epochs" in message and "['model.2', 'model.0'] never train" in message
+    assert "needs 5 epochs" in message and "['model.2', 'model.0'] never train" in message
 
 
 def test_gradual_unfreeze_cut_short_by_max_steps_warns():

@@ -86,9 +86,12 @@ def _absurd_numbers(cfg: DictConfig) -> list[str]:
         if not isinstance(node, DictConfig):
             continue
         for key, value in _flat(_plain(node), section).items():
+            name = key.rsplit(".", 1)[-1]
+            if isinstance(value, str) and name in (*_POSITIVE, *_NON_NEGATIVE):
+                problems.append(f"`{key}={value!r}`: expected a number")
+                continue
             if not isinstance(value, (int, float)) or isinstance(value, bool):
                 continue
-            name = key.rsplit(".", 1)[-1]
             if math.isnan(value):
                 problems.append(f"`{key}={value}`: expected a number, not NaN")
             elif name in _POSITIVE and not (0 <= value < math.inf):  # 0: evaluate only

@@ -20,6 +20,8 @@ _NOISE = (
     # which checkpoint is read: the app says it in its own words (resuming, testing)
     "Restoring states from the checkpoint path at",
     "Loaded model weights from the checkpoint at",
+    "`weights_only` was not set",  # the app reads every checkpoint weights-only first
+    "Seed set to",  # results.json and the run's config have the seed
 )
 #: warnings known to be harmless here: (message regex, module regex)
 _HARMLESS_WARNINGS = [
@@ -29,6 +31,10 @@ _HARMLESS_WARNINGS = [
     (r".*weights_only", r"(lightning_fabric|pytorch_lightning|lightning)\..*"),
     # the app's loaders are sized on purpose (num_workers=auto)
     (r".*does not have many workers", ""),
+    # a resumed run writes into its own checkpoints/ again, on purpose
+    (r"Checkpoint directory .* exists and is not empty", ""),
+    # the report's plots: matplotlib's layout hint on small figures
+    (r"Tight layout not applied", ""),
 ]
 
 

@@ -66,7 +66,7 @@ def _composition(err: HydraException) -> str:
     head = _joined(text[: found.start()] if found else text)
     if found:
         options = [o.strip() for o in found.group(2).splitlines() if o.strip()]
-        head += f" Options for {found.group(1)}: {', '.join(options)}."
+        head = head.rstrip(" .;") + f". Options for {found.group(1)}: {', '.join(options)}."
     cause = err.__cause__
     typo = re.search(r"Could not override '([^']+)'", text)
     if typo and "is not in struct" in str(cause):

@@ -81,7 +81,7 @@ class GradualUnfreeze(FrozenEncoder):
         raise_steps = " (and trainer.max_steps to match)" if limited else ""
         rank_zero_warn(
             f"{type(self).__name__}: thawing its {len(order)} groups below the head, one every "
-            f"{self.every_n_epochs} epoch(s), takes {needed} epochs for the last to train one, "
+            f"{self.every_n_epochs} epoch(s), needs {needed} epochs before the last one trains, "
             f"but this run has {length.epochs} ({length.limits}), so {never} never train. "
             f"Set trainer.max_epochs >= {needed}{raise_steps}, a smaller `every_n_epochs`, "
             "or more groups in `head`."

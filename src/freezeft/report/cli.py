@@ -21,7 +21,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     try:
         path = write_report(args.sweep_dir)
     except (OSError, ValueError) as err:  # a missing dir, one run's dir, no finished job
-        parser.exit(2, f"error: {err}\n")
+        parser.exit(1, f"freezeft: error: {err}\n")
     print(path.read_text())
     print(f"-> {path}")
     return path

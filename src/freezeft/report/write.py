@@ -289,7 +289,15 @@ def _budget(runs: Sequence[Run]) -> str:
     ]
     sources = [b.get("source_epochs") for b in budgets if b.get("source_epochs") is not None]
     if sources:
-        parts.append(f"source model pretrained once (max_epochs={_distinct(sources)}), shared")
+        # a swept model option pretrains a source model per value (the source is trained
+        # with the run's model settings): say so, never "shared" then
+        models = {r.results.get("source") for r in runs if r.results.get("source")}
+        parts.append(
+            f"source model pretrained once (max_epochs={_distinct(sources)}), shared"
+            if len(models) <= 1
+            else f"{len(models)} source models (max_epochs={_distinct(sources)}): the swept "
+            "settings changed the source model too"
+        )
     seeds = sorted({r.results.get("seed") for r in runs}, key=str)
     parts.append(f"seeds {', '.join(map(str, seeds))}")
     return "; ".join(parts)
