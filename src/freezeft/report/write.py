@@ -73,29 +73,25 @@ def write_report(sweep_dir: str | Path) -> Path:
     plot_name = f"{key.removeprefix('test_').removeprefix('test/').replace('/', '_')}_vs_time.png"
     sign = -1 if spec.get("mode") == "max" else 1
 
-    @functools.cache  # each file is read, and named if unreadable, once
-    def history(run_dir: Path) -> list[dict[str, Any]]:
-        try:
-            return read_history(run_dir)
-        except ValueError as err:
-            sweep.cannot_read(run_dir / "history.json", str(err), "the learning curves")
-            return []
+    def tolerant(
+        read: Callable[[Path], Any], name: str, what: str, empty: Callable[[], Any]
+    ) -> Any:
+        """``read`` once per run dir (cached); an unreadable file is named, and left out
+        of ``what``."""
 
-    @functools.cache
-    def schedule(run_dir: Path) -> dict[str, list[float]]:
-        try:
-            return read_lr_schedule(run_dir)
-        except ValueError as err:
-            sweep.cannot_read(run_dir / "lr_schedule.csv", str(err), "the LR plot")
-            return {}
+        @functools.cache
+        def read_once(run_dir: Path) -> Any:
+            try:
+                return read(run_dir)
+            except ValueError as err:
+                sweep.cannot_read(run_dir / name, str(err), what)
+                return empty()
 
-    @functools.cache
-    def decisions(run_dir: Path) -> list[dict[str, Any]]:
-        try:
-            return read_decisions(run_dir)
-        except ValueError as err:
-            sweep.cannot_read(run_dir / "history.json", str(err), "the LR plot's decisions")
-            return []
+        return read_once
+
+    history = tolerant(read_history, "history.json", "the learning curves", list)
+    schedule = tolerant(read_lr_schedule, "lr_schedule.csv", "the LR plot", dict)
+    decisions = tolerant(read_decisions, "history.json", "the LR plot's decisions", list)
 
     write_csv(summaries, sweep_dir / "report.csv", metrics)
     plot_metric_vs_time(summaries, sweep_dir / plot_name, key, label)
