@@ -257,6 +257,7 @@ AUTO_FREEZE = [
     "strategy.callbacks.auto_freeze.threshold=1e9",
     "strategy.callbacks.auto_freeze.check_every_n_steps=8",
     "strategy.callbacks.auto_freeze.patience=1",
+    "strategy.callbacks.auto_freeze.after_plateau=false",
     "decoder=greedy",
     "trainer.max_epochs=6",
 ]

@@ -264,6 +264,7 @@ def test_auto_freeze_decisions_reach_history_lr_schedule_and_report(tmp_path, ca
         "strategy.callbacks.auto_freeze.threshold=1e9",  # freeze at every chance
         "strategy.callbacks.auto_freeze.check_every_n_steps=1",
         "strategy.callbacks.auto_freeze.patience=1",
+        "strategy.callbacks.auto_freeze.after_plateau=false",  # on the gradient test alone
         "strategy.callbacks.auto_freeze.min_epochs=0",
         "trainer.max_epochs=3",
         "decoder=greedy",

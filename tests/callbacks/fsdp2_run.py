@@ -39,7 +39,14 @@ STRATEGIES = {
     "discriminative_lr+warmup": lambda: [DiscriminativeLR(decay=0.5), LRWarmup(warmup_steps=3)],
     # a generous threshold: it freezes groups within the run (decisions are compared)
     "auto_freeze": lambda: [
-        AutoFreeze(head=1, threshold=10.0, check_every_n_steps=2, patience=1, min_epochs=1)
+        AutoFreeze(
+            head=1,
+            threshold=10.0,
+            check_every_n_steps=2,
+            patience=1,
+            min_epochs=1,
+            after_plateau=False,
+        )
     ],
 }
 GLOBAL_BATCH = 16

@@ -47,7 +47,9 @@ class Settled(pl.LightningModule):
 
 def test_a_settled_first_layer_is_frozen_first_and_a_learning_one_is_not():
     module = Settled()
-    strategy = AutoFreeze(threshold=1e-6, check_every_n_steps=4, patience=1, min_epochs=0)
+    strategy = AutoFreeze(
+        threshold=1e-6, check_every_n_steps=4, patience=1, min_epochs=0, after_plateau=False
+    )
     trainer = fit(module, [strategy], epochs=3)
     assert [d["group"] for d in strategy.decisions] == ["first"]
     decision = strategy.decisions[0]
@@ -60,7 +62,9 @@ def test_a_settled_first_layer_is_frozen_first_and_a_learning_one_is_not():
 
 def test_decisions_follow_the_formula_on_the_recorded_gradient_norms():
     module = Task("sequential", lr=0.05)
-    strategy = AutoFreeze(threshold=0.3, check_every_n_steps=2, patience=2, min_epochs=1)
+    strategy = AutoFreeze(
+        threshold=0.3, check_every_n_steps=2, patience=2, min_epochs=1, after_plateau=False
+    )
     fit(module, [strategy], epochs=6)
     expected, frozen, calm = [], 0, 0
     names = [g.name for g in strategy.groups]
@@ -88,7 +92,9 @@ class Weights(pl.Callback):
 
 def test_the_head_is_never_frozen_and_frozen_groups_stay_put():
     module = Task("sequential", lr=0.05)
-    strategy = AutoFreeze(head=1, threshold=1e9, check_every_n_steps=2, patience=1, min_epochs=0)
+    strategy = AutoFreeze(
+        head=1, threshold=1e9, check_every_n_steps=2, patience=1, min_epochs=0, after_plateau=False
+    )
     weights = Weights()
     fit(module, [strategy, weights], epochs=4)
     names = [g.name for g in strategy.groups]
@@ -108,7 +114,13 @@ def test_the_head_is_never_frozen_and_frozen_groups_stay_put():
 def test_resume_mid_run_decides_as_an_uninterrupted_run(tmp_path, stop_at):
     def strategies():
         return [
-            AutoFreeze(threshold=0.5, check_every_n_steps=3, patience=1, min_epochs=1),
+            AutoFreeze(
+                threshold=0.5,
+                check_every_n_steps=3,
+                patience=1,
+                min_epochs=1,
+                after_plateau=False,
+            ),
             DiscriminativeLR(decay=0.5),
             LRWarmup(warmup_steps=3),
         ]
@@ -130,19 +142,109 @@ def test_resume_mid_run_decides_as_an_uninterrupted_run(tmp_path, stop_at):
         assert torch.equal(value, resumed.state_dict()[key]), key
 
 
+class ScriptedDev(Task):
+    """A task whose dev metric follows a script, one value per epoch (a plateau on cue)."""
+
+    def __init__(self, script: list[float]) -> None:
+        super().__init__("sequential", lr=0.05)
+        self.script = script
+
+    def validation_step(self, batch, batch_idx):
+        super().validation_step(batch, batch_idx)
+        self.log("val_score", self.script[self.current_epoch])
+
+
+# 4 steps per epoch; the metric improves for 3 validations, then stalls at epoch 3
+PLATEAU_AT_3 = [0.5, 0.4, 0.3, 0.35, 0.2, 0.1, 0.05, 0.04]
+
+
+@pytest.mark.parametrize("pace", [1, None])
+def test_nothing_freezes_before_the_dev_metric_plateaus_then_pace_groups_per_validation(pace):
+    module = ScriptedDev(PLATEAU_AT_3)
+    strategy = AutoFreeze(
+        monitor="val_score", threshold=1e9, check_every_n_steps=1, patience=1, min_epochs=0,
+        pace=pace,
+    )  # fmt: skip
+    fit(module, [strategy], epochs=7)
+    assert strategy.plateau_epoch == 3
+    names = [g.name for g in strategy.groups]
+    assert [d["group"] for d in strategy.decisions] == names[:-1]  # all but the head, in order
+    epochs = [d["epoch"] for d in strategy.decisions]
+    # the gradient test held from the start, yet the first freeze waits for the plateau
+    if pace == 1:
+        assert epochs == list(range(4, 4 + len(epochs)))  # one per validation
+    else:
+        assert set(epochs) == {4}  # as fast as the gradient test allows
+    assert [v["value"] for v in strategy.validations] == pytest.approx(PLATEAU_AT_3[:7])
+
+
+def test_the_monitor_and_its_mode_come_from_the_checkpoint_callback(tmp_path):
+    module = ScriptedDev([0.1, 0.2, 0.3, 0.25, 0.4, 0.5])  # higher is better: stalls at 3
+    strategy = AutoFreeze(threshold=1e9, check_every_n_steps=1, patience=1, min_epochs=0)
+    checkpoint = pl.callbacks.ModelCheckpoint(tmp_path, monitor="val_score", mode="max")
+    fit(module, [strategy, checkpoint], epochs=6, enable_checkpointing=True)
+    assert strategy.plateau_epoch == 3
+    assert strategy.decisions and min(d["epoch"] for d in strategy.decisions) == 4
+
+
+def test_a_watched_metric_that_is_not_logged_is_named():
+    strategy = AutoFreeze(monitor="val_nope", threshold=1e9, check_every_n_steps=1)
+    with pytest.raises(ValueError, match="'val_nope', was not logged; logged metrics are"):
+        fit(ScriptedDev(PLATEAU_AT_3), [strategy], epochs=2)
+
+
+@pytest.mark.parametrize("stop_at", [4, 6])
+def test_resume_with_a_watched_dev_metric_decides_as_an_uninterrupted_run(tmp_path, stop_at):
+    def strategies():
+        return [
+            AutoFreeze(monitor="val_score", threshold=1e9, check_every_n_steps=3, patience=1),
+        ]
+
+    whole = ScriptedDev(PLATEAU_AT_3)
+    full = strategies()
+    fit(whole, full, epochs=7)
+    first = ScriptedDev(PLATEAU_AT_3)
+    trainer = fit(first, strategies(), epochs=stop_at)
+    trainer.save_checkpoint(tmp_path / "stop.ckpt")
+    resumed = ScriptedDev(PLATEAU_AT_3)
+    again = strategies()
+    fit(resumed, again, epochs=7, ckpt_path=tmp_path / "stop.ckpt")
+    assert len(full[0].decisions) >= 2, "the run should have frozen groups after the plateau"
+    assert again[0].decisions == full[0].decisions
+    assert again[0].validations == full[0].validations
+    assert again[0].plateau_epoch == full[0].plateau_epoch == 3
+    for key, value in whole.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[key]), key
+
+
 def test_bad_arguments_say_which():
     with pytest.raises(ValueError, match="threshold"):
         AutoFreeze(threshold=0)
+    with pytest.raises(ValueError, match="pace"):
+        AutoFreeze(pace=0)
+    with pytest.raises(ValueError, match="mode"):
+        AutoFreeze(mode="best")
+    with pytest.raises(ValueError, match="after_plateau"):
+        AutoFreeze(after_plateau="no")
     with pytest.raises(ValueError, match="check_every_n_steps"):
         AutoFreeze(check_every_n_steps=0)
     with pytest.raises(ValueError, match="patience"):
         AutoFreeze(patience=0)
 
 
+def test_without_a_dev_metric_it_warns_and_freezes_on_gradients_alone():
+    strategy = AutoFreeze(threshold=1e9, check_every_n_steps=1, patience=1, min_epochs=0)
+    with pytest.warns(UserWarning, match="no dev metric to watch"):
+        fit(Task("sequential", lr=0.05), [strategy], epochs=2)
+    assert strategy.decisions and strategy.decisions[0]["epoch"] == 0
+
+
 def test_groups_the_user_froze_are_passed_over_and_a_new_fit_starts_unfrozen():
     module = Task("sequential", lr=0.05)
     module.model[0].requires_grad_(False)  # as peft leaves the embeddings: nothing to train
-    strategy = AutoFreeze(threshold=1e9, check_every_n_steps=2, patience=1, min_epochs=0)
+    strategy = AutoFreeze(
+        threshold=1e9, check_every_n_steps=2, patience=1, min_epochs=0, after_plateau=False
+    )
     fit(module, [strategy], epochs=2)
     names = [g.name for g in strategy.groups]
     assert [d["group"] for d in strategy.decisions] == names[1:-1]

@@ -36,6 +36,7 @@ def test_auto_freeze_decides_the_same_on_every_rank(tmp_path):
     run_python([str(script), str(tmp_path)], cwd=tmp_path, env=env, timeout=300)
     seen = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert seen[0]["decisions"] and seen[0] == seen[1]  # same statistics, same freezes
+    assert seen[1]["plateau"] == 1  # rank 0's dev metric decided, for both ranks
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     for key in rank0:
         assert torch.equal(rank0[key], rank1[key]), key

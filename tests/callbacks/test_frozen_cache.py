@@ -201,7 +201,9 @@ def test_a_growing_prefix_carries_its_outputs_through_the_newly_frozen_groups(ge
     # one window per epoch (4 steps), every window calm: a group freezes at each epoch's end
     # from epoch 1 on, so epochs 2, 3 and 4 train behind 1, 2 and 3 frozen groups
     def auto_freeze(**cache):
-        return AutoFreeze(threshold=1e9, check_every_n_steps=4, patience=1, **cache)
+        return AutoFreeze(
+            threshold=1e9, check_every_n_steps=4, patience=1, after_plateau=False, **cache
+        )
 
     strategy = auto_freeze(cache_frozen=True)
     spy = Spy(strategy)

@@ -1,17 +1,22 @@
-"""AutoFreeze: freeze layer groups from the input side once their training has converged.
+"""AutoFreeze: freeze layer groups from the input side once training has stopped paying.
 
-After AutoFreeze (Liu, Agarwal and Venkataraman, 2021): every ``check_every_n_steps``
-optimizer steps, each trainable group's mean gradient norm over those steps is compared
-with the previous window's; a group whose relative change
+Two tests decide, and both must hold:
 
-    rate = |norm_now - norm_before| / norm_before
+- **The model**: the monitored dev metric (the Trainer's checkpoint or early-stopping
+  ``monitor``, or ``monitor=``) has reached a plateau: a validation that did not improve on
+  the best so far. Before that, nothing freezes; after it, at most ``pace`` groups freeze
+  between two validations. Both are counted in validations, so the schedule does not depend
+  on the number of steps per epoch, the data size or the LR schedule.
+- **The group** (after AutoFreeze, Liu, Agarwal and Venkataraman, 2021): every
+  ``check_every_n_steps`` optimizer steps, each trainable group's mean gradient norm over
+  those steps is compared with the previous window's; the candidate's relative change
+  ``rate = |norm_now - norm_before| / norm_before`` must have stayed below ``threshold``
+  for ``patience`` windows in a row.
 
-is below ``threshold`` for ``patience`` windows in a row has stopped learning anything
-new and is frozen, but only the first
-trainable group from the input side (so no group ever trains behind a frozen one), and
-never a head group. Frozen groups get no backward pass, and with ``cache_frozen=True`` on a
-:class:`~freezeft.frozen_cache.PrefixCachable` module no forward pass either once their
-outputs are cached: the cache deepens as groups freeze.
+Only the first trainable group from the input side is a candidate (so no group ever trains
+behind a frozen one), never a head group. Frozen groups get no backward pass, and with
+``cache_frozen=True`` on a :class:`~freezeft.frozen_cache.PrefixCachable` module no forward
+pass either once their outputs are cached: the cache deepens as groups freeze.
 """
 
 from __future__ import annotations
@@ -23,8 +28,8 @@ from typing import Any, ClassVar
 import torch
 from typing_extensions import override
 
-from freezeft._lightning import pl, rank_zero_info
-from freezeft.callbacks.base import expect_int
+from freezeft._lightning import pl, rank_zero_info, rank_zero_warn
+from freezeft.callbacks.base import expect_bool, expect_int
 from freezeft.callbacks.frozen_encoder import FrozenEncoder, HeadSpec
 from freezeft.groups import GroupSpec, LayerGroup
 
@@ -32,8 +37,8 @@ __all__ = ["AutoFreeze"]
 
 
 class AutoFreeze(FrozenEncoder):
-    """Freeze groups input side first as their gradient-norm change rate falls below
-    ``threshold``; everything trains until then.
+    """Freeze groups input side first once the dev metric has plateaued and the group's
+    gradient norm has settled; everything trains until then.
 
     Decisions (group, epoch, step, rate) are logged, kept in :attr:`decisions` (a run's
     ``history.json`` lists them) and saved in checkpoints with the running statistics, so a
@@ -51,6 +56,15 @@ class AutoFreeze(FrozenEncoder):
             rate is noisy with small batches).
         min_epochs: no group freezes before this epoch (the head's first epochs, when a
             re-initialised head sends large, changing gradients into the encoder).
+        after_plateau: freeze only after the dev metric's first plateau, ``pace`` groups
+            per validation (``False``: on the gradient test alone, as the paper does).
+        monitor: the logged dev metric whose plateau allows freezing (``None``: the
+            Trainer's ``ModelCheckpoint`` or ``EarlyStopping`` monitor; if there is none,
+            groups freeze on the gradient test alone, with a warning).
+        mode: ``"min"`` or ``"max"``: which direction of ``monitor`` is better (``None``:
+            the mode of the callback the monitor was taken from, else ``"min"``).
+        pace: at most this many groups freeze between two validations (``None``: no limit;
+            without a monitor there is no limit).
         groups: layer-group patterns, input to output.
         bn: ``"frozen"`` keeps frozen groups' norm layers in eval mode; ``"train"`` does not.
         cache_frozen: train from cached outputs of the frozen prefix (deeper as more groups
@@ -60,11 +74,12 @@ class AutoFreeze(FrozenEncoder):
 
     Raises:
         ValueError: ``threshold`` not positive, ``check_every_n_steps`` < 1,
-            ``min_epochs`` < 0 or a bad ``head``.
+            ``min_epochs`` < 0, ``pace`` < 1, a ``mode`` other than min/max or a bad ``head``;
+            at the first validation, a ``monitor`` that was not logged.
 
     Example::
 
-        trainer = Trainer(callbacks=[AutoFreeze(head=1, threshold=0.1)])
+        trainer = Trainer(callbacks=[AutoFreeze(head=1, monitor="val_loss")])
     """
 
     decides_during_fit: ClassVar[bool] = True
@@ -76,6 +91,10 @@ class AutoFreeze(FrozenEncoder):
         check_every_n_steps: int = 50,
         patience: int = 2,
         min_epochs: int = 1,
+        after_plateau: bool = True,
+        monitor: str | None = None,
+        mode: str | None = None,
+        pace: int | None = 1,
         groups: Sequence[GroupSpec] | None = None,
         bn: str = "frozen",
         cache_frozen: bool = False,
@@ -90,6 +109,15 @@ class AutoFreeze(FrozenEncoder):
         self.check_every_n_steps = expect_int(self, "check_every_n_steps", check_every_n_steps, 1)
         self.patience = expect_int(self, "patience", patience, 1)
         self.min_epochs = expect_int(self, "min_epochs", min_epochs, 0)
+        if monitor is not None and (not isinstance(monitor, str) or not monitor):
+            raise ValueError(
+                f"AutoFreeze: expected `monitor` to be a metric name, but got {monitor!r}."
+            )
+        if mode not in (None, "min", "max"):
+            raise ValueError(f"AutoFreeze: expected `mode` 'min' or 'max', but got {mode!r}.")
+        self.after_plateau = expect_bool(self, "after_plateau", after_plateau)
+        self.monitor, self.mode = monitor, mode
+        self.pace = None if pace is None else expect_int(self, "pace", pace, 1)
         #: groups frozen so far, counted from the input side
         self.n_frozen = 0
         #: one dict per decision: group, epoch, step, rate, norms
@@ -99,6 +127,12 @@ class AutoFreeze(FrozenEncoder):
         self._calm = 0  # windows in a row the candidate's rate was below the threshold
         #: one dict per window: step, epoch and each group's mean gradient norm (None: frozen)
         self.windows: list[dict[str, Any]] = []
+        #: one dict per validation: epoch and the monitored value
+        self.validations: list[dict[str, Any]] = []
+        #: the epoch of the first validation that did not improve on the best (None: not yet)
+        self.plateau_epoch: int | None = None
+        self._watching: tuple[str, str] | None = None  # (monitor, mode) this fit follows
+        self._freezes_since_validation = 0
 
     @override
     def check(self, groups: Sequence[LayerGroup]) -> None:
@@ -121,7 +155,59 @@ class AutoFreeze(FrozenEncoder):
             self.n_frozen, self.decisions, self.windows = 0, [], []
             self._window.zero_()
             self._steps, self._calm = 0, 0
+            self.validations, self.plateau_epoch, self._freezes_since_validation = [], None, 0
+            self._watching = self._find_monitor(trainer) if self.after_plateau else None
+            if self.after_plateau and self._watching is None:
+                rank_zero_warn(
+                    "AutoFreeze: no dev metric to watch (no `monitor=` and no ModelCheckpoint or "
+                    "EarlyStopping with a monitor), so groups freeze on the gradient test alone, "
+                    "which can freeze layers that still improve the model. Give "
+                    "AutoFreeze(monitor='val_loss') (or your validation metric), or "
+                    "after_plateau=False to say that is what you want."
+                )
         super().setup(trainer, pl_module, stage)
+
+    def _find_monitor(self, trainer: pl.Trainer) -> tuple[str, str] | None:
+        """The metric and mode to follow: ``monitor=``, else a checkpoint's or early
+        stopping's."""
+        if self.monitor is not None:
+            return self.monitor, self.mode or "min"
+        for kind in (pl.callbacks.ModelCheckpoint, pl.callbacks.EarlyStopping):
+            for callback in trainer.callbacks:
+                monitor = getattr(callback, "monitor", None)
+                if isinstance(callback, kind) and monitor:
+                    return monitor, self.mode or getattr(callback, "mode", "min")
+        return None
+
+    # -- the model's test: the dev metric's first plateau -------------------------------
+    @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._watching is None or trainer.sanity_checking or self.plan is None:
+            return
+        monitor, mode = self._watching
+        value = trainer.callback_metrics.get(monitor)
+        if value is None:
+            raise ValueError(
+                f"AutoFreeze: the dev metric it watches, {monitor!r}, was not logged; logged "
+                f"metrics are {sorted(trainer.callback_metrics)}. Give AutoFreeze(monitor=...) "
+                "a metric your validation_step logs."
+            )
+        value = float(trainer.strategy.broadcast(float(value), src=0))  # one decision for all
+        self._freezes_since_validation = 0
+        values = [v["value"] for v in self.validations if math.isfinite(v["value"])]
+        best = (min if mode == "min" else max)(values) if values else None
+        self.validations.append({"epoch": trainer.current_epoch, "value": value})
+        if self.plateau_epoch is not None or best is None:
+            return
+        improved = value < best if mode == "min" else value > best
+        if improved:
+            return
+        self.plateau_epoch = trainer.current_epoch
+        pace = "as they settle" if self.pace is None else f"at most {self.pace} per validation"
+        rank_zero_info(
+            f"AutoFreeze: epoch {trainer.current_epoch}: {monitor} {value:.4g} did not improve on "
+            f"{best:.4g}: from now on groups whose gradient norm has settled freeze, {pace}"
+        )
 
     @override
     def trainable(self, index: int, n_groups: int, epoch: int) -> bool | None:
@@ -185,14 +271,19 @@ class AutoFreeze(FrozenEncoder):
         index = self._candidate()
         if previous is None or index is None or trainer.current_epoch < self.min_epochs:
             return
+        watching = self._watching is not None  # the dev metric paces the freezes
+        waiting = watching and self.plateau_epoch is None
         before, now = previous[index], norms[index]
         if before is None or now is None or before <= 0 or not math.isfinite(now):
             return
         rate = abs(now - before) / before
         self._calm = self._calm + 1 if rate < self.threshold else 0
-        if self._calm < self.patience:
+        if self._calm < self.patience or waiting:
+            return
+        if watching and self.pace is not None and self._freezes_since_validation >= self.pace:
             return
         self._calm = 0
+        self._freezes_since_validation += 1
         self.n_frozen = index + 1
         decision = {
             "group": self.groups[index].name,
@@ -201,6 +292,7 @@ class AutoFreeze(FrozenEncoder):
             "rate": rate,
             "grad_norm": now,
             "grad_norm_before": before,
+            "plateau_epoch": self.plateau_epoch,  # None: on the gradient test alone
         }
         self.decisions.append(decision)
         rank_zero_info(
@@ -222,6 +314,9 @@ class AutoFreeze(FrozenEncoder):
                 "steps": self._steps,
                 "calm": self._calm,
                 "windows": list(self.windows),
+                "validations": list(self.validations),
+                "plateau_epoch": self.plateau_epoch,
+                "freezes_since_validation": self._freezes_since_validation,
             }
         )
         return state
@@ -238,3 +333,6 @@ class AutoFreeze(FrozenEncoder):
         self._steps = int(saved["steps"])
         self._calm = int(saved["calm"])
         self.windows = list(saved["windows"])
+        self.validations = list(saved.get("validations", []))
+        self.plateau_epoch = saved.get("plateau_epoch")
+        self._freezes_since_validation = int(saved.get("freezes_since_validation", 0))
