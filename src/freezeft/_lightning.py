@@ -20,6 +20,7 @@ __all__ = [
     "rank_zero_info",
     "rank_zero_warn",
     "SIGTERM_EXCEPTIONS",
+    "MONITORING_CALLBACKS",
     "MISCONFIGURATION_EXCEPTIONS",
     "package_of",
     "fabric_of",
@@ -64,6 +65,13 @@ rank_zero_warn = pl.utilities.rank_zero_warn
 SIGTERM_EXCEPTIONS: tuple[type[BaseException], ...] = tuple(
     importlib.import_module(f"{package.__name__}.utilities.exceptions").SIGTERMException
     for package in _FOUND
+)
+
+
+#: ``ModelCheckpoint`` and ``EarlyStopping`` of every installed package, in that order.
+MONITORING_CALLBACKS: tuple[tuple[type, ...], ...] = (
+    tuple(package.callbacks.ModelCheckpoint for package in _FOUND),
+    tuple(package.callbacks.EarlyStopping for package in _FOUND),
 )
 
 

@@ -154,6 +154,27 @@ class ScriptedDev(Task):
         self.log("val_score", self.script[self.current_epoch])
 
 
+def LightningScriptedDev(script: list[float]):  # noqa: N802 (a class factory)
+    """ScriptedDev as a ``lightning.pytorch`` module."""
+    import lightning.pytorch as lightning
+
+    class Module(lightning.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = ScriptedDev(script)
+
+        def training_step(self, batch, batch_idx):
+            return self.inner.loss_fn(self.inner.model, batch)
+
+        def validation_step(self, batch, batch_idx):
+            self.log("val_score", script[self.current_epoch])
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=0.05)
+
+    return Module()
+
+
 # 4 steps per epoch; the metric improves for 3 validations, then stalls at epoch 3
 PLATEAU_AT_3 = [0.5, 0.4, 0.3, 0.35, 0.2, 0.1, 0.05, 0.04]
 
@@ -185,6 +206,56 @@ def test_the_monitor_and_its_mode_come_from_the_checkpoint_callback(tmp_path):
     fit(module, [strategy, checkpoint], epochs=6, enable_checkpointing=True)
     assert strategy.plateau_epoch == 3
     assert strategy.decisions and min(d["epoch"] for d in strategy.decisions) == 4
+
+
+def test_the_monitor_is_found_on_a_lightning_package_checkpoint_too(tmp_path):
+    lightning = pytest.importorskip("lightning.pytorch")
+    module = ScriptedDev([0.1, 0.2, 0.3, 0.25, 0.4, 0.5])
+    strategy = AutoFreeze(threshold=1e9, check_every_n_steps=1, patience=1, min_epochs=0)
+    checkpoint = lightning.callbacks.ModelCheckpoint(tmp_path, monitor="val_score", mode="max")
+    trainer = lightning.Trainer(
+        max_epochs=6, callbacks=[strategy, checkpoint], logger=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0,
+    )  # fmt: skip
+    lightning.seed_everything(0)
+    trainer.fit(LightningScriptedDev(module.script), *module.loaders())
+    assert strategy.plateau_epoch == 3
+
+
+class Sometimes(ScriptedDev):
+    """Logs the dev metric at even epochs only: the odd validations leave the last value."""
+
+    def validation_step(self, batch, batch_idx):
+        Task.validation_step(self, batch, batch_idx)
+        if self.current_epoch % 2 == 0:
+            self.log("val_score", self.script[self.current_epoch])
+
+
+def test_a_validation_that_did_not_log_the_metric_is_no_plateau():
+    module = Sometimes([0.5, 0.0, 0.4, 0.0, 0.3, 0.0, 0.35, 0.0])  # stalls at epoch 6
+    strategy = AutoFreeze(monitor="val_score", threshold=1e9, check_every_n_steps=1, patience=1)
+    fit(module, [strategy], epochs=8)
+    assert [v["epoch"] for v in strategy.validations] == [0, 2, 4, 6]
+    assert strategy.plateau_epoch == 6 and strategy.decisions[0]["epoch"] == 7
+
+
+def test_validate_after_fit_leaves_the_decisions_alone():
+    module = ScriptedDev([0.5, 0.4, 0.3, 0.3, 0.3])
+    strategy = AutoFreeze(monitor="val_score", threshold=1e9, check_every_n_steps=1, patience=1)
+    trainer = fit(module, [strategy], epochs=3)  # improves at every validation
+    trainer.validate(module, module.loaders()[1], verbose=False)  # epoch 3's value: 0.3
+    assert strategy.plateau_epoch is None and len(strategy.validations) == 3
+
+
+def test_nan_and_missing_validation_are_said():
+    strategy = AutoFreeze(monitor="val_score", threshold=1e9, check_every_n_steps=1)
+    with pytest.warns(UserWarning, match="'val_score', is NaN at epoch 0"):
+        fit(ScriptedDev([float("nan")] * 3), [strategy], epochs=3)
+    assert strategy.plateau_epoch is None and not strategy.decisions
+    module = ScriptedDev(PLATEAU_AT_3)
+    strategy = AutoFreeze(monitor="val_score", threshold=1e9, check_every_n_steps=1)
+    with pytest.warns(UserWarning, match="no validation logged 'val_score' in this fit"):
+        fit(module, [strategy], epochs=2, limit_val_batches=0)
 
 
 def test_a_watched_metric_that_is_not_logged_is_named():

@@ -28,7 +28,7 @@ from typing import Any, ClassVar
 import torch
 from typing_extensions import override
 
-from freezeft._lightning import pl, rank_zero_info, rank_zero_warn
+from freezeft._lightning import MONITORING_CALLBACKS, pl, rank_zero_info, rank_zero_warn
 from freezeft.callbacks.base import expect_bool, expect_int
 from freezeft.callbacks.frozen_encoder import FrozenEncoder, HeadSpec
 from freezeft.groups import GroupSpec, LayerGroup
@@ -62,7 +62,8 @@ class AutoFreeze(FrozenEncoder):
             Trainer's ``ModelCheckpoint`` or ``EarlyStopping`` monitor; if there is none,
             groups freeze on the gradient test alone, with a warning).
         mode: ``"min"`` or ``"max"``: which direction of ``monitor`` is better (``None``:
-            the mode of the callback the monitor was taken from, else ``"min"``).
+            the mode of the callback the monitor was taken from; ``"min"`` with ``monitor=``:
+            give ``mode="max"`` for an accuracy).
         pace: at most this many groups freeze between two validations (``None``: no limit;
             without a monitor there is no limit).
         groups: layer-group patterns, input to output.
@@ -117,7 +118,11 @@ class AutoFreeze(FrozenEncoder):
             raise ValueError(f"AutoFreeze: expected `mode` 'min' or 'max', but got {mode!r}.")
         self.after_plateau = expect_bool(self, "after_plateau", after_plateau)
         self.monitor, self.mode = monitor, mode
-        self.pace = None if pace is None else expect_int(self, "pace", pace, 1)
+        if pace is not None and (isinstance(pace, bool) or not isinstance(pace, int) or pace < 1):
+            raise ValueError(
+                f"AutoFreeze: expected `pace` an integer >= 1 (None: no limit), but got {pace!r}."
+            )
+        self.pace = pace
         #: groups frozen so far, counted from the input side
         self.n_frozen = 0
         #: one dict per decision: group, epoch, step, rate, norms
@@ -133,6 +138,8 @@ class AutoFreeze(FrozenEncoder):
         self.plateau_epoch: int | None = None
         self._watching: tuple[str, str] | None = None  # (monitor, mode) this fit follows
         self._freezes_since_validation = 0
+        self._stale: Any = None  # the monitor's value before this validation
+        self._warned_nan = False
 
     @override
     def check(self, groups: Sequence[LayerGroup]) -> None:
@@ -156,6 +163,7 @@ class AutoFreeze(FrozenEncoder):
             self._window.zero_()
             self._steps, self._calm = 0, 0
             self.validations, self.plateau_epoch, self._freezes_since_validation = [], None, 0
+            self._warned_nan = False
             self._watching = self._find_monitor(trainer) if self.after_plateau else None
             if self.after_plateau and self._watching is None:
                 rank_zero_warn(
@@ -172,7 +180,7 @@ class AutoFreeze(FrozenEncoder):
         stopping's."""
         if self.monitor is not None:
             return self.monitor, self.mode or "min"
-        for kind in (pl.callbacks.ModelCheckpoint, pl.callbacks.EarlyStopping):
+        for kind in MONITORING_CALLBACKS:  # of either Lightning package
             for callback in trainer.callbacks:
                 monitor = getattr(callback, "monitor", None)
                 if isinstance(callback, kind) and monitor:
@@ -180,21 +188,45 @@ class AutoFreeze(FrozenEncoder):
         return None
 
     # -- the model's test: the dev metric's first plateau -------------------------------
+    def _follows(self, trainer: pl.Trainer) -> bool:
+        """Whether this validation is one of the fit's own (not a sanity check, not a
+        ``trainer.validate`` after fit)."""
+        fitting = trainer.state.fn == "fit" and not trainer.sanity_checking
+        return fitting and self._watching is not None and self.plan is not None
+
+    @override
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._follows(trainer):  # what a validation that does not log the metric leaves
+            self._stale = trainer.callback_metrics.get(self._watching[0])
+
     @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._watching is None or trainer.sanity_checking or self.plan is None:
+        if not self._follows(trainer):
             return
         monitor, mode = self._watching
         value = trainer.callback_metrics.get(monitor)
-        if value is None:
+        if value is None and not self.validations:
             raise ValueError(
                 f"AutoFreeze: the dev metric it watches, {monitor!r}, was not logged; logged "
                 f"metrics are {sorted(trainer.callback_metrics)}. Give AutoFreeze(monitor=...) "
                 "a metric your validation_step logs."
             )
-        value = float(trainer.strategy.broadcast(float(value), src=0))  # one decision for all
+        # Not logged in this validation: the value is the last one's, and no new evidence.
+        fresh = None if value is None or value is self._stale else float(value)
+        fresh = trainer.strategy.broadcast(fresh, src=0)  # rank 0's: one decision for all
+        self._stale = None
+        if fresh is None:
+            return
+        value = float(fresh)
+        if math.isnan(value) and not self._warned_nan:
+            self._warned_nan = True
+            rank_zero_warn(
+                f"AutoFreeze: the dev metric it watches, {monitor!r}, is NaN at epoch "
+                f"{trainer.current_epoch}: a NaN never improves, so it counts as a plateau once "
+                "there is a best value, and nothing freezes before that."
+            )
         self._freezes_since_validation = 0
-        values = [v["value"] for v in self.validations if math.isfinite(v["value"])]
+        values = [v["value"] for v in self.validations if not math.isnan(v["value"])]
         best = (min if mode == "min" else max)(values) if values else None
         self.validations.append({"epoch": trainer.current_epoch, "value": value})
         if self.plateau_epoch is not None or best is None:
@@ -206,8 +238,18 @@ class AutoFreeze(FrozenEncoder):
         pace = "as they settle" if self.pace is None else f"at most {self.pace} per validation"
         rank_zero_info(
             f"AutoFreeze: epoch {trainer.current_epoch}: {monitor} {value:.4g} did not improve on "
-            f"{best:.4g}: from now on groups whose gradient norm has settled freeze, {pace}"
+            f"the best, {best:.4g} ({mode}): from now on groups whose gradient norm has settled "
+            f"freeze, {pace}"
         )
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._watching is not None and not self.validations:
+            rank_zero_warn(
+                f"AutoFreeze: no validation logged {self._watching[0]!r} in this fit, so nothing "
+                "froze (it waits for that metric's first plateau). Give the fit validation data, "
+                "or AutoFreeze(after_plateau=False) to freeze on the gradient test alone."
+            )
 
     @override
     def trainable(self, index: int, n_groups: int, epoch: int) -> bool | None:
