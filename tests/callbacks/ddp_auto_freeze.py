@@ -25,7 +25,9 @@ def main(out: Path, strategy: str) -> None:
     torch.manual_seed(0)
     loader = DataLoader(TensorDataset(torch.randn(64, 6), torch.randint(0, 3, (64,))), batch_size=4)
     torch.manual_seed(1)
-    auto = AutoFreeze(monitor="val_score", threshold=10.0, check_every_n_steps=2, patience=1)
+    auto = AutoFreeze(
+        monitor="val_score", threshold=10.0, check_every_n_steps=2, patience=1, plateau_patience=1
+    )
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=2,

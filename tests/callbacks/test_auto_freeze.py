@@ -184,7 +184,7 @@ def test_nothing_freezes_before_the_dev_metric_plateaus_then_pace_groups_per_val
     module = ScriptedDev(PLATEAU_AT_3)
     strategy = AutoFreeze(
         monitor="val_score", threshold=1e9, check_every_n_steps=1, patience=1, min_epochs=0,
-        pace=pace,
+        pace=pace, plateau_patience=1,
     )  # fmt: skip
     fit(module, [strategy], epochs=7)
     assert strategy.plateau_epoch == 3
@@ -199,9 +199,20 @@ def test_nothing_freezes_before_the_dev_metric_plateaus_then_pace_groups_per_val
     assert [v["value"] for v in strategy.validations] == pytest.approx(PLATEAU_AT_3[:7])
 
 
+def test_one_noisy_validation_is_no_plateau_two_in_a_row_are():
+    # a bump at epoch 2, a new best at 3, then two validations without one (epochs 4, 5)
+    module = ScriptedDev([0.5, 0.4, 0.45, 0.3, 0.32, 0.31, 0.2, 0.1])
+    strategy = AutoFreeze(monitor="val_score", threshold=1e9, check_every_n_steps=1, patience=1)
+    fit(module, [strategy], epochs=8)
+    assert strategy.plateau_epoch == 5
+    assert min(d["epoch"] for d in strategy.decisions) == 6
+
+
 def test_the_monitor_and_its_mode_come_from_the_checkpoint_callback(tmp_path):
     module = ScriptedDev([0.1, 0.2, 0.3, 0.25, 0.4, 0.5])  # higher is better: stalls at 3
-    strategy = AutoFreeze(threshold=1e9, check_every_n_steps=1, patience=1, min_epochs=0)
+    strategy = AutoFreeze(
+        threshold=1e9, check_every_n_steps=1, patience=1, min_epochs=0, plateau_patience=1
+    )
     checkpoint = pl.callbacks.ModelCheckpoint(tmp_path, monitor="val_score", mode="max")
     fit(module, [strategy, checkpoint], epochs=6, enable_checkpointing=True)
     assert strategy.plateau_epoch == 3
@@ -211,7 +222,9 @@ def test_the_monitor_and_its_mode_come_from_the_checkpoint_callback(tmp_path):
 def test_the_monitor_is_found_on_a_lightning_package_checkpoint_too(tmp_path):
     lightning = pytest.importorskip("lightning.pytorch")
     module = ScriptedDev([0.1, 0.2, 0.3, 0.25, 0.4, 0.5])
-    strategy = AutoFreeze(threshold=1e9, check_every_n_steps=1, patience=1, min_epochs=0)
+    strategy = AutoFreeze(
+        threshold=1e9, check_every_n_steps=1, patience=1, min_epochs=0, plateau_patience=1
+    )
     checkpoint = lightning.callbacks.ModelCheckpoint(tmp_path, monitor="val_score", mode="max")
     trainer = lightning.Trainer(
         max_epochs=6, callbacks=[strategy, checkpoint], logger=False, enable_progress_bar=False,
@@ -233,7 +246,9 @@ class Sometimes(ScriptedDev):
 
 def test_a_validation_that_did_not_log_the_metric_is_no_plateau():
     module = Sometimes([0.5, 0.0, 0.4, 0.0, 0.3, 0.0, 0.35, 0.0])  # stalls at epoch 6
-    strategy = AutoFreeze(monitor="val_score", threshold=1e9, check_every_n_steps=1, patience=1)
+    strategy = AutoFreeze(
+        monitor="val_score", threshold=1e9, check_every_n_steps=1, patience=1, plateau_patience=1
+    )
     fit(module, [strategy], epochs=8)
     assert [v["epoch"] for v in strategy.validations] == [0, 2, 4, 6]
     assert strategy.plateau_epoch == 6 and strategy.decisions[0]["epoch"] == 7
@@ -241,7 +256,9 @@ def test_a_validation_that_did_not_log_the_metric_is_no_plateau():
 
 def test_validate_after_fit_leaves_the_decisions_alone():
     module = ScriptedDev([0.5, 0.4, 0.3, 0.3, 0.3])
-    strategy = AutoFreeze(monitor="val_score", threshold=1e9, check_every_n_steps=1, patience=1)
+    strategy = AutoFreeze(
+        monitor="val_score", threshold=1e9, check_every_n_steps=1, patience=1, plateau_patience=1
+    )
     trainer = fit(module, [strategy], epochs=3)  # improves at every validation
     trainer.validate(module, module.loaders()[1], verbose=False)  # epoch 3's value: 0.3
     assert strategy.plateau_epoch is None and len(strategy.validations) == 3
@@ -268,7 +285,13 @@ def test_a_watched_metric_that_is_not_logged_is_named():
 def test_resume_with_a_watched_dev_metric_decides_as_an_uninterrupted_run(tmp_path, stop_at):
     def strategies():
         return [
-            AutoFreeze(monitor="val_score", threshold=1e9, check_every_n_steps=3, patience=1),
+            AutoFreeze(
+                monitor="val_score",
+                threshold=1e9,
+                check_every_n_steps=3,
+                patience=1,
+                plateau_patience=1,
+            ),
         ]
 
     whole = ScriptedDev(PLATEAU_AT_3)
@@ -297,6 +320,8 @@ def test_bad_arguments_say_which():
         AutoFreeze(mode="best")
     with pytest.raises(ValueError, match="after_plateau"):
         AutoFreeze(after_plateau="no")
+    with pytest.raises(ValueError, match="plateau_patience"):
+        AutoFreeze(plateau_patience=0)
     with pytest.raises(ValueError, match="check_every_n_steps"):
         AutoFreeze(check_every_n_steps=0)
     with pytest.raises(ValueError, match="patience"):

@@ -3,10 +3,11 @@
 Two tests decide, and both must hold:
 
 - **The model**: the monitored dev metric (the Trainer's checkpoint or early-stopping
-  ``monitor``, or ``monitor=``) has reached a plateau: a validation that did not improve on
-  the best so far. Before that, nothing freezes; after it, at most ``pace`` groups freeze
-  between two validations. Both are counted in validations, so the schedule does not depend
-  on the number of steps per epoch, the data size or the LR schedule.
+  ``monitor``, or ``monitor=``) has reached a plateau: ``plateau_patience`` validations in
+  a row that did not improve on the best so far. Before that, nothing freezes; after it,
+  at most ``pace`` groups freeze between two validations. Both are counted in validations,
+  so the schedule does not depend on the number of steps per epoch, the data size or the
+  LR schedule.
 - **The group** (after AutoFreeze, Liu, Agarwal and Venkataraman, 2021): every
   ``check_every_n_steps`` optimizer steps, each trainable group's mean gradient norm over
   those steps is compared with the previous window's; the candidate's relative change
@@ -58,6 +59,8 @@ class AutoFreeze(FrozenEncoder):
             re-initialised head sends large, changing gradients into the encoder).
         after_plateau: freeze only after the dev metric's first plateau, ``pace`` groups
             per validation (``False``: on the gradient test alone, as the paper does).
+        plateau_patience: validations in a row that do not improve on the best that make
+            the plateau (like ``EarlyStopping``'s ``patience``; one noisy validation is none).
         monitor: the logged dev metric whose plateau allows freezing (``None``: the
             Trainer's ``ModelCheckpoint`` or ``EarlyStopping`` monitor; if there is none,
             groups freeze on the gradient test alone, with a warning).
@@ -93,6 +96,7 @@ class AutoFreeze(FrozenEncoder):
         patience: int = 2,
         min_epochs: int = 1,
         after_plateau: bool = True,
+        plateau_patience: int = 2,
         monitor: str | None = None,
         mode: str | None = None,
         pace: int | None = 1,
@@ -117,6 +121,7 @@ class AutoFreeze(FrozenEncoder):
         if mode not in (None, "min", "max"):
             raise ValueError(f"AutoFreeze: expected `mode` 'min' or 'max', but got {mode!r}.")
         self.after_plateau = expect_bool(self, "after_plateau", after_plateau)
+        self.plateau_patience = expect_int(self, "plateau_patience", plateau_patience, 1)
         self.monitor, self.mode = monitor, mode
         if pace is not None and (isinstance(pace, bool) or not isinstance(pace, int) or pace < 1):
             raise ValueError(
@@ -226,20 +231,25 @@ class AutoFreeze(FrozenEncoder):
                 "there is a best value, and nothing freezes before that."
             )
         self._freezes_since_validation = 0
-        values = [v["value"] for v in self.validations if not math.isnan(v["value"])]
-        best = (min if mode == "min" else max)(values) if values else None
         self.validations.append({"epoch": trainer.current_epoch, "value": value})
-        if self.plateau_epoch is not None or best is None:
+        if self.plateau_epoch is not None:
             return
-        improved = value < best if mode == "min" else value > best
-        if improved:
+        best, since = None, 0  # the best value so far, and the validations since it
+        for seen in (v["value"] for v in self.validations):
+            if not math.isnan(seen) and (
+                best is None or (seen < best if mode == "min" else seen > best)
+            ):
+                best, since = seen, 0
+            elif best is not None:
+                since += 1
+        if since < self.plateau_patience:
             return
         self.plateau_epoch = trainer.current_epoch
         pace = "as they settle" if self.pace is None else f"at most {self.pace} per validation"
         rank_zero_info(
-            f"AutoFreeze: epoch {trainer.current_epoch}: {monitor} {value:.4g} did not improve on "
-            f"the best, {best:.4g} ({mode}): from now on groups whose gradient norm has settled "
-            f"freeze, {pace}"
+            f"AutoFreeze: epoch {trainer.current_epoch}: {monitor} has not improved on its best, "
+            f"{best:.4g} ({mode}), for {since} validation{'s' if since > 1 else ''}: from now on "
+            f"groups whose gradient norm has settled freeze, {pace}"
         )
 
     @override
