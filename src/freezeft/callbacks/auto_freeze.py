@@ -227,8 +227,8 @@ class AutoFreeze(FrozenEncoder):
             self._warned_nan = True
             rank_zero_warn(
                 f"AutoFreeze: the dev metric it watches, {monitor!r}, is NaN at epoch "
-                f"{trainer.current_epoch}: a NaN never improves, so it counts as a plateau once "
-                "there is a best value, and nothing freezes before that."
+                f"{trainer.current_epoch}: a NaN never improves, so it counts toward a plateau "
+                "once there is a best value."
             )
         self._freezes_since_validation = 0
         self.validations.append({"epoch": trainer.current_epoch, "value": value})
