@@ -30,7 +30,7 @@ import torch
 from typing_extensions import override
 
 from freezeft._lightning import MONITORING_CALLBACKS, pl, rank_zero_info, rank_zero_warn
-from freezeft.callbacks.base import expect_bool, expect_int
+from freezeft.callbacks.base import expect_bool, expect_int, improves
 from freezeft.callbacks.frozen_encoder import FrozenEncoder, HeadSpec
 from freezeft.groups import GroupSpec, LayerGroup
 
@@ -78,7 +78,8 @@ class AutoFreeze(FrozenEncoder):
 
     Raises:
         ValueError: ``threshold`` not positive, ``check_every_n_steps`` < 1,
-            ``min_epochs`` < 0, ``pace`` < 1, a ``mode`` other than min/max or a bad ``head``;
+            ``min_epochs`` < 0, ``pace`` or ``plateau_patience`` < 1, a ``mode`` other than
+            min/max or a bad ``head``;
             at the first validation, a ``monitor`` that was not logged.
 
     Example::
@@ -139,7 +140,7 @@ class AutoFreeze(FrozenEncoder):
         self.windows: list[dict[str, Any]] = []
         #: one dict per validation: epoch and the monitored value
         self.validations: list[dict[str, Any]] = []
-        #: the epoch of the first validation that did not improve on the best (None: not yet)
+        #: the epoch of the validation that completed the plateau (None: not yet)
         self.plateau_epoch: int | None = None
         self._watching: tuple[str, str] | None = None  # (monitor, mode) this fit follows
         self._freezes_since_validation = 0
@@ -236,9 +237,7 @@ class AutoFreeze(FrozenEncoder):
             return
         best, since = None, 0  # the best value so far, and the validations since it
         for seen in (v["value"] for v in self.validations):
-            if not math.isnan(seen) and (
-                best is None or (seen < best if mode == "min" else seen > best)
-            ):
+            if improves(seen, best, mode):
                 best, since = seen, 0
             elif best is not None:
                 since += 1

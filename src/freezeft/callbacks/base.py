@@ -177,6 +177,14 @@ def _is_group_spec(spec: Any) -> bool:
     )
 
 
+def improves(value: float, best: float | None, mode: str) -> bool:
+    """Whether a monitored ``value`` beats ``best`` (``None``: nothing yet) in ``mode``
+    (``"min"`` or ``"max"``). A NaN never improves."""
+    if math.isnan(value):
+        return False
+    return best is None or (value < best if mode == "min" else value > best)
+
+
 def expect_int(owner: object, name: str, value: Any, minimum: int) -> int:
     """``value`` if it is an int (not a bool) >= ``minimum``; else a ValueError naming the
     strategy and the argument."""

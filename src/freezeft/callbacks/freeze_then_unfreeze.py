@@ -9,7 +9,7 @@ from typing import Any
 from typing_extensions import override
 
 from freezeft._lightning import pl, rank_zero_info, rank_zero_warn
-from freezeft.callbacks.base import expect_bool, expect_int
+from freezeft.callbacks.base import expect_bool, expect_int, improves
 from freezeft.callbacks.frozen_encoder import FrozenEncoder, HeadSpec
 from freezeft.groups import GroupSpec
 
@@ -165,8 +165,7 @@ class FreezeThenUnfreeze(FrozenEncoder):
 
     def _follow(self, value: float, best: float, wait: int) -> tuple[float, int]:
         """The new best and the validations since it."""
-        improved = value < best if self.mode == "min" else value > best
-        return (value, 0) if improved else (best, wait + 1)
+        return (value, 0) if improves(value, best, self.mode) else (best, wait + 1)
 
     @override
     def state_dict(self) -> dict[str, Any]:
