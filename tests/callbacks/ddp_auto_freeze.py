@@ -17,7 +17,7 @@ from freezeft.callbacks import AutoFreeze
 
 class Watched(Net):
     def validation_step(self, batch, batch_idx):
-        script = [0.5, 0.6, 0.4] if self.global_rank == 0 else [0.5, 0.4, 0.3]
+        script = [0.5, 0.6, 0.55] if self.global_rank == 0 else [0.5, 0.4, 0.3]
         self.log("val_score", script[self.current_epoch])  # not synced, on purpose
 
 

@@ -175,8 +175,8 @@ def LightningScriptedDev(script: list[float]):  # noqa: N802 (a class factory)
     return Module()
 
 
-# 4 steps per epoch; the metric improves for 3 validations, then stalls at epoch 3
-PLATEAU_AT_3 = [0.5, 0.4, 0.3, 0.35, 0.2, 0.1, 0.05, 0.04]
+# 4 steps per epoch; the metric improves for 3 validations, then stalls from epoch 3 on
+PLATEAU_AT_3 = [0.5, 0.4, 0.3, 0.35, 0.32, 0.31, 0.33, 0.34]
 
 
 @pytest.mark.parametrize("pace", [1, None])
@@ -201,15 +201,40 @@ def test_nothing_freezes_before_the_dev_metric_plateaus_then_pace_groups_per_val
 
 def test_one_noisy_validation_is_no_plateau_two_in_a_row_are():
     # a bump at epoch 2, a new best at 3, then two validations without one (epochs 4, 5)
-    module = ScriptedDev([0.5, 0.4, 0.45, 0.3, 0.32, 0.31, 0.2, 0.1])
-    strategy = AutoFreeze(monitor="val_score", threshold=1e9, check_every_n_steps=1, patience=1)
+    module = ScriptedDev([0.5, 0.4, 0.45, 0.3, 0.32, 0.31, 0.33, 0.34])
+    strategy = AutoFreeze(
+        monitor="val_score", threshold=1e9, check_every_n_steps=1, patience=1, plateau_patience=2
+    )
     fit(module, [strategy], epochs=8)
     assert strategy.plateau_epoch == 5
     assert min(d["epoch"] for d in strategy.decisions) == 6
 
 
+def test_by_default_three_validations_without_a_new_best_make_the_plateau():
+    # two-validation stalls (epochs 2-3, 5-6) are no plateau; the third in a row (epoch 9) is
+    module = ScriptedDev([0.5, 0.4, 0.45, 0.42, 0.3, 0.32, 0.31, 0.2, 0.25, 0.22, 0.21, 0.23])
+    strategy = AutoFreeze(monitor="val_score", threshold=1e9, check_every_n_steps=1, patience=1)
+    fit(module, [strategy], epochs=12)
+    assert strategy.plateau_epoch == 10
+    assert [d["epoch"] for d in strategy.decisions] == [11]
+
+
+def test_a_new_best_ends_the_plateau_and_freezing_waits_for_the_next(caplog):
+    # a plateau at epoch 2, a new best at 3 (the layers still pay), the next plateau at 4
+    module = ScriptedDev([0.5, 0.4, 0.45, 0.3, 0.35, 0.36, 0.37, 0.38])  # two groups to freeze
+    strategy = AutoFreeze(
+        monitor="val_score", threshold=1e9, check_every_n_steps=1, patience=1, min_epochs=0,
+        plateau_patience=1,
+    )  # fmt: skip
+    with caplog.at_level("INFO"):
+        fit(module, [strategy], epochs=7)
+    assert [d["epoch"] for d in strategy.decisions] == [3, 5]  # none at 4, after the new best
+    assert [d["plateau_epoch"] for d in strategy.decisions] == [2, 4]
+    assert "epoch 3: val_score improved to 0.3: no more groups freeze until" in caplog.text
+
+
 def test_the_monitor_and_its_mode_come_from_the_checkpoint_callback(tmp_path):
-    module = ScriptedDev([0.1, 0.2, 0.3, 0.25, 0.4, 0.5])  # higher is better: stalls at 3
+    module = ScriptedDev([0.1, 0.2, 0.3, 0.25, 0.28, 0.29])  # higher is better: stalls at 3
     strategy = AutoFreeze(
         threshold=1e9, check_every_n_steps=1, patience=1, min_epochs=0, plateau_patience=1
     )
@@ -221,7 +246,7 @@ def test_the_monitor_and_its_mode_come_from_the_checkpoint_callback(tmp_path):
 
 def test_the_monitor_is_found_on_a_lightning_package_checkpoint_too(tmp_path):
     lightning = pytest.importorskip("lightning.pytorch")
-    module = ScriptedDev([0.1, 0.2, 0.3, 0.25, 0.4, 0.5])
+    module = ScriptedDev([0.1, 0.2, 0.3, 0.25, 0.28, 0.29])
     strategy = AutoFreeze(
         threshold=1e9, check_every_n_steps=1, patience=1, min_epochs=0, plateau_patience=1
     )

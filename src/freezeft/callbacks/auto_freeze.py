@@ -4,8 +4,9 @@ Two tests decide, and both must hold:
 
 - **The model**: the monitored dev metric (the Trainer's checkpoint or early-stopping
   ``monitor``, or ``monitor=``) has reached a plateau: ``plateau_patience`` validations in
-  a row that did not improve on the best so far. Before that, nothing freezes; after it,
-  at most ``pace`` groups freeze between two validations. Both are counted in validations,
+  a row that did not improve on the best so far. Before that, nothing freezes; on it, at
+  most ``pace`` groups freeze between two validations; a new best ends it, and freezing
+  waits for the next plateau (the layers still pay). All three are counted in validations,
   so the schedule does not depend on the number of steps per epoch, the data size or the
   LR schedule.
 - **The group** (after AutoFreeze, Liu, Agarwal and Venkataraman, 2021): every
@@ -38,8 +39,8 @@ __all__ = ["AutoFreeze"]
 
 
 class AutoFreeze(FrozenEncoder):
-    """Freeze groups input side first once the dev metric has plateaued and the group's
-    gradient norm has settled; everything trains until then.
+    """Freeze groups input side first while the dev metric is on a plateau and the group's
+    gradient norm has settled; everything else trains.
 
     Decisions (group, epoch, step, rate) are logged, kept in :attr:`decisions` (a run's
     ``history.json`` lists them) and saved in checkpoints with the running statistics, so a
@@ -57,10 +58,11 @@ class AutoFreeze(FrozenEncoder):
             rate is noisy with small batches).
         min_epochs: no group freezes before this epoch (the head's first epochs, when a
             re-initialised head sends large, changing gradients into the encoder).
-        after_plateau: freeze only after the dev metric's first plateau, ``pace`` groups
+        after_plateau: freeze only while the dev metric is on a plateau, ``pace`` groups
             per validation (``False``: on the gradient test alone, as the paper does).
         plateau_patience: validations in a row that do not improve on the best that make
-            the plateau (like ``EarlyStopping``'s ``patience``; one noisy validation is none).
+            a plateau (like ``EarlyStopping``'s ``patience``; 3 keeps naive's accuracy where
+            dev still improves late; 1 freezes sooner and saves more, at a risk).
         monitor: the logged dev metric whose plateau allows freezing (``None``: the
             Trainer's ``ModelCheckpoint`` or ``EarlyStopping`` monitor; if there is none,
             groups freeze on the gradient test alone, with a warning).
@@ -97,7 +99,7 @@ class AutoFreeze(FrozenEncoder):
         patience: int = 2,
         min_epochs: int = 1,
         after_plateau: bool = True,
-        plateau_patience: int = 2,
+        plateau_patience: int = 3,
         monitor: str | None = None,
         mode: str | None = None,
         pace: int | None = 1,
@@ -140,7 +142,7 @@ class AutoFreeze(FrozenEncoder):
         self.windows: list[dict[str, Any]] = []
         #: one dict per validation: epoch and the monitored value
         self.validations: list[dict[str, Any]] = []
-        #: the epoch of the validation that completed the plateau (None: not yet)
+        #: the epoch of the validation that began the current plateau (None: not on one)
         self.plateau_epoch: int | None = None
         self._watching: tuple[str, str] | None = None  # (monitor, mode) this fit follows
         self._freezes_since_validation = 0
@@ -193,7 +195,7 @@ class AutoFreeze(FrozenEncoder):
                     return monitor, self.mode or getattr(callback, "mode", "min")
         return None
 
-    # -- the model's test: the dev metric's first plateau -------------------------------
+    # -- the model's test: the dev metric's plateau -------------------------------------
     def _follows(self, trainer: pl.Trainer) -> bool:
         """Whether this validation is one of the fit's own (not a sanity check, not a
         ``trainer.validate`` after fit)."""
@@ -233,30 +235,34 @@ class AutoFreeze(FrozenEncoder):
             )
         self._freezes_since_validation = 0
         self.validations.append({"epoch": trainer.current_epoch, "value": value})
-        if self.plateau_epoch is not None:
-            return
         best, since = None, 0  # the best value so far, and the validations since it
         for seen in (v["value"] for v in self.validations):
             if improves(seen, best, mode):
                 best, since = seen, 0
             elif best is not None:
                 since += 1
-        if since < self.plateau_patience:
-            return
-        self.plateau_epoch = trainer.current_epoch
-        pace = "as they settle" if self.pace is None else f"at most {self.pace} per validation"
-        rank_zero_info(
-            f"AutoFreeze: epoch {trainer.current_epoch}: {monitor} has not improved on its best, "
-            f"{best:.4g} ({mode}), for {since} validation{'s' if since > 1 else ''}: from now on "
-            f"groups whose gradient norm has settled freeze, {pace}"
-        )
+        if since >= self.plateau_patience and self.plateau_epoch is None:
+            self.plateau_epoch = trainer.current_epoch
+            pace = "as they settle" if self.pace is None else f"at most {self.pace} per validation"
+            rank_zero_info(
+                f"AutoFreeze: epoch {trainer.current_epoch}: {monitor} has not improved on its "
+                f"best, {best:.4g} ({mode}), for {since} validation{'s' if since > 1 else ''}: "
+                f"until it does, groups whose gradient norm has settled freeze, {pace}"
+            )
+        elif since == 0 and self.plateau_epoch is not None:
+            self.plateau_epoch = None  # the layers still pay: freezing waits for a new plateau
+            rank_zero_info(
+                f"AutoFreeze: epoch {trainer.current_epoch}: {monitor} improved to {best:.4g}: "
+                f"no more groups freeze until it has not improved for {self.plateau_patience} "
+                f"validation{'s' if self.plateau_patience > 1 else ''} again"
+            )
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._watching is not None and not self.validations:
             rank_zero_warn(
                 f"AutoFreeze: no validation logged {self._watching[0]!r} in this fit, so nothing "
-                "froze (it waits for that metric's first plateau). Give the fit validation data, "
+                "froze (it waits for that metric's plateau). Give the fit validation data, "
                 "or AutoFreeze(after_plateau=False) to freeze on the gradient test alone."
             )
 
