@@ -77,6 +77,13 @@ def test_strategies_combine_from_the_command_line():
     assert targets == ["DiscriminativeLR", "FreezeThenUnfreeze", "LRWarmup"]
 
 
+def test_freeze_bottom_takes_n_from_the_command_line_and_names_its_row_by_it():
+    cfg = compose_with("strategy=freeze_bottom", "strategy.n_frozen=3")
+    assert cfg.strategy.name == "freeze_bottom_3"
+    callback = instantiate(cfg.strategy.callbacks.freeze_bottom, _convert_="all")
+    assert callback.n_frozen == 3
+
+
 @pytest.mark.parametrize("search", sorted(p.stem for p in (CONF / "hparams_search").glob("*.yaml")))
 def test_hparams_search_tunes_keys_that_exist(search):
     with initialize_config_module(config_module="freezeft.conf", version_base="1.3"):

@@ -20,6 +20,11 @@ which is not tuned either. Weights the run's config fixed (``decoder.lm_weight``
 
     python -m freezeft.transcribe outputs/2026-11-23/16-03-19-4242/checkpoints/last.ckpt \\
         hallo.wav welt.flac
+
+``--csv FILE`` transcribes the files of a DeepSpeech CSV instead and scores them against its
+transcripts: a last line ``WER w  CER c  (n utterances, decoder)``, corpus-level, as the
+run's test metrics are computed (e.g. on real recorded English:
+:mod:`freezeft.speech.recordings`).
 """
 
 from __future__ import annotations
@@ -34,7 +39,8 @@ import torch
 
 from freezeft.checkpointing import load_checkpoint
 from freezeft.speech.audio import load_audio
-from freezeft.speech.decoding import greedy_decode
+from freezeft.speech.decoding import error_counts, greedy_decode
+from freezeft.speech.manifest import read_csv
 from freezeft.speech.module import SpeechModule
 from freezeft.speech.scorer import Scorer
 
@@ -144,7 +150,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "weights tuning starts from. Resume the run to tune them.",
     )
     parser.add_argument("checkpoint", help="a .ckpt written by python -m freezeft.run")
-    parser.add_argument("audio", nargs="+", help="audio files (WAV, FLAC, ...; any rate)")
+    parser.add_argument("audio", nargs="*", help="audio files (WAV, FLAC, ...; any rate)")
+    parser.add_argument(
+        "--csv",
+        help="a DeepSpeech CSV (wav_filename,wav_filesize,transcript): transcribe its files "
+        "and print the corpus WER and CER against its transcripts",
+    )
     parser.add_argument(
         "--decoder",
         choices=DECODERS,
@@ -159,7 +170,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "only for a file whose origin you trust)",
     )
     args = parser.parse_args(argv)
+    if bool(args.audio) == bool(args.csv):
+        parser.error("give audio files or --csv FILE (one of the two)")
     try:
+        references = {s.path: s.transcript for s in read_csv(args.csv)} if args.csv else {}
+        files = list(references) or args.audio
         model = load_model(args.checkpoint, trusted=args.trust_checkpoint)
         scorer = None
         if args.scorer and args.decoder != "greedy":
@@ -179,15 +194,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, ValueError) as err:
         print(f"freezeft.transcribe: error: {err}", file=sys.stderr)
         return 1
-    failed = 0
-    for audio_file in args.audio:
+    failed, heard = 0, {}
+    for audio_file in files:
         try:
             text = transcribe(model, audio_file, scorer)
         except (OSError, RuntimeError, soundfile.LibsndfileError) as err:
             failed += 1
             print(f"freezeft.transcribe: cannot read {audio_file}: {err}", file=sys.stderr)
             continue
+        heard[audio_file] = text
         print(f"{audio_file}\t{text}", flush=True)
+    if references and heard:
+        word_edits, words, char_edits, chars = error_counts(
+            [references[f] for f in heard], list(heard.values())
+        )
+        decoder = "greedy" if scorer is None else "with the scorer"
+        print(
+            f"WER {word_edits / max(words, 1):.3f}  CER {char_edits / max(chars, 1):.3f}  "
+            f"({len(heard)} utterances of {args.csv}, {decoder})",
+            flush=True,
+        )
     return 1 if failed else 0
 
 

@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from freezeft._lightning import pl
 from freezeft.callbacks import (
     DiscriminativeLR,
+    FreezeBottom,
     FreezeThenUnfreeze,
     FrozenEncoder,
     GradualUnfreeze,
@@ -146,6 +147,29 @@ def test_frozen_encoder_keeps_the_encoder_bit_identical(optimizer):
     state_params = set(trainer.optimizers[0].state)
     head = {id(p) for p in net.net[2].parameters()}
     assert {id(p) for p in state_params} == head  # no optimizer state for frozen params
+
+
+@pytest.mark.parametrize("n_frozen", [0, 1, 2])
+def test_freeze_bottom_keeps_the_first_n_groups_bit_identical_and_trains_the_rest(n_frozen):
+    net = make_net()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    trainer = fit(net, [FreezeBottom(n_frozen=n_frozen)], epochs=2)
+    after = net.state_dict()
+    for key in before:
+        if key.endswith("num_batches_tracked"):
+            continue
+        frozen = int(key.split(".")[1]) < n_frozen  # net.0..., net.1..., net.2...
+        assert torch.equal(before[key], after[key]) == frozen, key
+    trained = {id(p) for i in range(n_frozen, 3) for p in net.net[i].parameters()}
+    assert {id(p) for p in trainer.optimizers[0].state} == trained
+    assert all(p.requires_grad for p in net.parameters())  # every flag restored at fit end
+
+
+def test_freeze_bottom_that_would_freeze_every_group_names_them():
+    with pytest.raises(ValueError, match=r"n_frozen=3` leaves no group to train.*'net\.2'"):
+        fit(make_net(), [FreezeBottom(n_frozen=3)], epochs=1)
+    with pytest.raises(ValueError, match="n_frozen` an integer >= 0, but got -1"):
+        FreezeBottom(n_frozen=-1)
 
 
 def test_naive_trains_everything_and_frozen_prefix_builds_no_graph():

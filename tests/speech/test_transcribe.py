@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
+import jiwer
 import numpy as np
 import pytest
 import pytorch_lightning as pl
@@ -12,6 +14,7 @@ import soundfile
 import torch
 
 from freezeft.speech.data import SpeechDataModule
+from freezeft.speech.manifest import read_csv
 from freezeft.speech.module import SpeechModule
 from freezeft.speech.scorer import Scorer
 from freezeft.transcribe import load_model, main, transcribe
@@ -151,3 +154,24 @@ def test_weights_the_run_fixed_are_not_called_untuned(beam_run, german_corpus, c
     wav = str(german_corpus / "test" / "00000.wav")
     assert main([str(beam_run / "checkpoints" / "best.ckpt"), wav]) == 0
     assert capsys.readouterr().err == ""
+
+
+def test_a_csv_is_transcribed_and_scored_against_its_transcripts(checkpoint, german_corpus,
+                                                                 capsys):  # fmt: skip
+    csv_file = german_corpus / "test.csv"
+    samples = read_csv(csv_file)
+    assert main([str(checkpoint), "--csv", str(csv_file), "--decoder", "greedy"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    heard = [line.split("\t") for line in lines[:-1]]
+    assert [Path(f) for f, _ in heard] == [s.path for s in samples]
+    # the summary is the corpus-level WER and CER of those transcripts, as jiwer counts them
+    refs = [s.transcript for s in samples]
+    cer = jiwer.cer(refs, [h for _, h in heard])
+    wer = jiwer.wer(refs, [h for _, h in heard])
+    assert lines[-1].startswith(f"WER {wer:.3f}  CER {cer:.3f}  ({len(samples)} utterances of")
+
+
+def test_audio_files_and_a_csv_together_are_refused(checkpoint, german_corpus, capsys):
+    with pytest.raises(SystemExit):
+        main([str(checkpoint), "a.wav", "--csv", str(german_corpus / "test.csv")])
+    assert "give audio files or --csv FILE" in capsys.readouterr().err

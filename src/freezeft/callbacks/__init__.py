@@ -3,6 +3,7 @@
 from freezeft.callbacks.auto_freeze import AutoFreeze
 from freezeft.callbacks.base import StrategyCallback
 from freezeft.callbacks.discriminative_lr import DiscriminativeLR
+from freezeft.callbacks.freeze_bottom import FreezeBottom
 from freezeft.callbacks.freeze_then_unfreeze import FreezeThenUnfreeze
 from freezeft.callbacks.frozen_encoder import FrozenEncoder
 from freezeft.callbacks.gradual_unfreeze import GradualUnfreeze
@@ -13,6 +14,7 @@ __all__ = [
     "StrategyCallback",
     "NaiveTransfer",
     "FrozenEncoder",
+    "FreezeBottom",
     "FreezeThenUnfreeze",
     "GradualUnfreeze",
     "AutoFreeze",
