@@ -302,8 +302,53 @@ def test_nan_and_missing_validation_are_said():
 
 def test_a_watched_metric_that_is_not_logged_is_named():
     strategy = AutoFreeze(monitor="val_nope", threshold=1e9, check_every_n_steps=1)
-    with pytest.raises(ValueError, match="'val_nope', was not logged; logged metrics are"):
+    with pytest.raises(ValueError, match=r"'val_nope', was not logged at the fit's first val"):
         fit(ScriptedDev(PLATEAU_AT_3), [strategy], epochs=2)
+
+
+class FromEpochTwo(ScriptedDev):
+    """Logs the dev metric from epoch 2 on only (computed once there is something to score)."""
+
+    def validation_step(self, batch, batch_idx):
+        Task.validation_step(self, batch, batch_idx)
+        if self.current_epoch >= 2:
+            self.log("val_score", self.script[self.current_epoch])
+
+
+def test_a_metric_logged_from_a_later_epoch_on_needs_strict_false():
+    script = [0.0, 0.0, 0.5, 0.4, 0.45, 0.46, 0.47, 0.48]  # from epoch 2; plateau at 4
+    with pytest.raises(ValueError, match=r"strict=False\) if it logs it only from a later"):
+        fit(FromEpochTwo(script), [AutoFreeze(monitor="val_score")], epochs=3)
+    strategy = AutoFreeze(
+        monitor="val_score", threshold=1e9, check_every_n_steps=1, patience=1,
+        plateau_patience=1, strict=False,
+    )  # fmt: skip
+    fit(FromEpochTwo(script), [strategy], epochs=7)
+    assert [v["epoch"] for v in strategy.validations] == [2, 3, 4, 5, 6]
+    assert strategy.decisions[0]["epoch"] == 5 and strategy.decisions[0]["plateau_epoch"] == 4
+
+
+def test_monitor_given_alone_takes_the_mode_of_a_checkpoint_watching_it(tmp_path):
+    module = ScriptedDev([0.1, 0.2, 0.3, 0.4, 0.5, 0.6])  # an accuracy: improving throughout
+    strategy = AutoFreeze(
+        monitor="val_score", threshold=1e9, check_every_n_steps=1, patience=1, min_epochs=0,
+        plateau_patience=1,
+    )  # fmt: skip
+    checkpoint = pl.callbacks.ModelCheckpoint(tmp_path, monitor="val_score", mode="max")
+    fit(module, [strategy, checkpoint], epochs=6, enable_checkpointing=True)
+    assert strategy._watching == ("val_score", "max")
+    assert not strategy.decisions  # as "min" every validation would have been a plateau
+
+
+def test_early_stopping_that_ends_the_run_before_any_freeze_is_said():
+    stopping = pl.callbacks.EarlyStopping(monitor="val_score", patience=3)
+    with pytest.warns(UserWarning, match=r"EarlyStopping\(patience=3\).*nothing can freeze"):
+        fit(ScriptedDev(PLATEAU_AT_3), [AutoFreeze(check_every_n_steps=1), stopping], epochs=1)
+
+
+def test_a_window_longer_than_an_epoch_is_said():
+    with pytest.warns(UserWarning, match=r"check_every_n_steps=50 optimizer steps is longer than"):
+        fit(ScriptedDev(PLATEAU_AT_3), [AutoFreeze(monitor="val_score")], epochs=1)
 
 
 @pytest.mark.parametrize("stop_at", [4, 6])
@@ -343,6 +388,8 @@ def test_bad_arguments_say_which():
         AutoFreeze(pace=0)
     with pytest.raises(ValueError, match="mode"):
         AutoFreeze(mode="best")
+    with pytest.raises(ValueError, match="`strict` true or false"):
+        AutoFreeze(strict="no")
     with pytest.raises(ValueError, match="after_plateau"):
         AutoFreeze(after_plateau="no")
     with pytest.raises(ValueError, match="plateau_patience"):

@@ -67,10 +67,14 @@ class AutoFreeze(FrozenEncoder):
             Trainer's ``ModelCheckpoint`` or ``EarlyStopping`` monitor; if there is none,
             groups freeze on the gradient test alone, with a warning).
         mode: ``"min"`` or ``"max"``: which direction of ``monitor`` is better (``None``:
-            the mode of the callback the monitor was taken from; ``"min"`` with ``monitor=``:
-            give ``mode="max"`` for an accuracy).
+            the mode of the ``ModelCheckpoint`` or ``EarlyStopping`` that watches the same
+            metric, else ``"min"``: give ``mode="max"`` for an accuracy).
         pace: at most this many groups freeze between two validations (``None``: no limit;
             without a monitor there is no limit).
+        strict: a watched metric missing from the fit's first validation is an error (a
+            typo caught early, as Lightning's ``EarlyStopping(strict=True)``); ``False``:
+            validations that do not log it just do not count (a metric logged from a later
+            epoch on).
         groups: layer-group patterns, input to output.
         bn: ``"frozen"`` keeps frozen groups' norm layers in eval mode; ``"train"`` does not.
         cache_frozen: train from cached outputs of the frozen prefix (deeper as more groups
@@ -82,7 +86,7 @@ class AutoFreeze(FrozenEncoder):
         ValueError: ``threshold`` not positive, ``check_every_n_steps`` < 1,
             ``min_epochs`` < 0, ``pace`` or ``plateau_patience`` < 1, a ``mode`` other than
             min/max or a bad ``head``;
-            at the first validation, a ``monitor`` that was not logged.
+            at the first validation, a ``monitor`` that was not logged (``strict=True``).
 
     Example::
 
@@ -103,6 +107,7 @@ class AutoFreeze(FrozenEncoder):
         monitor: str | None = None,
         mode: str | None = None,
         pace: int | None = 1,
+        strict: bool = True,
         groups: Sequence[GroupSpec] | None = None,
         bn: str = "frozen",
         cache_frozen: bool = False,
@@ -131,6 +136,7 @@ class AutoFreeze(FrozenEncoder):
                 f"AutoFreeze: expected `pace` an integer >= 1 (None: no limit), but got {pace!r}."
             )
         self.pace = pace
+        self.strict = expect_bool(self, "strict", strict)
         #: groups frozen so far, counted from the input side
         self.n_frozen = 0
         #: one dict per decision: group, epoch, step, rate, norms
@@ -173,6 +179,13 @@ class AutoFreeze(FrozenEncoder):
             self.validations, self.plateau_epoch, self._freezes_since_validation = [], None, 0
             self._warned_nan = False
             self._watching = self._find_monitor(trainer) if self.after_plateau else None
+            if not self.after_plateau and (self.monitor or self.mode):
+                rank_zero_warn(
+                    "AutoFreeze: `monitor`/`mode` are not used with after_plateau=False (groups "
+                    "freeze on the gradient test alone); drop them, or set after_plateau=True."
+                )
+            if self._watching is not None:
+                self._check_early_stopping(trainer)
             if self.after_plateau and self._watching is None:
                 rank_zero_warn(
                     "AutoFreeze: no dev metric to watch (no `monitor=` and no ModelCheckpoint or "
@@ -184,16 +197,38 @@ class AutoFreeze(FrozenEncoder):
         super().setup(trainer, pl_module, stage)
 
     def _find_monitor(self, trainer: pl.Trainer) -> tuple[str, str] | None:
-        """The metric and mode to follow: ``monitor=``, else a checkpoint's or early
-        stopping's."""
-        if self.monitor is not None:
-            return self.monitor, self.mode or "min"
-        for kind in MONITORING_CALLBACKS:  # of either Lightning package
-            for callback in trainer.callbacks:
-                monitor = getattr(callback, "monitor", None)
-                if isinstance(callback, kind) and monitor:
-                    return monitor, self.mode or getattr(callback, "mode", "min")
-        return None
+        """The metric and mode to follow: ``monitor=``, else the first ``ModelCheckpoint``'s,
+        else the first ``EarlyStopping``'s; the mode, unless given, is that of a callback
+        watching the same metric (else ``"min"``)."""
+        watchers = [
+            callback
+            for kind in MONITORING_CALLBACKS  # checkpoints first, then early stopping
+            for callback in trainer.callbacks
+            if isinstance(callback, kind) and getattr(callback, "monitor", None)
+        ]
+        monitor = self.monitor or (watchers[0].monitor if watchers else None)
+        if monitor is None:
+            return None
+        same = [c for c in watchers if c.monitor == monitor]
+        return monitor, self.mode or (getattr(same[0], "mode", "min") if same else "min")
+
+    def _check_early_stopping(self, trainer: pl.Trainer) -> None:
+        """Warn when early stopping on the watched metric ends the run no later than the
+        validation that would begin a plateau: then nothing can ever freeze."""
+        assert self._watching is not None
+        for callback in trainer.callbacks:
+            if (
+                isinstance(callback, MONITORING_CALLBACKS[1])
+                and callback.monitor == self._watching[0]
+                and callback.patience <= self.plateau_patience
+            ):
+                rank_zero_warn(
+                    f"AutoFreeze: EarlyStopping(patience={callback.patience}) on "
+                    f"{callback.monitor!r} ends the run by the validation that would begin "
+                    f"AutoFreeze's plateau (plateau_patience={self.plateau_patience}), so "
+                    "nothing can freeze. Give EarlyStopping a larger patience, or AutoFreeze "
+                    "a smaller plateau_patience."
+                )
 
     # -- the model's test: the dev metric's plateau -------------------------------------
     def _follows(self, trainer: pl.Trainer) -> bool:
@@ -213,11 +248,13 @@ class AutoFreeze(FrozenEncoder):
             return
         monitor, mode = self._watching
         value = trainer.callback_metrics.get(monitor)
-        if value is None and not self.validations:
+        if value is None and not self.validations and self.strict:
             raise ValueError(
-                f"AutoFreeze: the dev metric it watches, {monitor!r}, was not logged; logged "
-                f"metrics are {sorted(trainer.callback_metrics)}. Give AutoFreeze(monitor=...) "
-                "a metric your validation_step logs."
+                f"AutoFreeze: the dev metric it watches, {monitor!r}, was not logged at the "
+                f"fit's first validation (epoch {trainer.current_epoch}); logged metrics are "
+                f"{sorted(trainer.callback_metrics)}. Give AutoFreeze(monitor=...) a metric "
+                "your validation_step logs, or AutoFreeze(strict=False) if it logs it only "
+                "from a later validation on."
             )
         # Not logged in this validation: the value is the last one's, and no new evidence.
         fresh = None if value is None or value is self._stale else float(value)
@@ -255,6 +292,20 @@ class AutoFreeze(FrozenEncoder):
                 f"AutoFreeze: epoch {trainer.current_epoch}: {monitor} improved to {best:.4g}: "
                 f"no more groups freeze until it has not improved for {self.plateau_patience} "
                 f"validation{'s' if self.plateau_patience > 1 else ''} again"
+            )
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        batches = trainer.num_training_batches
+        if self.plan is None or not isinstance(batches, int) or batches <= 0:
+            return
+        steps = max(1, math.ceil(batches / max(1, trainer.accumulate_grad_batches)))
+        if self.check_every_n_steps > steps:
+            rank_zero_warn(
+                f"AutoFreeze: a window of check_every_n_steps={self.check_every_n_steps} "
+                f"optimizer steps is longer than an epoch ({steps} steps), and a group freezes "
+                f"only after {self.patience + 1} windows, so few groups can freeze in this run. "
+                f"Give AutoFreeze(check_every_n_steps={steps}) (about one epoch) or less."
             )
 
     @override
