@@ -129,6 +129,15 @@ def test_wrong_types_and_ranges_name_the_key_and_the_allowed_values(override, me
         check_config(compose_with(override, f"paths.cache_dir={tmp_path}"))
 
 
+def test_a_strategy_too_large_for_the_model_is_refused_before_any_work(tmp_path):
+    cfg = compose_with(
+        "strategy=freeze_bottom", "strategy.n_frozen=9", f"paths.cache_dir={tmp_path}"
+    )
+    with pytest.raises(ValueError, match=r"n_frozen=9` leaves no group.*strategy.callbacks"):
+        check_config(cfg)
+    assert not any(tmp_path.iterdir())  # no corpus synthesised, no source model pretrained
+
+
 def test_a_strategy_argument_out_of_range_names_its_config_key():
     cfg = compose_with(
         "strategy=freeze_then_unfreeze",

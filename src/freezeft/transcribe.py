@@ -22,9 +22,12 @@ which is not tuned either. Weights the run's config fixed (``decoder.lm_weight``
         hallo.wav welt.flac
 
 ``--csv FILE`` transcribes the files of a DeepSpeech CSV instead and scores them against its
-transcripts: a last line ``WER w  CER c  (n utterances, decoder)``, corpus-level, as the
-run's test metrics are computed (e.g. on real recorded English:
-:mod:`freezeft.speech.recordings`).
+transcripts: a last line ``WER w  CER c  (n of m utterances, decoder)``, corpus-level, as
+the run's test metrics are computed (e.g. on real recorded English:
+:mod:`freezeft.speech.recordings`). Transcripts must be written in the model's alphabet, as
+for training (an empty one, or one with other characters, is refused naming its row);
+files that cannot be read are named with their row and left out of the score, which says
+how many.
 """
 
 from __future__ import annotations
@@ -173,8 +176,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if bool(args.audio) == bool(args.csv):
         parser.error("give audio files or --csv FILE (one of the two)")
     try:
-        references = {s.path: s.transcript for s in read_csv(args.csv)} if args.csv else {}
-        files = list(references) or args.audio
+        rows = read_csv(args.csv) if args.csv else []
+        files = [(row.path, row.source) for row in rows] or [(a, None) for a in args.audio]
         model = load_model(args.checkpoint, trusted=args.trust_checkpoint)
         scorer = None
         if args.scorer and args.decoder != "greedy":
@@ -186,6 +189,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                     f"--decoder beam: {args.checkpoint}'s run built no scorer (it decoded "
                     "greedily); name one with --scorer DIR."
                 )
+        for row in rows:  # what a run's data would refuse, refused here too
+            if not row.transcript:
+                raise ValueError(f"{row.source}: empty transcript; give the words spoken.")
+            missing = model.alphabet.missing(row.transcript)
+            if missing:
+                raise ValueError(
+                    f"{row.source}: transcript {row.transcript!r} has characters outside the "
+                    f"model's alphabet: {missing}; write it as the model spells (lower case, "
+                    "numbers in words, no punctuation)."
+                )
         if scorer is not None:
             scorer.open()  # a broken scorer file is the scorer's error, not the audio's
             untuned = untuned_scorer_warning(scorer, model)
@@ -194,26 +207,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, ValueError) as err:
         print(f"freezeft.transcribe: error: {err}", file=sys.stderr)
         return 1
-    failed, heard = 0, {}
-    for audio_file in files:
+    failed, references, heard = 0, [], []
+    for number, (audio_file, where) in enumerate(files):
         try:
             text = transcribe(model, audio_file, scorer)
         except (OSError, RuntimeError, soundfile.LibsndfileError) as err:
             failed += 1
-            print(f"freezeft.transcribe: cannot read {audio_file}: {err}", file=sys.stderr)
+            row = f" ({where})" if where else ""
+            print(f"freezeft.transcribe: cannot read {audio_file}{row}: {err}", file=sys.stderr)
             continue
-        heard[audio_file] = text
+        if rows:
+            references.append(rows[number].transcript)
+            heard.append(text)
         print(f"{audio_file}\t{text}", flush=True)
-    if references and heard:
-        word_edits, words, char_edits, chars = error_counts(
-            [references[f] for f in heard], list(heard.values())
-        )
+    if rows:
         decoder = "greedy" if scorer is None else "with the scorer"
-        print(
-            f"WER {word_edits / max(words, 1):.3f}  CER {char_edits / max(chars, 1):.3f}  "
-            f"({len(heard)} utterances of {args.csv}, {decoder})",
-            flush=True,
-        )
+        left_out = f"; {failed} unreadable, left out" if failed else ""
+        if not heard:
+            print(f"no WER/CER: none of the {len(rows)} files of {args.csv} could be read")
+        else:
+            word_edits, words, char_edits, chars = error_counts(references, heard)
+            print(
+                f"WER {word_edits / words:.3f}  CER {char_edits / chars:.3f}  ({len(heard)} of "
+                f"{len(rows)} utterances of {args.csv}{left_out}, {decoder})",
+                flush=True,
+            )
     return 1 if failed else 0
 
 

@@ -42,6 +42,15 @@ def test_without_the_package_the_message_says_how_to_install_it(tmp_path, capsys
     assert not (tmp_path / "out" / "test.csv").exists()
 
 
+def test_a_folder_that_is_not_the_package_s_is_named_as_such(tmp_path):
+    (tmp_path / "other").mkdir()
+    with pytest.raises(FileNotFoundError, match="is not pocketsphinx-testdata's data folder"):
+        pocketsphinx_test_csv(tmp_path / "out", tmp_path / "other")
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(NotADirectoryError, match="OUT_DIR must be a folder"):
+        pocketsphinx_test_csv(tmp_path / "a_file", package_like(tmp_path / "data"))
+
+
 def test_a_line_that_is_not_sphinx_format_is_named(tmp_path):
     root = package_like(tmp_path / "data", broken_line="ten of clubs")
     with pytest.raises(ValueError, match=r"transcription:1: expected '<s> words </s> \(file id\)'"):

@@ -168,7 +168,26 @@ def test_a_csv_is_transcribed_and_scored_against_its_transcripts(checkpoint, ger
     refs = [s.transcript for s in samples]
     cer = jiwer.cer(refs, [h for _, h in heard])
     wer = jiwer.wer(refs, [h for _, h in heard])
-    assert lines[-1].startswith(f"WER {wer:.3f}  CER {cer:.3f}  ({len(samples)} utterances of")
+    n = len(samples)
+    assert lines[-1].startswith(f"WER {wer:.3f}  CER {cer:.3f}  ({n} of {n} utterances of")
+
+
+def test_a_csv_row_the_model_cannot_spell_or_hear_is_named(checkpoint, german_corpus, tmp_path,
+                                                          capsys):  # fmt: skip
+    wav = german_corpus / "test" / "00000.wav"
+    bad = tmp_path / "bad.csv"
+    bad.write_text(f"wav_filename,wav_filesize,transcript\n{wav},1,Zehn Kreuz!\n")
+    assert main([str(checkpoint), "--csv", str(bad), "--decoder", "greedy"]) == 1
+    err = capsys.readouterr().err
+    assert f"{bad}:2: transcript 'Zehn Kreuz!' has characters outside" in err
+    partly = tmp_path / "partly.csv"
+    partly.write_text(
+        f"wav_filename,wav_filesize,transcript\n{wav},1,ja\n{tmp_path / 'gone.wav'},1,nein\n"
+    )
+    assert main([str(checkpoint), "--csv", str(partly), "--decoder", "greedy"]) == 1
+    out, err = capsys.readouterr()
+    assert f"cannot read {tmp_path / 'gone.wav'} ({partly}:3)" in err
+    assert "(1 of 2 utterances of" in out and "1 unreadable, left out" in out
 
 
 def test_audio_files_and_a_csv_together_are_refused(checkpoint, german_corpus, capsys):

@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from freezeft import machine, task
 from freezeft.frozen_cache import PrefixCachable
+from freezeft.groups import resolve_groups
 
 __all__ = [
     "CHECKS",
@@ -139,7 +140,13 @@ def check_config(cfg: DictConfig) -> None:
             f"the chosen `strategy` already has, e.g. strategy=warmup addons=[warmup]); drop "
             "it from `addons`."
         )
-    strategies = [instantiate(c, _convert_="all") for c in chosen.values() if c]
+    named = {
+        (f"strategy.callbacks.{key}" if key in cfg.strategy.callbacks else f"addons.{key}"):
+        instantiate(c, _convert_="all")
+        for key, c in chosen.items()
+        if c
+    }  # fmt: skip
+    strategies = list(named.values())
     # The task's own classes check their values (one validator per value); building them
     # is cheap: no corpus is synthesised, no data read but a DeepSpeech alphabet file.
     if cfg.stage == "pretrain" or (
@@ -169,10 +176,27 @@ def check_config(cfg: DictConfig) -> None:
                 f"in its training_step; {type(model).__name__} (model._target_) does not. "
                 "Implement it, or drop the strategy's cache_frozen=true."
             )
+    _check_against_groups(model, named)
     try:
         task.check_transfer(type(model), transfer_options(cfg))
     except (TypeError, ValueError) as err:
         raise ValueError(f"transfer: {err}") from None
+
+
+def _check_against_groups(model: Any, strategies: dict[str, Any]) -> None:
+    """Each strategy's arguments against the model's layer groups (a head or ``n_frozen``
+    too large), before any data or source model is made. A model whose groups exist only
+    once it is configured (``configure_model``) is checked at fit start instead."""
+    patterns = next((s.patterns for s in strategies.values() if s.patterns is not None), None)
+    try:
+        groups = resolve_groups(model, patterns)
+    except ValueError:
+        return  # the fit resolves them again and names the problem
+    for key, strategy in strategies.items():
+        try:
+            strategy.check(groups)
+        except ValueError as err:
+            raise ValueError(f"{err} (config: {key})") from None
 
 
 #: Config sections a resumed run must share with the run it continues: what it trains, on

@@ -30,6 +30,8 @@ class Sample:
 def read_csv(path: str | Path) -> list[Sample]:
     """Read a DeepSpeech CSV; errors name the file, the row and what to fix."""
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"CSV file {path} is a folder; give the CSV file in it.")
     if not path.is_file():
         raise FileNotFoundError(f"CSV file {path} does not exist.")
     try:

@@ -39,8 +39,12 @@ _LINE = re.compile(r"^\s*(?:<s>)?(?P<text>.*?)(?:</s>)?\s*\((?P<id>[^()]+)\)\s*$
 
 def read_sphinx_transcription(path: Path) -> list[tuple[str, str]]:
     """``(file id, transcript)`` pairs of a Sphinx transcription file; errors name the line."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start}).") from None
     pairs = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         match = _LINE.match(line)
@@ -63,23 +67,30 @@ def pocketsphinx_test_csv(out_dir: str | Path, root: str | Path = POCKETSPHINX_D
         ValueError: a transcription line that is not Sphinx's format.
     """
     root = Path(root)
-    if not root.is_dir():
+    if not str(root) or not root.is_dir():
         raise FileNotFoundError(
-            f"{root} does not exist: the real recorded English comes from Debian's "
-            f"pocketsphinx-testdata package. Install it ({INSTALL}), or give the folder that "
-            "holds its librivox/ and cards/ (--root)."
+            f"{str(root) or repr('')} is not a folder: the real recorded English comes from "
+            f"Debian's pocketsphinx-testdata package. Install it ({INSTALL}), or give the "
+            "folder that holds its librivox/ and cards/ (--root)."
         )
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"{out} is a file; OUT_DIR must be a folder (made if absent).")
+    ours = root.resolve() == POCKETSPHINX_DATA.resolve()
     rows = []
     for folder, transcription in SETS.items():
         listing = root / folder / transcription
         if not listing.is_file():
-            raise FileNotFoundError(f"{listing} is missing: reinstall ({INSTALL}).")
+            fix = f"reinstall ({INSTALL})" if ours else "give the package's data folder"
+            raise FileNotFoundError(
+                f"{listing} is missing: {root} is not pocketsphinx-testdata's data folder "
+                f"as it should be; {fix}."
+            )
         for file_id, words in read_sphinx_transcription(listing):
             wav = root / folder / f"{file_id}.wav"
             if not wav.is_file():
                 raise FileNotFoundError(f"{wav}, named in {listing}, is missing: reinstall.")
             rows.append([str(wav.resolve()), wav.stat().st_size, words])
-    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "test.csv"
     with atomic_write(path, newline="") as handle:
