@@ -102,6 +102,8 @@ def test_a_missing_plugin_names_the_install_that_brings_it(
          'installed: pip install "freezeft[app]"'),
         ("torchaudio", ["experiment=tiny"], "the speech task needs torchaudio, which is not "
          'installed: pip install "freezeft[speech]"'),
+        ("piper", ["experiment=tiny", "data@source.data=english_voices"],
+         'needs piper, which is not installed: pip install "freezeft[voices]"'),
     ],
 )  # fmt: skip
 def test_a_missing_extra_names_the_install_that_brings_it(tmp_path, module, overrides, said):

@@ -44,6 +44,8 @@ EXTRAS = [
     "espeakng_loader",
     "jiwer",
     "soundfile",
+    "piper",
+    "onnxruntime",
 ]
 
 

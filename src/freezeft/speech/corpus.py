@@ -82,6 +82,11 @@ class SynthCorpus:
         rate: (min, max) speaking rate in words per minute.
         pitch: (min, max) eSpeak pitch, 0-99.
         noise_db: white noise level relative to the speech RMS (``None`` for none).
+        extra_voices: voices of other synthesisers (``piper:en_US-joe-medium``,
+            ``festival:cmu_us_slt_arctic_hts``; see :mod:`freezeft.speech.voices`) that
+            speak a share of the training phrases; dev and test stay eSpeak's held-out voices.
+        extra_share: the share of training utterances the ``extra_voices`` speak (each
+            utterance draws one of them, at the utterance's rate).
         sample_rate: output sample rate.
         seed: the corpus' seed: the same settings give the same files.
         cache_dir: where corpora are kept (default :func:`~freezeft.cache.default_cache_dir`).
@@ -103,6 +108,8 @@ class SynthCorpus:
     rate: Sequence[int] = (130, 190)
     pitch: Sequence[int] = (35, 65)
     noise_db: float | None = -30.0
+    extra_voices: Sequence[str] = ()
+    extra_share: float = 0.5
     sample_rate: int = 16000
     seed: int = 0
     cache_dir: str | None = field(default=None, compare=False)
@@ -115,6 +122,8 @@ class SynthCorpus:
         for name in ("n_train", "voices_per_phrase", "n_dev", "n_test", "vocabulary", "max_words"):
             if getattr(self, name) < 1:
                 raise ValueError(f"Expected `{name}` >= 1, but got {getattr(self, name)}.")
+        if not 0.0 <= self.extra_share <= 1.0:
+            raise ValueError(f"Expected `extra_share` in [0, 1], but got {self.extra_share}.")
         if not self.train_variants or not self.heldout_variants:
             raise ValueError("Both `train_variants` and `heldout_variants` need a variant.")
         overlap = set(self.train_variants) & set(self.heldout_variants)
@@ -124,8 +133,16 @@ class SynthCorpus:
                 "held-out voices must not be trained on."
             )
         # Hydra hands lists over as ListConfig; keep plain tuples so settings hash and pickle.
-        for name in ("train_variants", "heldout_variants", "rate", "pitch"):
+        for name in ("train_variants", "heldout_variants", "rate", "pitch", "extra_voices"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
+        if self.extra_voices and not self.path.is_dir():  # to synthesise: say now what is missing
+            self._check_voices()
+
+    def _check_voices(self) -> None:
+        from freezeft.speech.voices import check_voice
+
+        for voice in self.extra_voices:
+            check_voice(voice)
 
     @property
     def alphabet(self) -> Alphabet:
@@ -136,6 +153,8 @@ class SynthCorpus:
         """Everything that determines the corpus' content."""
         settings = asdict(self)
         settings.pop("cache_dir")
+        if not self.extra_voices:  # eSpeak alone: the key corpora had before extra voices
+            del settings["extra_voices"], settings["extra_share"]
         settings["generator_version"] = GENERATOR_VERSION
         return settings
 
@@ -147,6 +166,8 @@ class SynthCorpus:
 
     def build(self) -> Path:
         """Synthesise the corpus unless it is cached; returns its folder."""
+        if self.extra_voices and not self.path.is_dir():  # a missing engine: one line, first
+            self._check_voices()
         return cached_entry(self.path, self._write_in_fresh_process, self.settings())
 
     def _write_in_fresh_process(self, folder: Path) -> None:
@@ -199,6 +220,9 @@ class SynthCorpus:
         rank_zero_info(f"Synthesising the {self.language} corpus into {self.path} (one-time)...")
         words = self.words()
         synth = Synthesizer()
+        from freezeft.speech.voices import speaker
+
+        extra = [speaker(name, seed=self.seed) for name in self.extra_voices]
         espeak_voice = LANGUAGES[self.language][0]
         splits = (
             ("train", self.n_train, self.train_variants, self.voices_per_phrase),
@@ -224,14 +248,22 @@ class SynthCorpus:
                             rate=int(rng.integers(self.rate[0], self.rate[1] + 1)),
                             pitch=int(rng.integers(self.pitch[0], self.pitch[1] + 1)),
                         )
-                        spoken = synth.speak(text, voice, seed=int(rng.integers(2**31)))
-                        audio = self._render(spoken, synth.sample_rate, rng)
+                        espeak_seed = int(rng.integers(2**31))
+                        speaker_name, pitch = voice.name, voice.pitch
+                        if split == "train" and extra and rng.random() < self.extra_share:
+                            index = int(rng.integers(0, len(extra)))
+                            spoken, spoken_rate = extra[index].speak(text, voice.rate)
+                            speaker_name, pitch = self.extra_voices[index], ""  # its own pitch
+                        else:
+                            spoken = synth.speak(text, voice, seed=espeak_seed)
+                            spoken_rate = synth.sample_rate
+                        audio = self._render(spoken, spoken_rate, rng)
                         relative = f"{split}/{i:05d}{f'-{repeat}' if repeat else ''}.wav"
                         wav = io.BytesIO()  # the same bytes as soundfile writes to a file
                         soundfile.write(wav, audio, self.sample_rate, "PCM_16", format="WAV")
                         write_bytes(folder / relative, wav.getvalue())  # errors in words
                         rows.append([relative, len(wav.getvalue()), text])
-                        voices.append([relative, voice.name, voice.rate, voice.pitch])
+                        voices.append([relative, speaker_name, voice.rate, pitch])
                         bar.update()
                 _write_csv(folder / f"{split}.csv", rows)
         _write_csv(folder / "voices.csv", voices)
