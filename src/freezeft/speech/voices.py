@@ -130,7 +130,8 @@ class _Festival:
         with tempfile.TemporaryDirectory(prefix="freezeft-festival-") as tmp:
             wav = Path(tmp) / "out.wav"
             if self._voice.endswith("_hts"):  # HTS voices: hts_engine's speed, not durations
-                pace = f'(set! hts_engine_params (append hts_engine_params (list (list "-r" {rate / _NATURAL_RATE:.4f}))))'
+                speed = f'(list (list "-r" {rate / _NATURAL_RATE:.4f}))'
+                pace = f"(set! hts_engine_params (append hts_engine_params {speed}))"
             else:
                 pace = f"(Parameter.set 'Duration_Stretch {_NATURAL_RATE / rate:.4f})"
             done = subprocess.run(
