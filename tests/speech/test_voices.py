@@ -109,6 +109,7 @@ def test_piper_and_festival_speak_training_phrases_only_and_reproducibly(tmp_pat
 
 
 @needs_festival
+@pytest.mark.slow  # starts Festival four times
 @pytest.mark.parametrize("name", [SLT, "festival:kal_diphone"])
 def test_festival_speaks_slower_at_a_lower_rate(name):
     check_voice(name)
