@@ -150,10 +150,12 @@ class SynthCorpus:
         # Hydra hands lists over as ListConfig; keep plain tuples so settings hash and pickle.
         for name in ("train_variants", "heldout_variants", "rate", "pitch"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
-        if self.extra_voices and not self.path.is_dir():  # to synthesise: say now what is missing
-            self._check_voices()
+        self._check_voices()  # to synthesise: say now what is missing
 
     def _check_voices(self) -> None:
+        """One line for an extra voice that cannot speak here, unless the corpus is built."""
+        if not self.extra_voices or self.path.is_dir():
+            return
         from freezeft.speech.voices import check_voice
 
         for voice in self.extra_voices:
@@ -181,8 +183,7 @@ class SynthCorpus:
 
     def build(self) -> Path:
         """Synthesise the corpus unless it is cached; returns its folder."""
-        if self.extra_voices and not self.path.is_dir():  # a missing engine: one line, first
-            self._check_voices()
+        self._check_voices()  # a missing engine: one line, before the synthesiser starts
         return cached_entry(self.path, self._write_in_fresh_process, self.settings())
 
     def _write_in_fresh_process(self, folder: Path) -> None:

