@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from freezeft.groups import resolve_groups
@@ -27,6 +28,25 @@ def test_features_of_an_utterance_do_not_depend_on_batch_padding():
     )
     assert n[0] == m[0]
     torch.testing.assert_close(padded[0, : n[0]], alone[0, : n[0]], atol=1e-4, rtol=1e-4)
+
+
+def test_features_of_an_utterance_do_not_depend_on_the_other_files_in_its_batch():
+    """torchaudio's decibel floor (80 dB below the loudest value) is taken per utterance: a
+    file 60 dB louder, or one holding NaNs, beside it changes nothing."""
+    features = MFCCFeatures()
+    generator = torch.Generator().manual_seed(0)
+    quiet = 1e-3 * torch.randn(8000, generator=generator)
+    quiet[3000:5000] = 1e-9 * torch.randn(2000, generator=generator)  # near-silence
+    alone, n = features(quiet[None], torch.tensor([8000]))
+    loud = 10.0 * torch.randn(12000, generator=generator)
+    broken = torch.randn(12000, generator=generator)
+    broken[100:200] = float("nan")
+    for neighbour in (loud, broken):
+        batch = torch.stack([torch.cat([quiet, torch.zeros(4000)]), neighbour])
+        frames, m = features(batch, torch.tensor([8000, 12000]))
+        assert m[0] == n[0]
+        torch.testing.assert_close(frames[0, : n[0]], alone[0, : n[0]], atol=1e-4, rtol=1e-4)
+        assert torch.isfinite(frames[0]).all()
 
 
 def test_model_outputs_labels_plus_blank_last():
@@ -89,3 +109,45 @@ def test_forward_layers_split_anywhere_equals_the_whole_forward():
     for cut in range(len(LAYER_NAMES) + 1):
         prefix = model.forward_layers(frames, 0, cut, dropout=False)
         assert torch.allclose(model.forward_layers(prefix, cut, len(LAYER_NAMES)), whole, atol=1e-6)
+
+
+def test_an_utterance_whose_loss_is_not_finite_is_named_and_left_out_of_the_loss():
+    """A NaN file the row checks could not see: the batch's other files keep their loss
+    and hypotheses; the file is named, never a silent NaN (stored as null) test loss."""
+    import math
+
+    from torch.utils.data import DataLoader
+
+    from freezeft._lightning import pl
+    from freezeft.speech.dataset import collate
+
+    torch.manual_seed(0)
+    module = SpeechModule(labels=list(" ab"), n_hidden=16, decoder="greedy", log_samples=False)
+    good = {
+        "audio": 0.1 * torch.randn(16000),
+        "labels": torch.tensor([1, 2]),
+        "transcript": "ab",
+        "path": "good.wav",
+    }
+    bad_audio = 0.1 * torch.randn(16000)
+    bad_audio[500:600] = float("nan")
+    bad = {**good, "audio": bad_audio, "path": "bad.wav"}
+    trainer = pl.Trainer(
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        accelerator="cpu",
+    )
+
+    def loader(items: list[dict]) -> DataLoader:
+        return DataLoader(items, batch_size=len(items), collate_fn=collate)
+
+    alone = trainer.test(module, loader([good]), verbose=False)[0]
+    mixed = trainer.test(module, loader([good, bad]), verbose=False)[0]
+    assert math.isfinite(mixed["test_loss"])
+    assert mixed["test_loss"] == pytest.approx(alone["test_loss"], rel=1e-5)
+    assert [(s, p) for s, p, _ in module.non_finite_losses] == [("test", "bad.wav")]
+    results = module.test_results(mixed)
+    assert "1 test file(s) with a non-finite loss" in results["headline"]
+    assert results["non_finite_losses"][0]["path"] == "bad.wav"

@@ -20,7 +20,7 @@ __all__ = ["pretrained_source", "source_checkpoint_path"]
 log = logging.getLogger(__name__)
 
 #: Bump when pretraining would give another model for the same settings.
-PRETRAIN_VERSION = 2
+PRETRAIN_VERSION = 3  # 3: per-utterance decibel floor in the speech features (issue 33)
 
 
 def _source_settings(cfg: DictConfig) -> dict[str, Any]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torchaudio
 from torch import Tensor, nn
@@ -82,19 +84,35 @@ class MFCCFeatures(nn.Module):
         frames = (audio_lengths - self.win_length) // self.hop_length + 1
         return frames.clamp(min=0)
 
+    def _log_mels(self, power: Tensor, valid: Tensor) -> Tensor:
+        """torchaudio MFCC's decibels (floored ``top_db`` below the loudest value), with the
+        floor taken per utterance over its own frames: torchaudio's ``amplitude_to_DB`` takes
+        one floor for a whole ``(B, n_mels, T)`` batch, so a loud (or NaN) file in a batch
+        changed every other file's features."""
+        to_db = self.mfcc.amplitude_to_DB
+        log_mels = to_db.multiplier * torch.log10(power.clamp(min=to_db.amin))
+        log_mels = log_mels - to_db.multiplier * to_db.db_multiplier
+        if to_db.top_db is not None:
+            own = log_mels.masked_fill(~valid[:, None, :], -math.inf)
+            loudest = own.amax(dim=(1, 2), keepdim=True)
+            floor = torch.where(torch.isfinite(loudest), loudest, torch.zeros_like(loudest))
+            log_mels = torch.maximum(log_mels, floor - to_db.top_db)
+        return log_mels
+
     def forward(self, audio: Tensor, audio_lengths: Tensor) -> tuple[Tensor, Tensor]:
         """``audio`` (B, S) float, ``audio_lengths`` (B,) -> frames (B, T, F) and lengths (B,)."""
         if audio.shape[-1] < self.win_length:
             audio = nn.functional.pad(audio, (0, self.win_length - audio.shape[-1]))
         with torch.autocast(device_type=audio.device.type, enabled=False):
-            log_mels = self.mfcc.amplitude_to_DB(self.mfcc.MelSpectrogram(audio.float()))
+            power = self.mfcc.MelSpectrogram(audio.float())  # (B, n_mels, T)
+            lengths = self.frame_lengths(audio_lengths).clamp(max=power.shape[-1])
+            valid = torch.arange(power.shape[-1], device=audio.device)[None, :] < lengths[:, None]
+            log_mels = self._log_mels(power, valid)
             if self.spec_augment is not None:
                 log_mels = self.spec_augment(log_mels)
             # torchaudio's MFCC: the DCT of the log-mel spectrogram
             coeffs = torch.matmul(log_mels.transpose(1, 2), self.mfcc.dct_mat)  # (B, T, n_mfcc)
-        lengths = self.frame_lengths(audio_lengths).clamp(max=coeffs.shape[1])
-        mask = torch.arange(coeffs.shape[1], device=audio.device)[None, :] < lengths[:, None]
-        mask = mask.unsqueeze(-1).to(coeffs.dtype)
+        mask = valid.unsqueeze(-1).to(coeffs.dtype)
         count = mask.sum(dim=1, keepdim=True).clamp(min=1)
         mean = (coeffs * mask).sum(dim=1, keepdim=True) / count
         var = ((coeffs - mean) ** 2 * mask).sum(dim=1, keepdim=True) / count

@@ -145,6 +145,8 @@ class SpeechModule(pl.LightningModule):
         self.scheduler_monitor = scheduler_monitor
         self.test_samples: list[dict] = []
         self.skipped_batches: list[dict] = []
+        #: (split, file, loss) of evaluated utterances whose loss was not finite
+        self.non_finite_losses: list[tuple[str, str, float]] = []
         #: ``(split, Skipped)`` for audio that failed to decode while training or testing
         self.unreadable: list[tuple[str, Skipped]] = []
         self._counts: Tensor | None = None
@@ -187,12 +189,18 @@ class SpeechModule(pl.LightningModule):
         if "test_greedy_wer" in metrics:
             greedy = {"wer": metrics["test_greedy_wer"], "cer": metrics["test_greedy_cer"]}
             headline += f" (scorer); greedy WER {greedy['wer']:.4f} CER {greedy['cer']:.4f}"
+        left_out = sum(split == "test" for split, _, _ in self.non_finite_losses)
+        if left_out:
+            headline += (
+                f"; {left_out} test file(s) with a non-finite loss left out of test_loss "
+                "(named in results.json: non_finite_losses)"
+            )
         return {
             "wer": metrics["test_wer"],
             "cer": metrics["test_cer"],
             "greedy_wer": greedy["wer"],
             "greedy_cer": greedy["cer"],
-            "loss": metrics["test_loss"],
+            "loss": metrics.get("test_loss", float("nan")),
             "decoder": self.decoder.name,
             "scorer": (
                 {"folder": str(self.scorer.folder), **asdict(self.scorer.settings)}
@@ -203,6 +211,10 @@ class SpeechModule(pl.LightningModule):
             "report_note": self._decoding_note(),
             "samples": self.test_samples[:1] + self.test_samples[-1:],
             "skipped_batches": self.skipped_batches,
+            "non_finite_losses": [
+                {"split": split, "path": path, "loss": str(value)}
+                for split, path, value in self.non_finite_losses
+            ],
         }
 
     def _decoding_note(self) -> str:
@@ -347,8 +359,7 @@ class SpeechModule(pl.LightningModule):
         if output is None:
             output = self(batch["audio"], batch["audio_lengths"])
         logits, frame_lengths = output
-        loss = self._loss(logits, frame_lengths, batch)
-        self.log(f"{stage}_loss", loss, sync_dist=True, batch_size=len(batch["transcripts"]))
+        self._log_finite_loss(logits, frame_lengths, batch, stage)
         hypotheses = [
             self.alphabet.decode(ids)
             for ids in greedy_decode(logits, frame_lengths, self.model.blank)
@@ -362,6 +373,38 @@ class SpeechModule(pl.LightningModule):
                 {"path": p, "reference": r, "hypothesis": h, "cer": sample_cer(r, h)}
                 for p, r, h in zip(batch["paths"], batch["transcripts"], hypotheses, strict=True)
             ]
+
+    def _log_finite_loss(
+        self, logits: Tensor, frame_lengths: Tensor, batch: dict, stage: str
+    ) -> None:
+        """Log the batch's mean CTC loss (as ``_loss`` computes it) over its utterances whose
+        loss is finite; an utterance whose loss is not (NaN audio the row check could not see)
+        is named in a warning and in :attr:`non_finite_losses`, so one file never turns a
+        split's loss into NaN, and the loss stored in results is that of the others."""
+        log_probs = logits.float().log_softmax(dim=-1).transpose(0, 1)
+        per_sample = nn.functional.ctc_loss(
+            log_probs,
+            batch["labels"],
+            frame_lengths,
+            batch["label_lengths"],
+            blank=self.model.blank,
+            reduction="none",
+            zero_infinity=True,
+        ) / batch["label_lengths"].clamp(min=1).to(log_probs.dtype)
+        finite = torch.isfinite(per_sample)
+        split = "dev" if stage == "val" else stage
+        for path, ok, value in zip(
+            batch["paths"], finite.tolist(), per_sample.tolist(), strict=True
+        ):
+            if not ok and (split, path) not in {(s, p) for s, p, _ in self.non_finite_losses}:
+                self.non_finite_losses.append((split, path, value))
+                log.warning(
+                    f"{path}: its {split} loss is {value} (its audio or features are not "
+                    "finite); it is left out of the mean loss. Check or remove the file."
+                )
+        if finite.any():
+            loss = per_sample[finite].mean()
+            self.log(f"{stage}_loss", loss, sync_dist=True, batch_size=int(finite.sum()))
 
     def _log_error_rates(self, stage: str, counts: Tensor | None = None) -> tuple[float, float]:
         counts = counts if counts is not None else torch.zeros(4, dtype=torch.float64)
