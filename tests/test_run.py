@@ -317,3 +317,27 @@ def test_a_full_disk_is_one_line_with_the_folder_the_file_and_how_to_resume(tmp_
         error.group(1),
     ), error.group(1)
     assert "Traceback" not in proc.stdout + proc.stderr
+
+
+def test_the_app_under_ddp_finishes_with_every_app_callback_on(tmp_path, cache_dir, german_corpus):
+    """The README's multi-GPU command on two CPU processes (gloo): History, DivergenceCheck,
+    checkpoints and the interrupt checkpoint all run on both ranks. History once read the
+    epoch's synced metrics on rank 0 alone, so rank 0 waited in one all-reduce while rank 1
+    was in DivergenceCheck's: gloo aborted the run (SIGABRT) in its first epoch."""
+    out, stdout = run(
+        tmp_path,
+        cache_dir,
+        "decoder=greedy",
+        "transfer.source=null",
+        "data.num_workers=0",
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.max_epochs=2",
+    )
+    assert len(re.findall(r"^freezeft transfer: ", stdout, re.M)) == 1  # rank 0's line alone
+    results = json.loads((out / "results.json").read_text())
+    assert results["status"] == "finished" and 0.0 <= results["cer"] <= 1.5
+    epochs = read_history(out)
+    assert [e["epoch"] for e in epochs] == [0, 1]
+    assert all("val_cer" in e and "train_loss" in e for e in epochs)
+    assert read_lr_schedule(out)["step"]

@@ -73,11 +73,15 @@ class History(*CALLBACK_BASES):  # type: ignore[misc]
         self._record(trainer, "train_")
 
     def _record(self, trainer: pl.Trainer, prefix: str) -> None:
+        # Every rank reads the metrics: reading them runs the `sync_dist` reductions of the
+        # epoch's logged values, collectives the other ranks must join (rank 0 alone waited
+        # in one while the others were in the next callback's reduce: a gloo mismatch).
+        logged = trainer.callback_metrics
         if not trainer.is_global_zero:
             return
         metrics = {
             key: float(value)
-            for key, value in trainer.callback_metrics.items()
+            for key, value in logged.items()
             if key.startswith(prefix) and not key.endswith("_step") and value.numel() == 1
         }
         if not self.epochs or self.epochs[-1]["epoch"] != trainer.current_epoch:

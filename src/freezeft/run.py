@@ -42,6 +42,7 @@ try:  # the app's packages come with freezeft[app]
 
     import freezeft.conf  # noqa: F401  (registers the configs' resolvers)
     from freezeft import task
+    from freezeft._lightning import pl
     from freezeft.app.config import refuse_local_ddp, threads_per_job
     from freezeft.app.console import quiet_console
     from freezeft.app.errors import is_user_error, one_line
@@ -148,6 +149,9 @@ def main(cfg: DictConfig) -> float:
         )
         return math.nan
     strategy = f"strategy={results['strategy']} " if results.get("strategy") else ""
+    if getattr(pl.utilities.rank_zero.rank_zero_only, "rank", 0) != 0:  # DDP: ranks > 0 are quiet
+        best = results.get(task.dev_key(results["monitor"]))
+        return float(best) if best is not None else math.nan
     print(
         f"freezeft {results['stage']}: {strategy}seed={results['seed']} "
         f"{results.get('headline', 'tested')} "

@@ -412,8 +412,9 @@ class SpeechModule(pl.LightningModule):
         wer = float(counts[0] / counts[1]) if counts[1] else float("nan")
         cer = float(counts[2] / counts[3]) if counts[3] else float("nan")
         # every rank holds the gathered value: log it on each, so any rank can monitor it
-        self.log(f"{stage}_wer", wer, prog_bar=stage == "val")
-        self.log(f"{stage}_cer", cer, prog_bar=stage == "val")
+        # (sync_dist: the mean of equal values, and no warning that it may be missing)
+        self.log(f"{stage}_wer", wer, prog_bar=stage == "val", sync_dist=True)
+        self.log(f"{stage}_cer", cer, prog_bar=stage == "val", sync_dist=True)
         return wer, cer
 
     def _sum_over_ranks(self, counts: Tensor) -> Tensor:
