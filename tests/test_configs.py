@@ -122,6 +122,14 @@ def test_unknown_key_is_named():
         ("data.num_workers=-1", "`num_workers` >= 0 or 'auto', but got -1.*full_key: data"),
         ("model.n_hidden=0", "Expected `n_hidden` >= 1, but got 0"),
         ("transfer.drop_source_layers=7", "transfer: Expected `drop_source_layers` in 0..5"),
+        # numbers in range of their type but not of what they drive (each once a traceback
+        # after training started, or 2,750 threads started without a word)
+        ("cpu_threads=100000", "`cpu_threads=100000`: expected null or an integer from 1 to"),
+        ("seed=4294967296", "`seed=4294967296`: expected an integer from 0 to 4294967295"),
+        ("+trainer.accumulate_grad_batches=0", "`trainer.accumulate_grad_batches=0`: expected"),
+        ("+trainer.val_check_interval=0", r"`trainer.val_check_interval=0`: expected null, a"),
+        ("+trainer.val_check_interval=1.5", r"`trainer.val_check_interval=1.5`: expected null"),
+        ("+trainer.limit_train_batches=-1", r"`trainer.limit_train_batches=-1`: expected"),
     ],
 )
 def test_wrong_types_and_ranges_name_the_key_and_the_allowed_values(override, message, tmp_path):

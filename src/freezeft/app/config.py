@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -32,12 +33,52 @@ def _plain(cfg: Any) -> Any:
     return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
 
 
+_MAX_SEED = 2**32 - 1
+_CORES = os.cpu_count() or 1
+
 #: Keys checked before any work starts: (allowed types, test, what is allowed).
 CHECKS: dict[str, tuple[tuple[type, ...], Any, str]] = {
     "stage": ((str,), lambda v: v in ("transfer", "pretrain"), "'transfer' or 'pretrain'"),
-    "seed": ((int,), lambda v: v >= 0, "an integer >= 0"),
-    "cpu_threads": ((int, type(None)), lambda v: v is None or v >= 1, "null or an integer >= 1"),
+    # the seeds Lightning, NumPy and Python's random all take
+    "seed": ((int,), lambda v: 0 <= v <= _MAX_SEED, f"an integer from 0 to {_MAX_SEED}"),
+    "source.seed": ((int,), lambda v: 0 <= v <= _MAX_SEED, f"an integer from 0 to {_MAX_SEED}"),
+    "cpu_threads": (
+        (int, type(None)),
+        lambda v: v is None or 1 <= v <= _CORES,
+        f"null or an integer from 1 to this machine's {_CORES} cores",
+    ),
     "trainer.max_epochs": ((int,), lambda v: v >= 1, "an integer >= 1"),
+    "trainer.min_epochs": (
+        (int, type(None)),
+        lambda v: v is None or v >= 0,
+        "null or an integer >= 0",
+    ),
+    "trainer.max_steps": ((int,), lambda v: v == -1 or v >= 1, "-1 (no limit) or an integer >= 1"),
+    "trainer.accumulate_grad_batches": ((int,), lambda v: v >= 1, "an integer >= 1"),
+    "trainer.check_val_every_n_epoch": (
+        (int, type(None)),
+        lambda v: v is None or v >= 1,
+        "null or an integer >= 1",
+    ),
+    "trainer.val_check_interval": (
+        (int, float, type(None)),
+        lambda v: v is None or (v >= 1 if isinstance(v, int) else 0.0 < v <= 1.0),
+        "null, a fraction of an epoch in (0, 1] or a number of batches >= 1",
+    ),
+    "trainer.log_every_n_steps": ((int,), lambda v: v >= 1, "an integer >= 1"),
+    "trainer.gradient_clip_val": (
+        (int, float, type(None)),
+        lambda v: v is None or (math.isfinite(v) and v >= 0),
+        "null or a number >= 0",
+    ),
+    **{
+        f"trainer.limit_{split}_batches": (
+            (int, float, type(None)),
+            lambda v: v is None or (v >= 0 if isinstance(v, int) else 0.0 <= v <= 1.0),
+            "null, a fraction in [0, 1] or a number of batches >= 0",
+        )
+        for split in ("train", "val", "test")
+    },
     "source.max_epochs": ((int,), lambda v: v >= 1, "an integer >= 1"),
     "monitor": ((str,), bool, "the name of a metric the model logs, e.g. val_loss or val_acc"),
     "monitor_mode": ((str,), lambda v: v in ("min", "max"), "'min' or 'max'"),
