@@ -117,7 +117,7 @@ def test_a_damaged_entry_that_cannot_be_rebuilt_is_refused_with_the_command_that
         def __init__(self, path: str) -> None:
             pass
 
-        def acquire(self) -> None:
+        def acquire(self, timeout: float = -1) -> None:
             raise PermissionError(errno.EACCES, "Permission denied")
 
     monkeypatch.setattr(cache, "FileLock", ReadOnlyLock)
@@ -163,3 +163,58 @@ def test_a_truncated_source_checkpoint_of_transfer_source_auto_is_rebuilt(tmp_pa
         assert torch.load(source, weights_only=True)["state_dict"]["model.w"].sum() == 256
     assert len(pretrainings) == 3
     assert pretrained_source(cfg, fit_and_test) == source and len(pretrainings) == 3
+
+
+def test_an_entry_linked_or_copied_from_other_settings_is_named_and_rebuilt(tmp_path, caplog):
+    """Its settings.json says what it was built with: an entry made for n_train 32 behind
+    the key of n_train 48 (a symlink, a copy) is not used; the other entry stays as it is."""
+    calls = []
+    other = cached_entry(tmp_path / "corpus" / "de-32", counting_build(calls), {"n_train": 32})
+    entry = tmp_path / "corpus" / "de-48"
+    entry.symlink_to(other)
+    with caplog.at_level(logging.WARNING, logger="freezeft.cache"):
+        assert cached_entry(entry, counting_build(calls), {"n_train": 48}) == entry
+    assert len(calls) == 2
+    assert "built with other settings than its key's: n_train 32 (wanted 48)" in caplog.text
+    assert not entry.is_symlink() and entry_damage(other) is None  # the other one is kept
+    caplog.clear()
+    assert cached_entry(entry, counting_build(calls), {"n_train": 48}) == entry
+    assert len(calls) == 2 and not caplog.text
+
+
+def test_waiting_for_a_stopped_builder_says_who_holds_the_entry(tmp_path, caplog, monkeypatch):
+    """A build lock held by a stopped process (Ctrl+Z) used to wait without a word."""
+    import signal
+    import subprocess
+    import sys
+    import threading
+
+    entry = tmp_path / "corpus" / "de-1"
+    entry.parent.mkdir(parents=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import sys, time; from pathlib import Path; from filelock import FileLock\n"
+                f"lock = FileLock({str(entry) + '.lock'!r}); lock.acquire()\n"
+                f"Path({str(entry) + '.lock.owner'!r})"
+                ".write_text('%d' % __import__('os').getpid())\n"
+                "print('held', flush=True); time.sleep(60)"
+            ),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        holder.send_signal(signal.SIGSTOP)
+        monkeypatch.setattr(cache, "_WAIT_SAY_EVERY", 0.2)
+        threading.Timer(1.0, holder.kill).start()  # the holder goes: the waiter builds
+        with caplog.at_level(logging.WARNING, logger="freezeft.cache"):
+            assert cached_entry(entry, build) == entry
+    finally:
+        holder.kill()
+        holder.wait()
+    assert f"Waiting for the cache entry {entry}: process {holder.pid}" in caplog.text
+    assert f"it is stopped (Ctrl+Z or SIGSTOP): `kill -CONT {holder.pid}`" in caplog.text

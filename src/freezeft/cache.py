@@ -119,13 +119,13 @@ def cached_entry(
             is damaged and cannot be removed; the message says what to do.
     """
     path = Path(path)
-    damage = _damage(path, check)
+    damage = _damage(path, check, settings)
     if damage is None and (path / _COMPLETE).exists():
         return path
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         lock = FileLock(str(path) + ".lock")
-        lock.acquire()
+        _acquire_saying_who_holds(lock, path)
     except OSError as err:
         if damage is not None:
             raise _cannot_rebuild(path, damage, err) from None
@@ -136,18 +136,23 @@ def cached_entry(
         ) from None
     try:
         if (path / _COMPLETE).exists():
-            damage = _damage(path, check)  # another process may have rebuilt it meanwhile
+            damage = _damage(path, check, settings)  # another process may have rebuilt it
             if damage is None:
                 return path
             log.warning(
                 f"The cache entry {path} is damaged ({damage}); removing and rebuilding it."
             )
             try:
-                (path / _COMPLETE).unlink()  # others see a half-built entry, and wait
-                shutil.rmtree(path)
+                if path.is_symlink():  # a link to another entry: that entry is not ours
+                    path.unlink()
+                else:
+                    (path / _COMPLETE).unlink()  # others see a half-built entry, and wait
+                    shutil.rmtree(path)
             except OSError as err:
                 raise _cannot_rebuild(path, damage, err) from None
-        if path.exists():  # left behind by a build that did not finish
+        if path.is_symlink():
+            path.unlink()
+        elif path.exists():  # left behind by a build that did not finish
             shutil.rmtree(path)
         for stale in path.parent.glob(path.name + ".building-*"):  # killed builds (we hold
             shutil.rmtree(stale, ignore_errors=True)  # the lock: no live build is there)
@@ -167,14 +172,106 @@ def cached_entry(
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
     finally:
+        Path(str(path) + ".lock.owner").unlink(missing_ok=True)
         lock.release()
     return path
 
 
-def _damage(path: Path, check: Callable[[Path], str | None] | None) -> str | None:
+def _damage(
+    path: Path, check: Callable[[Path], str | None] | None, settings: dict | None = None
+) -> str | None:
     if not (path / _COMPLETE).exists():
         return None
-    return entry_damage(path) or (check(path) if check is not None else None)
+    return (
+        entry_damage(path)
+        or (_other_settings(path, settings) if settings is not None else None)
+        or (check(path) if check is not None else None)
+    )
+
+
+def _other_settings(path: Path, settings: dict) -> str | None:
+    """What differs between the settings an entry was built with (its ``settings.json``)
+    and ``settings``, or ``None``: an entry copied or linked from another key is not used."""
+    try:
+        built = json.loads((path / "settings.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return "it has no settings.json"
+    except (OSError, ValueError) as err:
+        return f"its settings.json is unreadable ({err})"
+    wanted = json.loads(json.dumps(settings, default=str))
+    differences = _differences(built, wanted)
+    if not differences:
+        return None
+    return (
+        "it was built with other settings than its key's: "
+        + ", ".join(differences[:3])
+        + (f" and {len(differences) - 3} more" if len(differences) > 3 else "")
+    )
+
+
+def _differences(built: object, wanted: object, where: str = "") -> list[str]:
+    if isinstance(built, dict) and isinstance(wanted, dict):
+        return [
+            item
+            for key in sorted(set(built) | set(wanted), key=str)
+            for item in _differences(
+                built.get(key, "<absent>"), wanted.get(key, "<absent>"), f"{where}{key}."
+            )
+        ]
+    if built == wanted:
+        return []
+    return [f"{where.rstrip('.') or 'settings'} {built!r} (wanted {wanted!r})"]
+
+
+#: seconds between the lines saying who holds an entry's build lock
+_WAIT_SAY_EVERY = 60.0
+
+
+def _acquire_saying_who_holds(lock: FileLock, path: Path) -> None:
+    """Take ``lock``; while another process holds it, say which one, whether it is stopped,
+    and for how long it has built (first after a few seconds, then every minute), instead of
+    waiting without a word. The holder's pid is in ``<entry>.lock.owner``."""
+    from filelock import Timeout
+
+    owner = Path(str(path) + ".lock.owner")
+    waited, timeout = 0.0, min(5.0, _WAIT_SAY_EVERY)
+    while True:
+        try:
+            lock.acquire(timeout=timeout)
+            break
+        except Timeout:
+            waited += timeout
+            timeout = _WAIT_SAY_EVERY
+            log.warning(
+                f"Waiting for the cache entry {path}: {_holder(owner)} (waited {waited:.0f} s)."
+            )
+    try:
+        write_text_atomic(owner, f"{os.getpid()}\n")
+    except OSError:  # only for messages
+        pass
+
+
+def _holder(owner: Path) -> str:
+    """Who holds an entry's lock, in words, from its owner file and /proc."""
+    try:
+        pid = int(owner.read_text().split()[0])
+        since = owner.stat().st_mtime
+    except (OSError, ValueError, IndexError):
+        return "another process is building it"
+    import time
+
+    minutes = (time.time() - since) / 60
+    state = ""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        if fields[0] in ("T", "t"):
+            state = (
+                f"; it is stopped (Ctrl+Z or SIGSTOP): `kill -CONT {pid}` (or `fg` in its "
+                f"shell) lets it go on, `kill {pid}` ends it and this process builds the entry"
+            )
+    except (OSError, IndexError):
+        pass
+    return f"process {pid} has been building it for {minutes:.0f} min{state}"
 
 
 def _cannot_rebuild(path: Path, damage: str, err: OSError) -> OSError:
