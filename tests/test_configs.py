@@ -105,6 +105,39 @@ def test_unknown_option_lists_the_allowed_ones():
         compose_with("strategy=nope")
 
 
+def test_the_commissioned_command_composes_to_freeze_then_unfreeze():
+    """`python -m freezeft.run strategy=freeze_then_finetune`, as the project was asked
+    for; the earlier name stays an alias of the same strategy, keys and name."""
+    new, old = (
+        compose_with(f"strategy={name}")
+        for name in ("freeze_then_finetune", "freeze_then_unfreeze")
+    )
+    assert new.strategy.name == old.strategy.name == "freeze_then_finetune"
+    assert OmegaConf.to_container(new.strategy) == OmegaConf.to_container(old.strategy)
+    (callback,) = new.strategy.callbacks.values()
+    assert callback._target_ == "freezeft.callbacks.FreezeThenUnfreeze"
+
+
+@pytest.mark.parametrize(
+    ("override", "suggestion"),
+    [
+        ("strategy=freeze_then_unfreez", "Did you mean strategy=freeze_then_unfreeze or"),
+        ("strategy=freeze_then_finetuning", "Did you mean strategy=freeze_then_finetune"),
+        (
+            "addons=[warmpu]",
+            "Options for addons: discriminative_lr, warmup. Did you mean addons=[warmup]?",
+        ),
+        ("experiment=tinny", "Did you mean experiment=tiny?"),
+    ],
+)
+def test_a_misspelt_choice_gets_the_nearest_names(override, suggestion):
+    from freezeft.app.errors import one_line
+
+    with pytest.raises(Exception) as error:
+        compose_with(override)
+    assert suggestion in one_line(error.value)
+
+
 def test_unknown_key_is_named():
     with pytest.raises(Exception, match=r"Could not override 'trainer.max_epoch'") as error:
         compose_with("trainer.max_epoch=3")

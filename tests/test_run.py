@@ -126,7 +126,7 @@ def test_combined_strategy_from_the_command_line(tmp_path, cache_dir, transfer_r
         "trainer.max_epochs=2",
     )
     results = json.loads((out / "results.json").read_text())
-    assert results["strategy"] == "freeze_then_unfreeze+discriminative_lr+warmup"
+    assert results["strategy"] == "freeze_then_finetune+discriminative_lr+warmup"  # alias
     log = (out / "run.log").read_text()  # freezeft's and Lightning's messages, as on the console
     assert "FreezeThenUnfreeze + DiscriminativeLR + LRWarmup: layer groups" in log
     assert log.count("FreezeThenUnfreeze: epoch 1: unfroze") == 1  # once, not once per handler
@@ -146,7 +146,25 @@ def test_combined_strategy_from_the_command_line(tmp_path, cache_dir, transfer_r
     assert all(0 < lr["model.layer_1"][i] < lr["model.layer_6"][i] for i in phase2)
 
 
-def test_bad_rows_and_a_nan_batch_are_skipped_and_reported(tmp_path, german_corpus):
+def test_the_commissioned_command_thaws_within_six_epochs_of_the_tiny_corpus(
+    tmp_path, cache_dir, transfer_run
+):
+    """`python -m freezeft.run strategy=freeze_then_finetune`, as written (experiment=tiny,
+    6 epochs): the head trains alone until epoch 4, then everything, the encoder at a tenth."""
+    out, stdout = run(tmp_path, cache_dir, "strategy=freeze_then_finetune", "trainer.max_epochs=6",
+                      "decoder=greedy")  # fmt: skip
+    assert "freezeft transfer: strategy=freeze_then_finetune seed=0" in stdout
+    lr = read_lr_schedule(out)
+    before = [i for i, epoch in enumerate(lr["epoch"]) if epoch < 4]
+    after = [i for i, epoch in enumerate(lr["epoch"]) if epoch >= 4]
+    assert before and after
+    assert all(lr["model.layer_1"][i] == 0 < lr["model.layer_6"][i] for i in before)
+    assert all(
+        lr["model.layer_1"][i] == pytest.approx(0.1 * lr["model.layer_6"][i]) for i in after
+    )
+
+
+def test_bad_rows_nan_audio_included_are_skipped_and_reported(tmp_path, german_corpus):
     data = tmp_path / "data"
     shutil.copytree(german_corpus, data, ignore=shutil.ignore_patterns("COMPLETE", "*.json"))
     good = data / "train" / "00000.wav"
@@ -186,6 +204,7 @@ def test_bad_rows_and_a_nan_batch_are_skipped_and_reported(tmp_path, german_corp
         ("train", "34", "missing audio"),
         ("train", "35", "truncated audio"),
         ("train", "36", "outside alphabet"),
+        ("train", "37", "non-finite audio"),  # float audio's samples are read by the check
         ("train", "38", "unreadable audio"),  # found while training, which went on
     ]
     assert "['!']" in rows[2]["detail"]
@@ -194,15 +213,13 @@ def test_bad_rows_and_a_nan_batch_are_skipped_and_reported(tmp_path, german_corp
         "missing audio": 1,
         "truncated audio": 1,
         "outside alphabet": 1,
+        "non-finite audio": 1,
         "unreadable audio": 1,
     }
-    (nan_batch,) = results["skipped_batches"]  # the run went on past it
-    assert str(data / "nan.wav") in nan_batch["paths"]
-    assert nan_batch["loss"] is None and nan_batch["loss_not_finite"] == "nan"  # standard JSON
+    assert results["skipped_batches"] == []  # the NaN file never reached a batch
     json.loads((out / "results.json").read_text(), parse_constant=pytest.fail)
     output = proc.stdout + proc.stderr  # Hydra logs to stdout, Lightning warns on stderr
-    assert "Skipping batch" in output and "nan.wav" in output.split("Its files: ", 1)[1]
-    assert "Skipped 4 rows (" in output and "skipped_samples.csv" in output
+    assert "Skipped 5 rows (" in output and "skipped_samples.csv" in output
 
 
 def test_runs_started_in_the_same_second_get_their_own_run_dirs(tmp_path):

@@ -8,7 +8,9 @@ and keeps its traceback (:func:`one_line` returns None).
 
 from __future__ import annotations
 
+import difflib
 import re
+from importlib import resources
 from pathlib import Path
 
 from hydra.errors import HydraException, InstantiationException, OverrideParseException
@@ -61,12 +63,25 @@ def _omegaconf(err: OmegaConfBaseException) -> str:
 def _composition(err: HydraException) -> str:
     """Hydra's composition errors, one line: the options of a group listed on it, the
     config search path left out, an OmegaConf cause's own words (without its key dump)."""
-    text = str(err).split("Config search path:")[0]
+    text, _, search_path = str(err).partition("Config search path:")
+    unlisted = re.search(r"Could not load '(.+)/([^'/]+)'", text)
+    if unlisted and "Available options" not in text:  # an option inside a list: addons=[x]
+        options = _group_options(search_path, unlisted.group(1))
+        if options:
+            text += f"\nAvailable options in '{unlisted.group(1)}':\n" + "".join(
+                f"\t{option}\n" for option in options
+            )
+            text = text.replace("Could not load", "Could not find", 1)
     found = re.search(r"Available options in '([^']+)':\n((?:\t.*\n?)*)", text)
     head = _joined(text[: found.start()] if found else text)
     if found:
         options = [o.strip() for o in found.group(2).splitlines() if o.strip()]
         head = head.rstrip(" .;") + f". Options for {found.group(1)}: {', '.join(options)}."
+        wanted = re.search(r"Could not find '[^']*?([^'/]+)'", text)
+        close = difflib.get_close_matches(wanted.group(1), options, n=2) if wanted else []
+        if close:
+            shown = [f"[{c}]" if unlisted else c for c in close]  # an item of a list
+            head = f"{head} Did you mean {' or '.join(f'{found.group(1)}={c}' for c in shown)}?"
     cause = err.__cause__
     typo = re.search(r"Could not override '([^']+)'", text)
     if typo and "is not in struct" in str(cause):
@@ -80,6 +95,23 @@ def _composition(err: HydraException) -> str:
         if first and first not in head:
             head += f" ({first})"
     return head
+
+
+def _group_options(search_path: str, group: str) -> list[str]:
+    """The options of config group ``group`` on a Hydra error's search path (Hydra lists
+    them for ``group=x``, not for an item of a list, ``group=[x]``)."""
+    found: set[str] = set()
+    for kind, where in re.findall(r"path=(pkg|file)://(\S+)", search_path):
+        try:
+            if kind == "pkg":
+                folder = resources.files(where.replace("/", "."))
+            else:
+                folder = Path(where)
+            entries = list(folder.joinpath(group).iterdir())
+        except (ModuleNotFoundError, OSError, TypeError, ValueError):
+            continue
+        found.update(e.name[: -len(".yaml")] for e in entries if e.name.endswith(".yaml"))
+    return sorted(found)
 
 
 def one_line(err: BaseException) -> str | None:
