@@ -80,3 +80,14 @@ def test_gradual_unfreeze_with_enough_epochs_does_not_warn():
         epochs=2,
     )
     assert message.startswith("GradualUnfreeze: ")
+
+
+def test_freeze_then_unfreeze_that_never_thaws_names_trainer_max_epochs():
+    from freezeft.callbacks import FreezeThenUnfreeze
+
+    (message,) = warnings_of(
+        "FreezeThenUnfreeze", [FreezeThenUnfreeze(head=1, unfreeze_at_epoch=3)], epochs=2
+    )
+    assert "phase 2 (everything trains) never started: unfreeze_at_epoch=3 >= max_epochs" in message
+    assert "python -m freezeft.run: trainer.max_epochs=5) or a smaller unfreeze_at_epoch" in message
+    assert "protocol=converge" not in message  # no metric to wait for: more epochs is the fix

@@ -160,7 +160,15 @@ class FreezeThenUnfreeze(FrozenEncoder):
                 f"{type(self).__name__}: phase 2 (everything trains) never started: {reason} "
                 f"within the {trained} epoch{'' if trained == 1 else 's'} trained, so only the "
                 "head trained. "
-                "Give it more epochs (python -m freezeft.run: protocol=converge)."
+                + (
+                    "Give it more epochs (Trainer(max_epochs=N); python -m freezeft.run: "
+                    "trainer.max_epochs=N, or protocol=converge to train until dev stops "
+                    "improving)."
+                    if self.monitor
+                    else f"Give it more than {self.unfreeze_at_epoch} epochs (Trainer(max_epochs="
+                    f"N); python -m freezeft.run: trainer.max_epochs={self.unfreeze_at_epoch + 2}"
+                    ") or a smaller unfreeze_at_epoch."
+                )
             )
 
     def _follow(self, value: float, best: float, wait: int) -> tuple[float, int]:
