@@ -60,7 +60,12 @@ def test_option_composes_and_binds_to_its_targets(group, option, tmp_path):
                 signature.bind_partial(**kwargs)  # the run supplies e.g. `labels`, `callbacks`
         except TypeError as err:
             pytest.fail(f"{where} ({block._target_}) does not fit its signature: {err}")
-    instantiate(cfg.data, _convert_="all")
+    try:
+        instantiate(cfg.data, _convert_="all")
+    except Exception as err:  # a voice engine that is a system package (Debian's Festival)
+        if "which are not installed" in str(err.__cause__ or err):
+            pytest.skip(f"data={option} needs a system package: {err.__cause__ or err}")
+        raise
     labels = [" ", *"abcdefghijklmnopqrstuvwxyzäöüß"]  # German: what the scorer checks against
     instantiate(cfg.model, labels=labels, language="de", _convert_="all")
     for callback in {**cfg.strategy.callbacks, **cfg.strategy.get("addons", {})}.values():
