@@ -23,7 +23,14 @@ from filelock import FileLock
 
 from freezeft.files import WriteError, umask, write_text_atomic
 
-__all__ = ["default_cache_dir", "config_key", "cached_entry", "entry_damage", "umask"]
+__all__ = [
+    "default_cache_dir",
+    "config_key",
+    "cached_entry",
+    "differences",
+    "entry_damage",
+    "umask",
+]
 
 log = logging.getLogger(__name__)
 
@@ -199,22 +206,23 @@ def _other_settings(path: Path, settings: dict) -> str | None:
     except (OSError, ValueError) as err:
         return f"its settings.json is unreadable ({err})"
     wanted = json.loads(json.dumps(settings, default=str))
-    differences = _differences(built, wanted)
-    if not differences:
+    found = differences(built, wanted)
+    if not found:
         return None
     return (
         "it was built with other settings than its key's: "
-        + ", ".join(differences[:3])
-        + (f" and {len(differences) - 3} more" if len(differences) > 3 else "")
+        + ", ".join(found[:3])
+        + (f" and {len(found) - 3} more" if len(found) > 3 else "")
     )
 
 
-def _differences(built: object, wanted: object, where: str = "") -> list[str]:
+def differences(built: object, wanted: object, where: str = "") -> list[str]:
+    """Where two JSON values differ: ``["n_train 32 (wanted 48)", ...]`` by dotted key."""
     if isinstance(built, dict) and isinstance(wanted, dict):
         return [
             item
             for key in sorted(set(built) | set(wanted), key=str)
-            for item in _differences(
+            for item in differences(
                 built.get(key, "<absent>"), wanted.get(key, "<absent>"), f"{where}{key}."
             )
         ]

@@ -12,10 +12,11 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from freezeft.app.config import _plain
+from freezeft.app.release import matching_release
 from freezeft.app.results import write_json
 from freezeft.cache import cached_entry, config_key, default_cache_dir
 
-__all__ = ["pretrained_source", "source_checkpoint_path"]
+__all__ = ["pretrained_source", "source_checkpoint_path", "source_settings"]
 
 log = logging.getLogger(__name__)
 
@@ -49,14 +50,27 @@ def _entry(cfg: DictConfig) -> tuple[Path, DictConfig, dict[str, Any]]:
     return root / "source" / config_key(settings), source_cfg, settings
 
 
+def source_settings(cfg: DictConfig) -> dict[str, Any]:
+    """What ``cfg``'s source model is pretrained with: the key of its cache entry, and what
+    a released source model must have been made with to stand in for it."""
+    return _entry(cfg)[2]
+
+
 def source_checkpoint_path(cfg: DictConfig) -> Path:
     """Where ``transfer.source=auto`` keeps ``cfg``'s source checkpoint, built or not (a
-    resumed run names the source it started from without pretraining it again)."""
-    return _entry(cfg)[0] / "source.ckpt"
+    resumed run names the source it started from without pretraining it again): the
+    released one where it matches, else the cache entry's."""
+    entry, _, settings = _entry(cfg)
+    released, _ = matching_release(cfg, settings)
+    return released or entry / "source.ckpt"
 
 
-def pretrained_source(cfg: DictConfig, fit_and_test: Callable[..., dict[str, Any]]) -> Path:
-    """The source checkpoint for ``transfer.source=auto``: pretrained once, then cached.
+def pretrained_source(
+    cfg: DictConfig, fit_and_test: Callable[..., dict[str, Any]], *, use_release: bool = True
+) -> Path:
+    """The source checkpoint for ``transfer.source=auto``: the released source model of the
+    task (``source.release``) where it was made with these very source settings, else
+    pretrained once, then cached.
 
     Keyed by the source data, model and pretraining budget, not by the run's own seed
     (``${seed}`` in the source data resolves to ``source.seed``): every job of a sweep
@@ -66,10 +80,19 @@ def pretrained_source(cfg: DictConfig, fit_and_test: Callable[..., dict[str, Any
     pretrained again.
     """
     entry, source_cfg, settings = _entry(cfg)
+    released, why_not = matching_release(cfg, settings) if use_release else (None, None)
+    if released is not None:
+        log.info(
+            f"transfer.source=auto: the released source model {released} (made with these "
+            "source settings; no pretraining)."
+        )
+        return released
 
     def build(folder: Path) -> None:
         size = OmegaConf.select(source_cfg, "source.data.corpus.n_train", default=None)
         what = f"{size:,} source utterances" if isinstance(size, int) else "the source data"
+        if why_not:
+            log.info(f"transfer.source=auto: not the released source model: {why_not}.")
         log.info(
             f"transfer.source=auto: pretraining the source model first, on {what} for "
             f"{cfg.source.max_epochs} epoch{'' if cfg.source.max_epochs == 1 else 's'}. "
