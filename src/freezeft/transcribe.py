@@ -2,8 +2,10 @@
 
 Prints one line per audio file, ``<file>\\t<transcript>``, in the order given. WAV, FLAC and
 anything else libsndfile reads, at any sample rate (resampled) and channel count
-(downmixed). A file that cannot be read gets a message on stderr naming it and why; the
-others are still transcribed, and the exit code is 1.
+(downmixed). A file that cannot be read, or that holds no samples or NaN or infinite ones
+(which would give a blank transcript), gets a message on stderr naming it and why; the
+others are still transcribed, and the exit code is 1. Options may come anywhere, before or
+after the audio files.
 
 Decoding is the run's: with the scorer the run built and tuned (``<run dir>/scorer``, next
 to the checkpoint's ``checkpoints/`` folder) when it used ``decoder=beam``, else greedy.
@@ -26,8 +28,8 @@ transcripts: a last line ``WER w  CER c  (n of m utterances, decoder)``, corpus-
 the run's test metrics are computed (e.g. on real recorded English:
 :mod:`freezeft.speech.recordings`). Transcripts must be written in the model's alphabet, as
 for training (an empty one, or one with other characters, is refused naming its row);
-files that cannot be read are named with their row and left out of the score, which says
-how many.
+files that cannot be read or are refused are named with their row and left out of the
+score, which says how many.
 """
 
 from __future__ import annotations
@@ -37,13 +39,14 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import soundfile
 import torch
 
 from freezeft.checkpointing import load_checkpoint
 from freezeft.speech.audio import load_audio
 from freezeft.speech.decoding import error_counts, greedy_decode
-from freezeft.speech.manifest import read_csv
+from freezeft.speech.manifest import not_a_regular_file, read_csv
 from freezeft.speech.module import SpeechModule
 from freezeft.speech.scorer import Scorer
 
@@ -128,12 +131,22 @@ def transcribe(model: SpeechModule, audio_file: str | Path, scorer: Scorer | Non
 
     Raises:
         OSError, RuntimeError: the file cannot be read as audio.
+        ValueError: its audio has no samples, or NaN or infinite ones.
     """
     if Path(audio_file).is_dir():
         raise IsADirectoryError(f"{audio_file} is a folder, not an audio file")
+    special = not_a_regular_file(audio_file)  # with stat: opening a FIFO would block
+    if special is not None:
+        raise OSError(f"{audio_file} is {special}, not a regular file")
     if not Path(audio_file).is_file():
         raise FileNotFoundError(f"no such file: {audio_file}")
-    audio = torch.from_numpy(load_audio(Path(audio_file), model.hparams.sample_rate))
+    samples = load_audio(Path(audio_file), model.hparams.sample_rate)
+    if len(samples) == 0:
+        raise ValueError("it has no samples")
+    bad = int(np.count_nonzero(~np.isfinite(samples)))
+    if bad:
+        raise ValueError(f"{bad} of its {len(samples)} samples are not finite (NaN or infinite)")
+    audio = torch.from_numpy(samples)
     logits, lengths = model(audio[None], torch.tensor([len(audio)]))
     if scorer is not None:
         (text,) = scorer.decode(logits, lengths)
@@ -172,7 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="load a checkpoint that needs code to load (never needed for freezeft's own; "
         "only for a file whose origin you trust)",
     )
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # options after the audio files too
     if bool(args.audio) == bool(args.csv):
         parser.error("give audio files or --csv FILE (one of the two)")
     try:
@@ -207,24 +220,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, ValueError) as err:
         print(f"freezeft.transcribe: error: {err}", file=sys.stderr)
         return 1
-    failed, references, heard = 0, [], []
+    unreadable, refused, references, heard = 0, 0, [], []
     for number, (audio_file, where) in enumerate(files):
+        row = f" ({where})" if where else ""
         try:
             text = transcribe(model, audio_file, scorer)
         except (OSError, RuntimeError, soundfile.LibsndfileError) as err:
-            failed += 1
-            row = f" ({where})" if where else ""
+            unreadable += 1
             print(f"freezeft.transcribe: cannot read {audio_file}{row}: {err}", file=sys.stderr)
             continue
+        except ValueError as err:  # read, but nothing a transcript could be made of
+            refused += 1
+            print(f"freezeft.transcribe: refused {audio_file}{row}: {err}", file=sys.stderr)
+            continue
         if rows:
-            references.append(rows[number].transcript)
+            references.append(model.alphabet.spelling(rows[number].transcript))
             heard.append(text)
         print(f"{audio_file}\t{text}", flush=True)
     if rows:
         decoder = "greedy" if scorer is None else "with the scorer"
-        left_out = f"; {failed} unreadable, left out" if failed else ""
+        counts = ((unreadable, "unreadable"), (refused, "refused"))
+        failed = " and ".join(f"{n} {what}" for n, what in counts if n)
+        left_out = f"; {failed}, left out" if failed else ""
         if not heard:
-            print(f"no WER/CER: none of the {len(rows)} files of {args.csv} could be read")
+            print(f"no WER/CER: none of the {len(rows)} files of {args.csv} could be transcribed")
         else:
             word_edits, words, char_edits, chars = error_counts(references, heard)
             print(
@@ -232,7 +251,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"{len(rows)} utterances of {args.csv}{left_out}, {decoder})",
                 flush=True,
             )
-    return 1 if failed else 0
+    return 1 if unreadable or refused else 0
 
 
 if __name__ == "__main__":

@@ -1,3 +1,4 @@
+import unicodedata
 from pathlib import Path
 
 import pytest
@@ -56,3 +57,17 @@ def test_encode_decode_and_unknown_characters():
     assert alphabet.decode([1, 2, 4, 0, 3]) == "ab c"  # 4 is the blank
     with pytest.raises(ValueError, match=r"\['x', 'z'\]"):
         alphabet.encode("axbz")
+
+
+def test_text_is_spelled_in_the_labels_unicode_form(tmp_path):
+    nfd = unicodedata.normalize("NFD", "über")
+    composed = Alphabet(list(" berü"))  # NFC labels, as alphabet files are read
+    assert composed.spelling(nfd) == "über" and composed.missing(nfd) == []
+    assert composed.encode(nfd) == composed.encode("über") == [4, 1, 2, 3]
+    decomposed = Alphabet([" ", "b", "e", "r", "u", "\u0308"])  # a combining diaeresis label
+    assert decomposed.spelling("über") == nfd and decomposed.encode("über") == [4, 5, 1, 2, 3]
+    jamo = Alphabet(["\u1112", "\u1161", "\u11ab"])  # Hangul jamo: 한 is three labels
+    assert jamo.encode("한") == [0, 1, 2] and jamo.missing("한국") == ["\u1100", "\u116e", "\u11a8"]
+    path = tmp_path / "alphabet.txt"
+    path.write_text(unicodedata.normalize("NFD", " \nb\ne\nr\nü\n"))  # its ü is two characters
+    assert Alphabet.from_file(path).labels == [" ", "b", "e", "r", "ü"]

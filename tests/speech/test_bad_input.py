@@ -6,7 +6,10 @@ a counted skip whose reason says the same; never a traceback from deep inside to
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
+import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +19,7 @@ import soundfile
 from freezeft.speech.alphabet import Alphabet
 from freezeft.speech.audio import load_audio
 from freezeft.speech.data import SpeechDataModule
-from freezeft.speech.dataset import SpeechDataset
+from freezeft.speech.dataset import SpeechDataset, collate
 from freezeft.speech.manifest import read_csv
 
 HEADER = "wav_filename,wav_filesize,transcript\n"
@@ -276,3 +279,151 @@ def test_a_split_with_no_usable_row_is_an_error(tmp_path, alphabet, german_corpu
         ValueError, match=r"No usable row in the train CSV.*1 were skipped.*missing audio"
     ):
         data.setup("fit")
+
+
+# -- attack round 4 (issue 33): long recordings, runaway CSV fields, NaN audio ------------
+
+
+def test_a_recording_longer_than_max_duration_is_skipped_as_too_long(tmp_path, speech, alphabet):
+    audio, text = speech
+    soundfile.write(tmp_path / "good.wav", audio, 16000)
+    soundfile.write(tmp_path / "long.wav", np.zeros(61 * 16000, np.int16), 16000)  # 61 s
+    path = write_csv(tmp_path / "train.csv", [("good.wav", text), ("long.wav", text)])
+    skip = only_skip(SpeechDataset([path], alphabet))  # the default limit: 60 s
+    assert (skip.source, skip.kind) == (f"{path}:3", "too long")
+    assert skip.detail.startswith(f"audio file {tmp_path / 'long.wav'} lasts 61.0 s, more than ")
+    assert "data.max_duration_s=60 s" in skip.detail and "cut it into utterances" in skip.detail
+    assert len(SpeechDataset([path], alphabet, max_duration_s=None)) == 2  # null: no limit
+    assert len(SpeechDataset([path], alphabet, max_duration_s=61.5)) == 2
+    with pytest.raises(ValueError, match=r"train.csv:3: audio file .*long.wav lasts 61.0 s"):
+        SpeechDataset([path], alphabet, on_bad_sample="error")
+
+
+@pytest.mark.parametrize("value", [0, -1.0, float("nan"), float("inf"), "60", True])
+def test_a_max_duration_that_is_no_positive_number_is_refused(tmp_path, value):
+    with pytest.raises(ValueError, match=r"Expected `max_duration_s` to be a number of seconds"):
+        SpeechDataModule(data_dir=tmp_path, max_duration_s=value)
+
+
+def test_an_unclosed_quote_in_a_large_csv_names_its_line(tmp_path):
+    # past the CSV reader's field limit (131072 characters) the reader raised _csv.Error
+    path = tmp_path / "train.csv"
+    rows = [f"{i}.wav,0,gut\n" for i in range(5)] + ['5.wav,0,"gut\n'] + ["x.wav,0,gut\n"] * 20000
+    path.write_text(HEADER + "".join(rows))
+    with pytest.raises(ValueError, match=r"train.csv:7: a field runs over at least \d+ more line"):
+        read_csv(path)
+
+
+def test_a_nul_byte_in_a_csv_names_its_line(tmp_path):
+    path = tmp_path / "train.csv"
+    path.write_bytes((HEADER + "a.wav,0,gut\nb\0.wav,0,gut\n").encode())
+    with pytest.raises(ValueError, match=r"train.csv:3: the row holds a NUL byte"):
+        read_csv(path)
+
+
+def test_line_numbers_count_blank_lines(tmp_path):
+    path = tmp_path / "train.csv"
+    path.write_text(HEADER + "a.wav,0,gut\n\n\nb.wav,x,gut\n")
+    with pytest.raises(ValueError, match=r"train.csv:5: wav_filesize must be an integer"):
+        read_csv(path)
+
+
+def write_audio_splits(folder: Path, audio: np.ndarray, text: str, bad: str) -> None:
+    """train/dev/test CSVs, each with a good row and a row whose audio is ``bad``."""
+    soundfile.write(folder / "good.wav", audio, 16000)
+    for split in ("train", "dev", "test"):
+        write_csv(folder / f"{split}.csv", [("good.wav", text), (bad, text)])
+
+
+@pytest.mark.parametrize("subtype", ["FLOAT", "DOUBLE"])
+def test_nan_and_infinite_audio_is_skipped_in_every_split(tmp_path, speech, german_corpus,
+                                                          subtype):  # fmt: skip
+    audio, text = speech
+    shutil.copy(german_corpus / "alphabet.txt", tmp_path)
+    bad = audio.copy()
+    bad[1600:1700] = np.nan
+    bad[2000] = np.inf
+    soundfile.write(tmp_path / "nan.wav", bad, 16000, subtype=subtype)
+    write_audio_splits(tmp_path, audio, text, "nan.wav")
+    data = SpeechDataModule(data_dir=tmp_path)
+    data.setup("fit")
+    assert [(split, row.kind) for split, row in data.skipped_rows()] == [
+        ("train", "non-finite audio"),
+        ("dev", "non-finite audio"),
+        ("test", "non-finite audio"),
+    ]
+    detail = data.skipped_rows()[0][1].detail
+    assert detail.startswith(f"audio file {tmp_path / 'nan.wav'} has 101 non-finite sample(s)")
+    assert "the first at 0.100 s" in detail
+    with pytest.raises(ValueError, match=r"train.csv:3: audio file .*nan.wav has 101 non-finite"):
+        SpeechDataModule(data_dir=tmp_path, on_bad_sample="error").setup("fit")
+
+
+def test_audio_that_decodes_to_nan_later_leaves_its_batch(tmp_path, speech, alphabet):
+    # the row check passed (a finite file, replaced afterwards): the batch goes on without it
+    audio, text = speech
+    soundfile.write(tmp_path / "a.wav", audio, 16000)
+    soundfile.write(tmp_path / "b.wav", audio, 16000)
+    dataset = SpeechDataset([write_csv(tmp_path / "t.csv", [("a.wav", text), ("b.wav", text)])],
+                            alphabet)  # fmt: skip
+    soundfile.write(tmp_path / "b.wav", np.full_like(audio, np.nan), 16000, subtype="FLOAT")
+    batch = collate([dataset[0], dataset[1]])
+    assert batch["paths"] == [str(tmp_path / "a.wav")]
+    (left_out,) = batch["unreadable"]
+    assert left_out["kind"] == "non-finite audio" and left_out["source"].endswith("t.csv:3")
+    assert "b.wav decodes to" in left_out["detail"] and "non-finite sample(s)" in left_out["detail"]
+
+
+def test_nfd_transcripts_and_alphabet_are_read_as_nfc(tmp_path, speech, german_corpus):
+    audio, _ = speech
+    soundfile.write(tmp_path / "a.wav", audio, 16000)
+    nfd = unicodedata.normalize("NFD", "über")
+    assert len(nfd) == 5  # u + a combining diaeresis
+    path = write_csv(tmp_path / "train.csv", [("a.wav", nfd)])
+    assert read_csv(path)[0].transcript == "über"
+    dataset = SpeechDataset([path], Alphabet.from_file(german_corpus / "alphabet.txt"))
+    assert len(dataset) == 1 and not dataset.skipped
+    # an alphabet file written in NFD reads its ü as one label
+    (tmp_path / "alphabet.txt").write_text(unicodedata.normalize("NFD", " \nb\ne\nr\nu\nü\n"))
+    alphabet = Alphabet.from_file(tmp_path / "alphabet.txt")
+    assert alphabet.labels == [" ", "b", "e", "r", "u", "ü"]
+    assert alphabet.encode(nfd) == alphabet.encode("über") == [5, 1, 2, 3]
+
+
+def test_an_alphabet_without_the_space_label_is_refused(tmp_path, speech, german_corpus):
+    audio, text = speech
+    labels = Alphabet.from_file(german_corpus / "alphabet.txt").labels
+    (tmp_path / "alphabet.txt").write_text("".join(f"{c}\n" for c in labels if c != " "))
+    soundfile.write(tmp_path / "a.wav", audio, 16000)
+    for split in ("train", "dev", "test"):
+        write_csv(tmp_path / f"{split}.csv", [("a.wav", "gut"), ("a.wav", "uhr bei")])
+    with pytest.raises(
+        ValueError,
+        match=rf"alphabet file {tmp_path / 'alphabet.txt'} has no space label \(' '\), but the "
+        r"transcripts have spaces \(first: .*train.csv:3: 'uhr bei'\).*Add a line holding a "
+        r"single space",
+    ):
+        SpeechDataModule(data_dir=tmp_path).setup("fit")  # skip mode too: no row is at fault
+
+
+def test_a_device_and_a_fifo_as_audio_are_unreadable_not_missing(tmp_path, speech, alphabet):
+    audio, text = speech
+    soundfile.write(tmp_path / "good.wav", audio, 16000)
+    os.mkfifo(tmp_path / "fifo.wav")
+    (tmp_path / "folder.wav").mkdir()
+    rows = [("good.wav", text), ("/dev/zero", text), ("fifo.wav", text), ("folder.wav", text)]
+    path = write_csv(tmp_path / "train.csv", rows)
+    signal.alarm(20)  # opening the FIFO would block: fail instead of hanging
+    try:
+        dataset = SpeechDataset([path], alphabet)
+    finally:
+        signal.alarm(0)
+    assert len(dataset) == 1
+    assert [(s.kind, s.detail) for s in dataset.skipped] == [
+        ("unreadable audio", "audio file /dev/zero is a character device, not a regular file; "
+         "point the row at an audio file"),
+        ("unreadable audio", f"audio file {tmp_path / 'fifo.wav'} is a FIFO (named pipe), not a "
+         "regular file; point the row at an audio file"),
+        ("unreadable audio", f"audio file {tmp_path / 'folder.wav'} is a folder, not an audio "
+         "file"),
+    ]  # fmt: skip

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 from pathlib import Path
 
 import jiwer
@@ -194,3 +196,70 @@ def test_audio_files_and_a_csv_together_are_refused(checkpoint, german_corpus, c
     with pytest.raises(SystemExit):
         main([str(checkpoint), "a.wav", "--csv", str(german_corpus / "test.csv")])
     assert "give audio files or --csv FILE" in capsys.readouterr().err
+
+
+def test_nan_empty_and_special_files_are_refused_by_name(checkpoint, german_corpus, tmp_path,
+                                                         capsys):  # fmt: skip
+    wav = str(german_corpus / "test" / "00000.wav")
+    audio, rate = soundfile.read(wav, dtype="float32")
+    nan = audio.copy()
+    nan[:100] = np.nan
+    soundfile.write(tmp_path / "nan.wav", nan, rate, subtype="FLOAT")
+    soundfile.write(tmp_path / "empty.wav", audio[:0], rate)
+    os.mkfifo(tmp_path / "fifo.wav")
+    bad = [str(tmp_path / name) for name in ("nan.wav", "empty.wav", "fifo.wav")]
+    signal.alarm(60)  # opening the FIFO would block: fail instead of hanging
+    try:
+        # options after the audio files are read as options too
+        assert main([str(checkpoint), wav, *bad, "/dev/zero", wav, "--decoder", "greedy"]) == 1
+    finally:
+        signal.alarm(0)
+    out, err = capsys.readouterr()
+    assert [line.split("\t")[0] for line in out.splitlines()] == [wav, wav]
+    assert err.splitlines() == [
+        f"freezeft.transcribe: refused {bad[0]}: 100 of its {len(audio)} samples are not "
+        "finite (NaN or infinite)",
+        f"freezeft.transcribe: refused {bad[1]}: it has no samples",
+        f"freezeft.transcribe: cannot read {bad[2]}: {bad[2]} is a FIFO (named pipe), not a "
+        "regular file",
+        "freezeft.transcribe: cannot read /dev/zero: /dev/zero is a character device, not a "
+        "regular file",
+    ]
+    csv_file = tmp_path / "nan.csv"
+    csv_file.write_text(f"wav_filename,wav_filesize,transcript\n{wav},1,ja\n{bad[0]},1,nein\n")
+    assert main([str(checkpoint), "--csv", str(csv_file), "--decoder", "greedy"]) == 1
+    out, err = capsys.readouterr()
+    assert f"refused {bad[0]} ({csv_file}:3): 100 of its" in err
+    assert "(1 of 2 utterances of" in out and "; 1 refused, left out" in out
+
+
+@pytest.mark.parametrize(
+    "order",
+    [
+        ["--decoder", "greedy", "A", "B"],
+        ["A", "--decoder", "greedy", "B"],
+        ["A", "B", "--decoder", "greedy"],
+    ],
+)
+def test_options_may_come_anywhere(checkpoint, german_corpus, order, capsys):
+    wavs = {name: str(german_corpus / "test" / f"0000{i}.wav") for i, name in enumerate("AB")}
+    assert main([str(checkpoint), *(wavs.get(arg, arg) for arg in order)]) == 0
+    heard = [line.split("\t")[0] for line in capsys.readouterr().out.splitlines()]
+    assert heard == [wavs["A"], wavs["B"]]
+
+
+def test_a_csv_error_is_one_line_with_its_file_and_line(tmp_path, capsys):
+    path = tmp_path / "big.csv"
+    path.write_text(
+        "wav_filename,wav_filesize,transcript\n"
+        + "a.wav,0,gut\n" * 5
+        + 'b.wav,0,"gut\n'
+        + "c.wav,0,gut\n" * 20000
+    )
+    assert main([str(tmp_path / "model.ckpt"), "--csv", str(path)]) == 1  # read first
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"freezeft.transcribe: error: {path}:7: a field runs over at least")
+    path.write_bytes(b"wav_filename,wav_filesize,transcript\na.wav,0,g\0ut\n")
+    assert main([str(tmp_path / "model.ckpt"), "--csv", str(path)]) == 1
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"freezeft.transcribe: error: {path}:2: the row holds a NUL byte")

@@ -18,7 +18,14 @@ from freezeft._lightning import pl, rank_zero_info
 from freezeft.batching import BucketBatchSampler
 from freezeft.machine import usable_cores
 from freezeft.speech.alphabet import Alphabet
-from freezeft.speech.dataset import Skipped, SpeechDataset, check_on_bad_sample, collate
+from freezeft.speech.dataset import (
+    MAX_DURATION_S,
+    Skipped,
+    SpeechDataset,
+    check_max_duration,
+    check_on_bad_sample,
+    collate,
+)
 
 __all__ = ["SpeechDataModule"]
 
@@ -45,6 +52,8 @@ class SpeechDataModule(pl.LightningDataModule):
         seed: seed of the batch-order shuffle.
         language: the data's language as a ``wordfreq`` code (``de``, ``fr``...): the scorer
             takes its words from that language's word list. A corpus knows its own.
+        max_duration_s: audio longer than this many seconds is skipped as ``too long`` (a
+            recording, not an utterance: its loss and gradients overflow); ``None``: no limit.
 
     Example::
 
@@ -65,6 +74,7 @@ class SpeechDataModule(pl.LightningDataModule):
         on_bad_sample: Literal["skip", "error"] = "skip",
         seed: int = 0,
         language: str | None = None,
+        max_duration_s: float | None = MAX_DURATION_S,
     ) -> None:
         super().__init__()
         if (data_dir is None) == (corpus is None):
@@ -84,6 +94,7 @@ class SpeechDataModule(pl.LightningDataModule):
         if num_workers != "auto" and (not isinstance(num_workers, int) or num_workers < 0):
             raise ValueError(f"Expected `num_workers` >= 0 or 'auto', but got {num_workers!r}.")
         check_on_bad_sample(on_bad_sample)
+        check_max_duration(max_duration_s)
         self.corpus = corpus
         self._data_dir = Path(data_dir).expanduser() if data_dir is not None else None
         if self._data_dir is not None and not self._data_dir.is_dir():
@@ -98,6 +109,7 @@ class SpeechDataModule(pl.LightningDataModule):
         self.num_workers = num_workers
         self.sample_rate = sample_rate
         self.on_bad_sample = on_bad_sample
+        self.max_duration_s = max_duration_s
         self.seed = seed
         self._language = language
         self._alphabet: Alphabet | None = None
@@ -131,7 +143,11 @@ class SpeechDataModule(pl.LightningDataModule):
         """The dataset of ``split``, read on first use."""
         if split not in self.datasets:
             dataset = SpeechDataset(
-                self.csv_paths(split), self.alphabet, self.sample_rate, self.on_bad_sample
+                self.csv_paths(split),
+                self.alphabet,
+                self.sample_rate,
+                self.on_bad_sample,
+                max_duration_s=self.max_duration_s,
             )
             if len(dataset) == 0:
                 kinds = Counter(s.kind for s in dataset.skipped)

@@ -307,7 +307,8 @@ class SpeechModule(pl.LightningModule):
         """Record the batch's files that failed to decode; False if none is left."""
         for item in batch.get("unreadable", []):
             if item["path"] not in {r.path for _, r in self.unreadable}:
-                row = Skipped(item["source"], item["path"], "unreadable audio", item["detail"])
+                kind = item.get("kind", "unreadable audio")  # or non-finite audio
+                row = Skipped(item["source"], item["path"], kind, item["detail"])
                 self.unreadable.append((split, row))
                 log.warning(f"{row.source}: {row.detail}; the batch goes on without it.")
         return len(batch["paths"]) > 0
