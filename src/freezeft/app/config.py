@@ -292,6 +292,10 @@ def check_resume_config(cfg: DictConfig, run_dir: Path) -> DictConfig:
         for key in sorted(set(before) | set(now)):
             if f"{section}{key}" in RESUME_MAY_CHANGE:
                 continue
+            if key not in before and key in now and now[key] == _default(section, key, run_dir):
+                # a key this freezeft added since that run, at what that run's overrides give
+                log.info(f"resume: {section}{key} is new since that run; it is {now[key]!r}.")
+                continue
             if before.get(key) != now.get(key):
                 differences.append(
                     f"{section}{key}: {before.get(key)!r} then, {now.get(key)!r} now"
@@ -313,6 +317,20 @@ def check_resume_config(cfg: DictConfig, run_dir: Path) -> DictConfig:
             "train longer), or start a new run with the new settings."
         )
     return saved
+
+
+def _default(section: str, key: str, run_dir: Path) -> Any:
+    """What ``section``+``key`` is when the run dir's own overrides are composed with the
+    configs installed now (a key added since that run: its default); ``<unknown>`` where
+    that cannot be composed."""
+    try:
+        from hydra import compose
+
+        overrides = OmegaConf.load(run_dir / ".hydra" / "overrides.yaml")
+        recomposed = compose(config_name="config", overrides=list(overrides))
+        return _flat(_plain(recomposed.get(section))).get(key, "<unknown>")
+    except Exception:  # no overrides.yaml, not inside the app's Hydra: compared as it is
+        return "<unknown>"
 
 
 def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
