@@ -67,3 +67,17 @@ def test_a_release_whose_checkpoint_was_changed_is_not_used(release):
         stream.write(b"\0" * 8)
     used, why = matching_release(cfg, source_settings(cfg))
     assert used is None and "does not match its checksum" in why
+
+
+def test_the_speech_task_ships_a_release_made_with_the_default_source_settings():
+    """The default run and experiment=quick transfer from the shipped English release, with
+    no pretraining: a change to the source settings (data, model, budget) fails here, until
+    the release is made again (`python -m freezeft.app.release`)."""
+    for overrides in ((), ("experiment=quick",)):
+        cfg = compose_with(*overrides)
+        used, why = matching_release(cfg, source_settings(cfg))
+        assert why is None, f"{why}: remake it with python -m freezeft.app.release"
+        assert used.name == CHECKPOINT and used.parent.name == "english"
+    record = json.loads((used.parent / "release.json").read_text())
+    assert record["command"] == "python -m freezeft.app.release"
+    assert record["bytes"] < 4 * 2**20  # what it adds to the wheel
