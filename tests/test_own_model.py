@@ -70,3 +70,29 @@ def test_a_sweep_over_strategies_ranks_the_models_own_test_metric(tmp_path):
     assert "Winner: **" not in report
     assert "--config-dir" in report and "CER" not in report
     assert (sweep / "acc_vs_time.png").stat().st_size > 0
+
+
+def test_a_monitor_the_model_never_logs_is_refused_before_an_epoch_is_spent(tmp_path):
+    """`monitor=val_accuracy` on a model that logs val_acc: one line naming the logged
+    keys, after the sanity-check validation, before any training: no checkpoint at all."""
+    run_dir = tmp_path / "run"
+    proc = run_python(
+        [
+            "-m",
+            "freezeft.run",
+            "--config-dir",
+            str(PROJECT / "conf"),
+            "model=mynet",
+            "data=mydata",
+            "monitor=val_accuracy",
+            "monitor_mode=max",
+            f"hydra.run.dir={run_dir}",
+        ],
+        cwd=PROJECT,
+        check=False,
+    )
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    (line,) = [x for x in proc.stderr.splitlines() if x.startswith("freezeft: error:")]
+    assert "The run watches `val_accuracy` (monitor), which the model does not log" in line
+    assert "after the sanity-check validation it had logged val_acc, val_loss" in line
+    assert not list((run_dir / "checkpoints").glob("*.ckpt"))

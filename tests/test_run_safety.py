@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -210,3 +212,112 @@ def test_a_diverged_run_exits_non_zero_with_one_line(tmp_path):
     )
     assert "Traceback" not in proc.stderr
     assert json.loads((tmp_path / "run" / "results.json").read_text())["status"] == "diverged"
+
+
+def test_resuming_a_checkpoint_of_another_model_size_is_one_line_naming_the_tensors(tmp_path):
+    from freezeft.app.errors import one_line
+
+    run(tmp_path / "a")
+    run(tmp_path / "wide", "model.hidden=48")
+    last = tmp_path / "a" / "checkpoints" / "last.ckpt"
+    shutil.copy(tmp_path / "wide" / "checkpoints" / "last.ckpt", last)  # the newest there
+    before = sorted(p.name for p in last.parent.iterdir())
+    with pytest.raises(ValueError) as refused:
+        run(tmp_path / "a", f"resume={tmp_path / 'a'}")
+    assert one_line(refused.value) == (
+        f"{last} does not fit this run's model: encoder.0.weight is (48, 20) there, (64, 20) "
+        "here; encoder.0.bias is (48,) there, (64,) here; encoder.2.weight is (48, 48) there, "
+        "(64, 64) here; and 2 more. The checkpoint was made with other settings (another "
+        "model size?) than its run dir records in .hydra/config.yaml: resume with a "
+        "checkpoint this run wrote, or start a new run with the settings the checkpoint was "
+        "made with."
+    )
+    assert sorted(p.name for p in last.parent.iterdir()) == before
+
+
+HOLD = """
+import sys, time
+from freezeft.checkpointing import hold_run_dir
+with hold_run_dir(sys.argv[1]):
+    print("held", flush=True)
+    time.sleep(120)
+"""
+
+
+def test_a_second_resume_of_a_run_dir_in_use_is_refused_naming_the_pid(tmp_path):
+    run(tmp_path / "a")
+    files = {p: p.stat().st_mtime_ns for p in (tmp_path / "a").rglob("*") if p.is_file()}
+    holder = subprocess.Popen(  # the first resume, training into the run dir
+        [sys.executable, "-c", HOLD, str(tmp_path / "a")], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(ValueError) as refused:
+            run(tmp_path / "a", f"resume={tmp_path / 'a'}", "trainer.max_epochs=3")
+    finally:
+        holder.kill()
+        holder.wait()
+    message = str(refused.value)
+    assert message.startswith(
+        f"resume={tmp_path / 'a'}: {tmp_path / 'a'} is in use: process {holder.pid} (since "
+    )
+    assert message.endswith(
+        "trains into it now, and a second resume would interleave their checkpoints and logs. "
+        f"Wait for it to finish, or stop it (kill {holder.pid}; it then writes a resumable "
+        "checkpoint), and resume again."
+    )
+    after = {p: p.stat().st_mtime_ns for p in (tmp_path / "a").rglob("*") if p.is_file()}
+    locks = {".run.lock", ".run.lock.json"}
+    assert {p: t for p, t in after.items() if p.name not in locks} == {
+        p: t for p, t in files.items() if p.name not in locks
+    }  # nothing of the run was touched
+
+
+def test_a_run_into_a_dir_in_use_is_refused_too(tmp_path):
+    from freezeft.checkpointing import hold_run_dir
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(tmp_path / "a")], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(ValueError, match=rf"is in use: process {holder.pid} .*Give this "
+                           r"run its own dir \(leave hydra.run.dir to Hydra\), or wait for "
+                           rf"that one to finish or stop it \(kill {holder.pid}\)\.$"):  # fmt: skip
+            run(tmp_path / "a")
+    finally:
+        holder.kill()
+        holder.wait()
+    with hold_run_dir(tmp_path / "a"):  # free again: the holder's death released it
+        assert (tmp_path / "a" / ".run.lock.json").is_file()
+    assert not (tmp_path / "a" / ".run.lock.json").exists()
+
+
+def test_a_run_dir_from_before_a_key_was_added_resumes_with_that_keys_default(tmp_path):
+    """A key a newer freezeft added (data.max_duration_s, say) is not in an older run's
+    saved config: at the default that run's own overrides give now, it is no change; set
+    to something else, it is."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+
+    from freezeft.app.train import train
+
+    base = [
+        f"hydra.searchpath=[pkg://freezeft.speech.conf,file://{PROJECT / 'conf'}]",
+        "model=mynet", "data=mydata", "monitor=val_acc", "monitor_mode=max",
+        "trainer.max_epochs=2",
+    ]  # fmt: skip
+    out = tmp_path / "a"
+    run(out)
+    OmegaConf.save(OmegaConf.create(base), out / ".hydra" / "overrides.yaml")
+    saved = OmegaConf.load(out / ".hydra" / "config.yaml")
+    del saved.trainer["deterministic"]  # as a freezeft without that key saved it
+    OmegaConf.save(saved, out / ".hydra" / "config.yaml")
+    with initialize_config_module(config_module="freezeft.conf", version_base="1.3"):
+        changed = hydra_compose(
+            config_name="config", overrides=[*base, f"resume={out}", "trainer.deterministic=true"]
+        )
+        with pytest.raises(ValueError, match=r"trainer\.deterministic: None then, True now"):
+            train(changed, out)
+        same = hydra_compose(config_name="config", overrides=[*base, f"resume={out}"])
+        assert train(same, out)["status"] == "finished"

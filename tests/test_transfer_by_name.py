@@ -79,3 +79,33 @@ def test_a_source_of_another_design_is_refused_by_name(tmp_path):
         load_matching(Net(classes=3), tmp_path / "other.pt")
     with pytest.raises(FileNotFoundError, match="transfer.source: No checkpoint at"):
         load_matching(Net(classes=3), tmp_path / "missing.ckpt")
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.complex64])
+def test_integer_or_complex_source_tensors_are_refused_not_cast(tmp_path, dtype):
+    state = Net(classes=3).state_dict()
+    state["encoder.0.weight"] = torch.ones(8, 4, dtype=dtype)
+    torch.save(state, tmp_path / "weights.pt")  # a plain state dict
+    target = Net(classes=3)
+    before = target.encoder[0].weight.clone()
+    kind = str(dtype).removeprefix("torch.")
+    with pytest.raises(ValueError, match=rf"transfer.source=\S+weights.pt: 1 of its tensors holds "
+                       rf"another kind of number than the model's \(encoder.0.weight is {kind} "
+                       r"there, float32 here\)"):  # fmt: skip
+        load_matching(target, tmp_path / "weights.pt")
+    assert torch.equal(target.encoder[0].weight, before)
+
+
+def test_a_float64_source_still_loads_into_float32(tmp_path):
+    source = Net(classes=3).double()
+    torch.save(source.state_dict(), tmp_path / "weights.pt")
+    target = Net(classes=3)
+    load_matching(target, tmp_path / "weights.pt")
+    assert torch.equal(target.head.weight, source.head.weight.float())
+
+
+def test_a_zip_bomb_source_is_refused_before_loading(tmp_path):
+    from test_checkpoint_safety import zip_bomb
+
+    with pytest.raises(ValueError, match=r"^transfer.source: \S+ was refused before loading"):
+        load_matching(Net(classes=3), zip_bomb(tmp_path, mib=16))

@@ -8,7 +8,8 @@ transfer.source=PATH``, and what a Lightning project can call itself::
 
 Every tensor of the model whose qualified name and shape match one in the source is
 copied; the rest (a new head for a new label set) stays as initialised. Checkpoints are
-loaded with ``weights_only=True``: a file that needs code to load is refused.
+loaded with ``weights_only=True``: a file that needs code to load is refused, and so is a
+source tensor of integers, bools or complex numbers where the model's is float.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -23,7 +25,7 @@ from torch import nn
 from freezeft.checkpointing import read_checkpoint_file
 from freezeft.files import write_text_atomic
 
-__all__ = ["MatchingTransfer", "load_matching", "source_state_dict"]
+__all__ = ["MatchingTransfer", "load_matching", "other_kinds", "read_source", "source_state_dict"]
 
 
 @dataclass
@@ -51,6 +53,26 @@ class MatchingTransfer:
         write_text_atomic(path, text)
 
 
+def read_source(path: str | Path) -> Any:
+    """What the ``transfer.source`` file holds, read by
+    :func:`~freezeft.checkpointing.read_checkpoint_file` (weights only; a zip bomb, a damaged
+    file or one that needs code to load refused), its errors beginning ``transfer.source:``.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: the file is unreadable, or refused.
+    """
+    try:
+        return read_checkpoint_file(path)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(
+            f"transfer.source: {err} Give a Lightning .ckpt or a state-dict file "
+            "(torch.save(model.state_dict(), PATH))."
+        ) from None
+    except ValueError as err:
+        raise ValueError(f"transfer.source: {err}") from None
+
+
 def source_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """The tensors of a Lightning checkpoint (its ``state_dict``) or of a state-dict file.
 
@@ -59,15 +81,7 @@ def source_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         ValueError: the file is unreadable, needs code to load (refused: only weights are
             loaded), or holds no tensors.
     """
-    try:
-        loaded = read_checkpoint_file(path)
-    except FileNotFoundError as err:
-        raise FileNotFoundError(
-            f"transfer.source: {err} Give a Lightning .ckpt or a state-dict file "
-            "(torch.save(model.state_dict(), PATH))."
-        ) from None
-    except ValueError as err:
-        raise ValueError(f"transfer.source: {err}") from None
+    loaded = read_source(path)
     state = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else None
     tensors = (
         {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
@@ -80,6 +94,40 @@ def source_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             "(with `state_dict`) or a state-dict file."
         )
     return tensors
+
+
+def _number_kind(dtype: torch.dtype) -> str:
+    if dtype.is_complex:
+        return "complex"
+    if dtype.is_floating_point:
+        return "floating-point"
+    return "bool" if dtype == torch.bool else "integer"
+
+
+def other_kinds(source: str | Path, pairs: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Refuse source tensors whose numbers are of another kind than the model's (integer,
+    bool or complex values for float weights): copying them would cast them silently.
+
+    ``pairs``: {name: (source tensor, model tensor)}.
+
+    Raises:
+        ValueError: naming the file, every such tensor, and both dtypes.
+    """
+    wrong = [
+        f"{name} is {str(found.dtype).removeprefix('torch.')} there, "
+        f"{str(own.dtype).removeprefix('torch.')} here"
+        for name, (found, own) in pairs.items()
+        if _number_kind(found.dtype) != _number_kind(own.dtype)
+    ]
+    if wrong:
+        raise ValueError(
+            f"transfer.source={source}: {len(wrong)} of its tensors "
+            f"{'holds' if len(wrong) == 1 else 'hold'} another kind of number than the "
+            f"model's ({'; '.join(wrong[:5])}"
+            + (f"; and {len(wrong) - 5} more" if len(wrong) > 5 else "")
+            + "), which loading would cast silently. Give a checkpoint of this model's "
+            "weights, or convert those tensors (e.g. tensor.float()) and save it again."
+        )
 
 
 def load_matching(model: nn.Module, source: str | Path) -> MatchingTransfer:
@@ -98,6 +146,7 @@ def load_matching(model: nn.Module, source: str | Path) -> MatchingTransfer:
             )
         else:
             matching[name] = found
+    other_kinds(source, {name: (found, own[name]) for name, found in matching.items()})
     if not matching:
         raise ValueError(
             f"transfer.source={source}: none of its {len(tensors)} tensors matches the model "

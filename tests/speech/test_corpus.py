@@ -1,6 +1,7 @@
 import csv
 import errno
 import hashlib
+import json
 import logging
 import re
 import subprocess
@@ -154,3 +155,50 @@ def test_a_full_disk_while_synthesising_is_one_error_and_nothing_is_cached(
     ), message
     assert "Traceback" not in capfd.readouterr().err  # the synthesiser's error came back
     assert [p.name for p in (tmp_path / "corpus").iterdir()] == [corpus.path.name + ".lock"]
+
+
+def test_a_synthesiser_killed_by_a_signal_says_so_not_that_a_traceback_is_above(
+    tmp_path, monkeypatch, capfd
+):
+    run = subprocess.run
+
+    def killed(command, **kwargs):  # the synthesiser's process, killed as the OOM killer does
+        assert command[1:3] == ["-m", "freezeft.speech.corpus"]
+        suicide = "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"
+        return run([command[0], "-c", suicide, *command[3:]], **kwargs)
+
+    monkeypatch.setattr(subprocess, "run", killed)
+    corpus = SynthCorpus(language="de", n_train=2, n_dev=1, n_test=1, cache_dir=str(tmp_path))
+    with pytest.raises(RuntimeError) as raised:
+        corpus.build()
+    assert re.fullmatch(
+        r"Synthesising the de corpus into \S+ failed: its process was killed by SIGKILL \(the "
+        r"kernel's out-of-memory killer sends it: see `dmesg`\), so it printed no traceback\. "
+        r"Nothing was cached\.",
+        str(raised.value),
+    ), str(raised.value)
+    assert "Traceback" not in capfd.readouterr().err  # and indeed none was printed
+    assert [p.name for p in (tmp_path / "corpus").iterdir()] == [corpus.path.name + ".lock"]
+
+
+@pytest.mark.slow  # the synthesiser's own process
+def test_a_synthesiser_that_crashes_names_its_error_and_its_traceback_is_above(
+    tmp_path, monkeypatch, capfd
+):
+    run = subprocess.run
+
+    def crashing(command, **kwargs):  # settings the synthesiser's process cannot take
+        broken = json.dumps({**json.loads(command[3]), "language": "xx"})
+        return run([*command[:3], broken, *command[4:]], **kwargs)
+
+    monkeypatch.setattr(subprocess, "run", crashing)
+    corpus = SynthCorpus(language="de", n_train=2, n_dev=1, n_test=1, cache_dir=str(tmp_path))
+    with pytest.raises(RuntimeError) as raised:
+        corpus.build()
+    assert re.fullmatch(
+        r"Synthesising the de corpus into \S+ failed: ValueError: Unknown corpus language 'xx'; "
+        r"choose one of \[.*\]\. \(the synthesiser's traceback is printed above\)\. Nothing "
+        r"was cached\.",
+        str(raised.value),
+    ), str(raised.value)
+    assert "Traceback (most recent call last)" in capfd.readouterr().err  # it is

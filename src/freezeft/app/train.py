@@ -8,6 +8,7 @@ import json
 import logging
 import time
 from collections import Counter
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +25,16 @@ from freezeft.app.config import (
     transfer_options,
 )
 from freezeft.app.divergence import Diverged, DivergenceCheck
+from freezeft.app.metric_check import WatchedMetricsCheck
 from freezeft.app.results import stop_before_results, strategy_label, write_json, write_skipped
 from freezeft.app.source import pretrained_source, source_checkpoint_path
 from freezeft.checkpointing import (
     INTERRUPTED_CHECKPOINT,
     AtomicCheckpointIO,
     InterruptCheckpoint,
+    check_checkpoint_fits,
     find_resume_checkpoint,
+    hold_run_dir,
     read_checkpoint_file,
     run_dir_of,
 )
@@ -70,6 +74,8 @@ def fit_and_test(
             "trains LightningModules (of pytorch_lightning or lightning.pytorch)."
         )
 
+    if resume_from is not None:  # a checkpoint of another model size: one line, not
+        check_checkpoint_fits(module, resume_from)  # Lightning's size-mismatch traceback
     options = transfer_options(cfg)
     if source is not None and resume_from is None:  # a resumed run has its weights already
         report = task.transfer(module, Path(source), options)
@@ -106,7 +112,15 @@ def fit_and_test(
     trainer = build(
         cfg.trainer,
         max_epochs=max_epochs,
-        callbacks=[*callbacks, History(output_dir), DivergenceCheck(), checkpoint, last, interrupt],
+        callbacks=[
+            *callbacks,
+            History(output_dir),
+            DivergenceCheck(),
+            WatchedMetricsCheck(monitor),  # before any epoch is spent on an unlogged metric
+            checkpoint,
+            last,
+            interrupt,
+        ],
         logger=logger,
         default_root_dir=str(output_dir),
         plugins=plugins,
@@ -262,15 +276,32 @@ def _this_runs_best(checkpoint: Any, output_dir: Path) -> str | None:
 
 
 def train(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
-    """Run the configured stage into ``output_dir``; returns the results."""
+    """Run the configured stage into ``output_dir``; returns the results.
+
+    The run dir it trains into (``output_dir``, or the one ``resume=`` names) is held for
+    the run's life (:func:`~freezeft.checkpointing.hold_run_dir`): a second resume of it,
+    or a second run into it, is refused while this one trains.
+    """
     check_config(cfg)
-    resume_from = None
-    started = cfg  # the config the run started with: it names the source
-    if cfg.get("resume"):
-        _refuse_resuming_a_diverged_run(Path(cfg.resume))
-        output_dir, resume_from = find_resume_checkpoint(cfg.resume)
-        started = check_resume_config(cfg, output_dir)
-        log.info(f"Resuming {output_dir} from {resume_from}")
+    with ExitStack() as held:
+        resume_from = None
+        started = cfg  # the config the run started with: it names the source
+        if cfg.get("resume"):
+            _refuse_resuming_a_diverged_run(Path(cfg.resume))
+            run_dir = run_dir_of(cfg.resume)
+            if (run_dir / ".hydra" / "config.yaml").is_file():  # before picking its newest
+                held.enter_context(hold_run_dir(run_dir, resume=str(cfg.resume)))
+            output_dir, resume_from = find_resume_checkpoint(cfg.resume)
+            started = check_resume_config(cfg, output_dir)
+            log.info(f"Resuming {output_dir} from {resume_from}")
+        else:
+            held.enter_context(hold_run_dir(output_dir))
+        return _train(cfg, output_dir, started, resume_from)
+
+
+def _train(
+    cfg: DictConfig, output_dir: Path, started: DictConfig, resume_from: Path | None
+) -> dict[str, Any]:
     pretrain = cfg.stage == "pretrain"
     source = None
     if not pretrain and not cfg.strategy.get("from_scratch"):

@@ -201,8 +201,11 @@ class SynthCorpus:
             os.close(write)
             with os.fdopen(read, "rb") as pipe:
                 reported = pipe.read()
-        if reported:
-            failure = json.loads(reported)
+        try:
+            failure = json.loads(reported) if reported else {}
+        except ValueError:  # cut off mid-write: as if nothing came
+            failure = {}
+        if "errno" in failure:
             raise WriteError(
                 failure["errno"],
                 f"{failure['message']} (synthesising the {self.language} corpus; nothing was "
@@ -211,8 +214,8 @@ class SynthCorpus:
             )
         if done.returncode != 0:
             raise RuntimeError(
-                f"Synthesising the {self.language} corpus into {folder} failed with exit code "
-                f"{done.returncode}; its traceback is printed above. Nothing was cached."
+                f"Synthesising the {self.language} corpus into {folder} failed: "
+                f"{_how_it_ended(done.returncode, failure.get('error'))}. Nothing was cached."
             )
 
     def words(self) -> list[str]:
@@ -311,7 +314,8 @@ def _write_csv(path: Path, rows: list[list]) -> None:
 
 def _synthesise(settings: str, folder: Path, report: int | None) -> None:
     """The fresh process' work; a write that fails (an ``OSError``: a full disk, a folder
-    gone) is sent to the parent as one line through the file descriptor ``report``."""
+    gone) is sent to the parent as one line through the file descriptor ``report``. Any
+    other error is sent as its first line, then raised (its traceback printed)."""
     try:
         SynthCorpus(**json.loads(settings))._write(folder)
     except OSError as err:
@@ -322,6 +326,31 @@ def _synthesise(settings: str, folder: Path, report: int | None) -> None:
         with os.fdopen(report, "w") as stream:
             json.dump({"errno": failure.errno, "message": str(failure), "path": str(path)}, stream)
         sys.exit(1)
+    except Exception as err:
+        if report is not None:
+            first = (str(err).strip().splitlines() or [""])[0]
+            error = f"{type(err).__name__}: {first}" if first else type(err).__name__
+            with os.fdopen(report, "w") as stream:
+                json.dump({"error": error}, stream)
+        raise
+
+
+def _how_it_ended(returncode: int, error: str | None) -> str:
+    """Why the synthesiser process stopped, as far as its exit status and report say: a
+    traceback is mentioned only where the process printed one."""
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        oom = " (the kernel's out-of-memory killer sends it: see `dmesg`)"
+        return (
+            f"its process was killed by {name}{oom if name == 'SIGKILL' else ''}, so it "
+            "printed no traceback"
+        )
+    if error:
+        return f"{error} (the synthesiser's traceback is printed above)"
+    return f"its process exited with code {returncode} without saying why"
 
 
 def _exit_with_parent(parent: int) -> None:
