@@ -151,3 +151,25 @@ def test_an_utterance_whose_loss_is_not_finite_is_named_and_left_out_of_the_loss
     results = module.test_results(mixed)
     assert "1 test file(s) with a non-finite loss" in results["headline"]
     assert results["non_finite_losses"][0]["path"] == "bad.wav"
+
+
+def test_a_training_batch_whose_loss_is_not_finite_is_skipped_and_named():
+    """NaN audio the row checks could not see (it decoded to NaN only later): DeepSpeech's
+    way, the batch is not trained on, its files are listed, the weights stay finite."""
+    from torch.utils.data import DataLoader
+
+    from freezeft._lightning import pl
+    from freezeft.speech.dataset import collate
+
+    torch.manual_seed(0)
+    module = SpeechModule(labels=list(" ab"), n_hidden=16, decoder="greedy", log_samples=False)
+    audio = 0.1 * torch.randn(16000)
+    audio[500:600] = float("nan")
+    bad = {"audio": audio, "labels": torch.tensor([1, 2]), "transcript": "ab", "path": "bad.wav"}
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    trainer = pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         enable_checkpointing=False, accelerator="cpu", max_epochs=1,
+                         limit_val_batches=0)  # fmt: skip
+    trainer.fit(module, DataLoader([bad], batch_size=1, collate_fn=collate))
+    assert [b["paths"] for b in module.skipped_batches] == [["bad.wav"]]
+    assert all(torch.equal(before[k], v) for k, v in module.state_dict().items())
