@@ -96,3 +96,22 @@ def test_a_monitor_the_model_never_logs_is_refused_before_an_epoch_is_spent(tmp_
     assert "The run watches `val_accuracy` (monitor), which the model does not log" in line
     assert "after the sanity-check validation it had logged val_acc, val_loss" in line
     assert not list((run_dir / "checkpoints").glob("*.ckpt"))
+
+
+@pytest.mark.parametrize("monitors", ["val_acc,val_nope", "val_nope"], ids=["one", "all"])
+def test_a_sweep_exits_non_zero_when_a_job_failed_and_names_it(tmp_path, monitors):
+    """A sweep exits 0 only when every job finished: a failed job makes it exit 1, after the
+    report of the finished ones is written, with each other job's one-line reason."""
+    sweep = tmp_path / "sweep"
+    proc = run_python(
+        ["-m", "freezeft.run", "-m", "--config-dir", str(PROJECT / "conf"), "model=mynet",
+         "data=mydata", f"monitor={monitors}", "monitor_mode=max", f"hydra.sweep.dir={sweep}"],
+        cwd=PROJECT,
+        check=False,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    failed = monitors.count("val_nope")
+    jobs = len(monitors.split(","))
+    assert f"freezeft: {failed} of the sweep's {jobs} jobs did not finish" in proc.stderr
+    assert f"  job {jobs - 1}: failed: The run watches `val_nope` (monitor)" in proc.stderr
+    assert (sweep / "report.md").exists() == (failed < jobs)  # the finished ones' report

@@ -317,7 +317,7 @@ def test_unreadable_files_are_named_and_left_out(tmp_path):
     for number, why, left_out in [
         (4, "results.json is not valid JSON", "the job's results (not ranked)"),
         (5, "results.json holds a list, not an object of results", "the job's results"),
-        (6, "results.json has `test_acc`: null (nan), not a number to rank by", "the job's"),
+        (6, r"results.json has \`test_acc\`: null (nan), not a number to rank by", "the job's"),
         (7, "failure.json is not valid JSON", "why the job failed"),
         (0, "history.json is not a readable history.json (it is empty)", "the learning curves"),
         (1, "lr_schedule.csv is not a readable lr_schedule.csv (line", "the LR plot"),

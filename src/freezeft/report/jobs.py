@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from omegaconf import OmegaConf
 
 from freezeft.app.divergence import describe as describe_divergence
+from freezeft.files import read_text_capped
 
 if TYPE_CHECKING:
     from freezeft.report.sweep import Sweep
@@ -25,6 +26,12 @@ INTERRUPTED = "interrupted"
 NO_RESULT = "killed or still running"
 UNREADABLE = "unreadable"
 OTHER_STAGE = "not a transfer run"
+
+#: the most the report reads of a job's JSON or YAML file: far more than a run writes (a few
+#: KiB; a failure's traceback some more), far less than would stall the report
+FILE_LIMIT = 16 * 2**20
+#: the deepest nesting of a job's JSON file the report reads (a run's is 4 levels deep)
+DEPTH_LIMIT = 64
 
 
 @dataclass
@@ -44,7 +51,8 @@ class Job:
     checkpoint but no result: resumable), ``killed or still running`` (no checkpoint, no
     result), ``unreadable`` (its results.json cannot be used) or ``not a transfer run``;
     ``detail`` says why (the error, the divergence, the resume command, what is unreadable);
-    ``run`` is set for a finished job only.
+    ``run`` is set for a finished job only; ``command`` is the resume command ``detail``
+    gives in backticks (an interrupted job's).
     """
 
     dir: Path
@@ -52,6 +60,7 @@ class Job:
     overrides: list[str]
     detail: str = ""
     run: Run | None = None
+    command: str = ""
 
 
 def read_job(job_dir: Path, sweep: Sweep) -> Job:
@@ -94,12 +103,14 @@ def read_job(job_dir: Path, sweep: Sweep) -> Job:
     checkpoints = sorted((job_dir / "checkpoints").glob("*.ckpt"))
     if checkpoints:
         names = ", ".join(p.name for p in checkpoints)
+        command = _resume_command(job_dir, overrides)
         return Job(
             job_dir,
             INTERRUPTED,
             overrides,
             f"stopped with a checkpoint ({names}) and no result; resume it with "
-            f"`{_resume_command(job_dir, overrides)}`, then report the sweep again",
+            f"`{command}`, then report the sweep again",
+            command=command,
         )
     return Job(
         job_dir,
@@ -111,17 +122,52 @@ def read_job(job_dir: Path, sweep: Sweep) -> Job:
 
 
 def _read_json(path: Path) -> tuple[Any, str | None]:
-    """``(content, None)``, or ``(None, why it is unreadable)``."""
+    """``(content, None)``, or ``(None, why it is unreadable)``: a file that is not a regular
+    one (a FIFO, a link to ``/dev/zero``), is over :data:`FILE_LIMIT`, not UTF-8, empty, not
+    JSON or nested deeper than :data:`DEPTH_LIMIT`."""
     try:
-        text = path.read_text()
+        text = read_text_capped(path, FILE_LIMIT, f"a {path.name}")
     except (OSError, UnicodeDecodeError) as err:
         return None, f"cannot be read ({err})"
+    except ValueError as err:  # not a regular file, too large
+        return None, str(err)
     if not text.strip():
         return None, "is empty"
+    nested = f"is nested more than {DEPTH_LIMIT} levels deep: not a file a run writes"
     try:
-        return json.loads(text), None
+        content = json.loads(text)
+    except RecursionError:  # deeper than Python's recursion limit
+        return None, nested
     except ValueError as err:
         return None, f"is not valid JSON ({err})"
+    return (None, nested) if _deeper_than(content, DEPTH_LIMIT) else (content, None)
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    """Whether ``value`` (parsed JSON) nests lists and objects more than ``limit`` deep
+    (found without recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            if depth > limit:
+                return True
+            stack += [
+                (child, depth + 1) for child in (item.values() if isinstance(item, dict) else item)
+            ]
+    return False
+
+
+def read_yaml(path: Path) -> Any:
+    """The YAML file at ``path`` as OmegaConf reads it, if it is a regular file of at most
+    :data:`FILE_LIMIT` (a FIFO would block the report, ``/dev/zero`` never end).
+
+    Raises:
+        OSError: it cannot be read.
+        ValueError: it is not a regular file, is too large or not UTF-8.
+        Exception: it is not YAML OmegaConf reads (its own errors).
+    """
+    return OmegaConf.create(read_text_capped(path, FILE_LIMIT, f"a {path.name}"))
 
 
 def _kind(value: Any) -> str:
@@ -158,7 +204,14 @@ def one_line(text: str) -> str:
 
 
 def finite(value: Any) -> bool:
-    return number(value) and math.isfinite(value)
+    """Whether ``value`` is a number with a finite float value (an integer beyond the float
+    range, which a damaged results.json may hold, is not)."""
+    if not number(value):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # math.isfinite(10**400)
+        return False
 
 
 def number(value: Any) -> bool:
@@ -168,10 +221,10 @@ def number(value: Any) -> bool:
 def read_overrides(job_dir: Path, sweep: Sweep | None = None) -> list[str]:
     """The job's command-line overrides, as Hydra saved them (none if it did not)."""
     path = job_dir / ".hydra" / "overrides.yaml"
-    if not path.is_file():
+    if not path.exists():
         return []
     try:
-        overrides = OmegaConf.load(path)
+        overrides = read_yaml(path)
         return [str(o) for o in overrides] if OmegaConf.is_list(overrides) else []
     except Exception as err:  # unreadable: the report still lists the job
         if sweep is not None:
@@ -184,7 +237,7 @@ def _resume_command(job_dir: Path, overrides: Sequence[str]) -> str:
     ``--config-dir`` it ran with (and the folder it ran from, where it matters)."""
     config_dirs, cwd = [], None
     try:
-        runtime = OmegaConf.load(job_dir / ".hydra" / "hydra.yaml").hydra.runtime
+        runtime = read_yaml(job_dir / ".hydra" / "hydra.yaml").hydra.runtime
         config_dirs = [
             str(source.path)
             for source in runtime.get("config_sources", [])

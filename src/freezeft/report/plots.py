@@ -4,14 +4,15 @@ run's per-group learning rate (matplotlib, loaded when a plot is drawn)."""
 from __future__ import annotations
 
 import math
-import statistics
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from freezeft.files import atomic_write
 from freezeft.history import read_decisions, read_history, read_lr_schedule
 from freezeft.report.jobs import Run, finite, number
 from freezeft.report.rows import StrategySummary
+from freezeft.report.welch import mean
 
 MARKERS = "os^Dv<>PX*ph"
 
@@ -23,6 +24,24 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def discard_figures() -> None:
+    """Close every figure (those of a plot that failed half-way)."""
+    _pyplot().close("all")
+
+
+def _plain(value: Any) -> str:
+    """``value`` as matplotlib shows it as it is: a ``$`` escaped (a pair of them would be
+    mathtext, and a strategy named ``a$\\frac$`` would stop the plot with a parse error)."""
+    return str(value).replace("$", r"\$")
+
+
+def _save(fig: Any, path: Path, dpi: int) -> None:
+    """``fig`` as a PNG at ``path``, written atomically (an interrupted report leaves the
+    previous plot, never half of one)."""
+    with atomic_write(path, "wb") as stream:
+        fig.savefig(stream, format="png", dpi=dpi)
 
 
 def plot_metric_vs_time(
@@ -38,14 +57,15 @@ def plot_metric_vs_time(
             [r.results[key] for r in timed],
             marker=MARKERS[i % len(MARKERS)],
             color=f"C{i % 10}",
-            label=summary.variant,
+            label=_plain(summary.variant),
             s=45,
         )
+    label = _plain(label)
     ax.set(xlabel="training time (s)", ylabel=label, title=f"{label} against training time")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    _save(fig, path, 120)
     plt.close(fig)
 
 
@@ -64,26 +84,27 @@ def plot_learning_curves(
         per_epoch: dict[int, list[float]] = {}
         for run in summary.runs:
             for row in read(run.dir):
-                if finite(row.get(monitor)):
+                if finite(row.get(monitor)) and finite(row.get("epoch")):
                     per_epoch.setdefault(int(row["epoch"]), []).append(row[monitor])
         if not per_epoch:
             continue
         epochs = sorted(per_epoch)
         ax.plot(
             epochs,
-            [statistics.fmean(per_epoch[e]) for e in epochs],
+            [mean(per_epoch[e]) for e in epochs],
             marker=MARKERS[i % len(MARKERS)],
             color=f"C{i % 10}",
-            label=summary.variant,
+            label=_plain(summary.variant),
             markersize=4,
         )
         drawn = True
+    monitor = _plain(monitor)
     ax.set(xlabel="epoch", ylabel=f"{monitor} (mean over seeds)", title=f"{monitor} per epoch")
     ax.grid(alpha=0.3)
     if drawn:
         ax.legend(fontsize=8)
         fig.tight_layout()
-        fig.savefig(path, dpi=120)
+        _save(fig, path, 120)
     plt.close(fig)
     return drawn
 
@@ -94,19 +115,28 @@ def lr_plot_run(
     schedule_of: Callable[[Path], dict[str, list[float]]] = read_lr_schedule,
     decisions_of: Callable[[Path], list[dict[str, Any]]] = read_decisions,
 ) -> Run | None:
-    """The best run with strategy decisions (AutoFreeze's freezes), else the best run of the
-    best row whose groups train at different LRs, else the best with a schedule."""
+    """The run whose plot shows the most, best rows first: one with strategy decisions
+    (AutoFreeze's freezes), else one in which a group changes between frozen and training
+    (a thaw, a freeze), else one whose groups train at different LRs, else any with a
+    schedule."""
 
     def curves(run: Run) -> set[tuple[float, ...]]:
         schedule = schedule_of(run.dir)
         return {tuple(v) for k, v in schedule.items() if k not in ("step", "epoch")}
 
+    def changes(run: Run) -> bool:
+        return any(
+            any(v == 0 for v in curve) and any(v > 0 for v in curve) for curve in curves(run)
+        )
+
     ordered = [run for summary in summaries for run in sorted(summary.runs, key=order)]
     for run in ordered:
         if decisions_of(run.dir) and curves(run):
             return run
-    return next((r for r in ordered if len(curves(r)) > 1), None) or next(
-        (r for r in ordered if curves(r)), None
+    return (
+        next((r for r in ordered if changes(r)), None)
+        or next((r for r in ordered if len(curves(r)) > 1), None)
+        or next((r for r in ordered if curves(r)), None)
     )
 
 
@@ -138,7 +168,7 @@ def plot_lr_schedule(
         if top <= 0:
             ax.text(0.5, 0.5, "frozen (LR 0) throughout", transform=ax.transAxes,
                     ha="center", va="center", fontsize=8, color="0.35")  # fmt: skip
-        ax.set_title(name, fontsize=8, loc="left", pad=2)
+        ax.set_title(_plain(name), fontsize=8, loc="left", pad=2)
         ax.yaxis.set_major_locator(MaxNLocator(3) if top > 0 else FixedLocator([0]))
         ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
         ax.tick_params(labelsize=7)
@@ -147,7 +177,7 @@ def plot_lr_schedule(
             ax.axvline(decision["step"], color="0.4", linestyle=":", linewidth=1)
             if decision.get("group") == name:
                 ax.annotate(
-                    f"{decision.get('strategy', '')}: froze",
+                    _plain(f"{decision.get('strategy', '')}: froze"),
                     (decision["step"], 0),
                     fontsize=6,
                     xytext=(2, 4),
@@ -156,8 +186,9 @@ def plot_lr_schedule(
     axes[-1, 0].set_xlabel("optimizer step")
     fig.supylabel("learning rate (0 = frozen)", fontsize=8)
     fig.suptitle(
-        title or f"Per-group LR: {run.variant}, seed {run.results.get('seed')}", fontsize=9
+        _plain(title or f"Per-group LR: {run.variant}, seed {run.results.get('seed')}"),
+        fontsize=9,
     )
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _save(fig, path, 110)
     plt.close(fig)

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import json
 import math
-import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from freezeft.report.jobs import Run, finite, read_overrides
 from freezeft.report.verdict import judge
+from freezeft.report.welch import mean, stdev
 
 #: results.json keys every task's runs are summarised by, after the task's own columns.
 RUN_METRICS = {
@@ -24,7 +24,8 @@ RUN_METRICS = {
 
 @dataclass
 class StrategySummary:
-    """Mean and (sample) standard deviation of each metric over one row's runs, and its
+    """Mean and (sample) standard deviation of each metric over one row's runs (NaN: no run
+    has a number for it; a deviation of ``inf``: too large for a float), and its
     verdict against the best row (``winner``, ``tie``, ``behind``, ``untested``, ``best,
     untested`` or ``only row``) with the p-value of that comparison."""
 
@@ -129,8 +130,8 @@ def summarise(runs: Sequence[Run], spec: dict[str, Any] | None = None) -> list[S
         summary = StrategySummary(variant, members)
         for key in metric_columns(spec):
             values = [float(r.results[key]) for r in members if finite(r.results.get(key))]
-            summary.mean[key] = statistics.fmean(values) if values else math.nan
-            summary.std[key] = statistics.stdev(values) if len(values) > 1 else None
+            summary.mean[key] = mean(values) if values else math.nan
+            summary.std[key] = stdev(values) if len(values) > 1 else None
         summaries.append(summary)
     key, sign = spec["rank_by"], (-1 if spec.get("mode") == "max" else 1)
     summaries.sort(key=lambda s: (math.isnan(s.mean[key]), sign * s.mean[key]))

@@ -9,8 +9,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
-
 from freezeft.report.jobs import (
     UNREADABLE,
     Job,
@@ -18,6 +16,7 @@ from freezeft.report.jobs import (
     finite,
     one_line,
     read_job,
+    read_yaml,
 )
 from freezeft.report.rows import name_rows, ranking
 
@@ -105,7 +104,10 @@ def _no_value(results: dict[str, Any], key: str) -> str:
     if key not in results:
         return f"has no `{key}`, the metric the runs are ranked by"
     not_finite = results.get(f"{key}_not_finite")
-    shown = json.dumps(results[key]) + (f" ({not_finite})" if not_finite else "")
+    shown = json.dumps(results[key])
+    shown = (shown if len(shown) <= 40 else f"{shown[:20]}...({len(shown)} characters)") + (
+        f" ({not_finite})" if not_finite else ""
+    )
     return f"has `{key}`: {shown}, not a number to rank by"
 
 
@@ -113,10 +115,10 @@ def _planned_jobs(sweep: Sweep) -> None:
     """How many jobs the sweep's ``multirun.yaml`` planned, and those that never started
     (their overrides where Hydra's basic sweeper tells, else ``None``)."""
     path = sweep.dir / "multirun.yaml"
-    if not path.is_file():
+    if not path.exists():
         return
     try:
-        hydra_cfg = OmegaConf.load(path).hydra
+        hydra_cfg = read_yaml(path).hydra
     except Exception as err:
         sweep.cannot_read(path, f"{path} is not readable ({err})", "the planned jobs")
         return

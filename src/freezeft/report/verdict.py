@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from freezeft.report.jobs import Run, finite
+from freezeft.report.markdown import text
 from freezeft.report.welch import welch_p
 
 if TYPE_CHECKING:
@@ -75,38 +76,43 @@ def _more_seeds(runs: Sequence[Run]) -> str:
 def verdict_line(
     summaries: Sequence[StrategySummary], runs: Sequence[Run], label: str, best_word: str
 ) -> str:
-    """The report's first line: the winner, the rows that tie, or why there is none."""
-    best = summaries[0]
+    """The report's first line, in Markdown: the winner, the rows that tie, or why there is
+    none (the rows' names and ``label`` escaped, :func:`~freezeft.report.markdown.text`)."""
+    best, label = summaries[0], text(label)
+
+    def name(summary: StrategySummary) -> str:
+        return text(summary.variant)
+
     if best.verdict == "only row":
         return (
-            f"One setting only: **{best.variant}** ({_runs(len(best.runs))}); "
+            f"One setting only: **{name(best)}** ({_runs(len(best.runs))}); "
             "there is nothing to compare it with."
         )
     ties = [s for s in summaries[1:] if s.verdict == "tie"]
-    untested = [s.variant for s in summaries[1:] if s.verdict == "untested"]
+    untested = [name(s) for s in summaries[1:] if s.verdict == "untested"]
     if best.verdict == "winner":
         closest = max(summaries[1:], key=lambda s: s.p_vs_best or 0.0)
         return (
-            f"Winner: **{best.variant}** ({best_word} mean {label}), ahead of every other row "
+            f"Winner: **{name(best)}** ({best_word} mean {label}), ahead of every other row "
             f"by more than the seeds' noise (Welch's t-test, {_p(closest.p_vs_best or 0.0)} "
-            f"against the closest, {closest.variant})."
+            f"against the closest, {name(closest)})."
         )
     if ties:
-        names = ", ".join(f"**{s.variant}**" for s in [best, *ties])
+        names = ", ".join(f"**{name(s)}**" for s in [best, *ties])
         parts = [
-            f"Winner: none. The top rows tie: {names}. {best.variant} has the {best_word} "
+            f"Winner: none. The top rows tie: {names}. {name(best)} has the {best_word} "
             f"mean {label}, but the difference is within the seeds' noise (Welch's t-test "
             f"p ≥ {ALPHA})."
         ]
     elif len(best.runs) < 2:
         parts = [
-            f"Winner: none. **{best.variant}** is best by a single run ({best_word} {label}); "
+            f"Winner: none. **{name(best)}** is best by a single run ({best_word} {label}); "
             "a single run cannot tell a difference from seed noise."
         ]
         untested = []  # every row is: said already
     else:
         parts = [
-            f"Winner: none. **{best.variant}** has the {best_word} mean {label} and is ahead "
+            f"Winner: none. **{name(best)}** has the {best_word} mean {label} and is ahead "
             "by more than the seeds' noise of every row it could be tested against."
         ]
     if untested:

@@ -1,5 +1,7 @@
-"""Welch's t-test, on the standard library alone: the t-distribution's tail is a
-regularised incomplete beta function."""
+"""Welch's t-test and the means and spreads it compares, on the standard library alone (the
+t-distribution's tail is a regularised incomplete beta function) and safe from overflow:
+the values are scaled by a power of two first, which changes no result but the squares of
+values near the float maximum (a damaged ``results.json``'s ``1e160``) stay finite."""
 
 from __future__ import annotations
 
@@ -10,7 +12,8 @@ from collections.abc import Sequence
 
 def welch_p(a: Sequence[float], b: Sequence[float]) -> float | None:
     """The two-sided p-value of Welch's t-test that ``a`` and ``b`` have the same mean
-    (None when either has fewer than two values: its noise is unknown).
+    (None when either has fewer than two values, its noise unknown, or a value is not
+    finite).
 
     Welch's test assumes neither equal variances nor equal run counts, and its
     t-distribution with few degrees of freedom is what makes two seeds per row say
@@ -22,16 +25,47 @@ def welch_p(a: Sequence[float], b: Sequence[float]) -> float | None:
         >>> round(welch_p([0.80, 0.82], [0.70, 0.66]), 3)
         0.055
     """
-    if len(a) < 2 or len(b) < 2:
+    if len(a) < 2 or len(b) < 2 or not all(math.isfinite(v) for v in [*a, *b]):
         return None
+    exponent = _exponent([*a, *b])
+    a, b = _scaled(a, exponent), _scaled(b, exponent)  # t and df do not change
     mean_a, mean_b = statistics.fmean(a), statistics.fmean(b)
     var_a, var_b = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
     se2 = var_a + var_b
     if se2 == 0:  # no noise at all: equal or different for sure
         return 1.0 if mean_a == mean_b else 0.0
     t = abs(mean_a - mean_b) / math.sqrt(se2)
-    df = se2**2 / (var_a**2 / (len(a) - 1) + var_b**2 / (len(b) - 1))
+    # Welch-Satterthwaite, as shares of se2 (each squared term in [0, 1]: no underflow)
+    df = 1 / ((var_a / se2) ** 2 / (len(a) - 1) + (var_b / se2) ** 2 / (len(b) - 1))
     return _incomplete_beta(df / 2, 0.5, df / (df + t * t))
+
+
+def mean(values: Sequence[float]) -> float:
+    """The mean of finite ``values``, as :func:`statistics.fmean` gives it (to the bit), but
+    also where their sum is too large for a float (values near the float maximum)."""
+    exponent = _exponent(values)
+    return math.ldexp(statistics.fmean(_scaled(values, exponent)), exponent)
+
+
+def stdev(values: Sequence[float]) -> float:
+    """The sample standard deviation of two or more finite ``values``, as
+    :func:`statistics.stdev` gives it, also where their squares are too large for a float;
+    ``inf`` where the deviation itself is (values of both signs near the float maximum)."""
+    exponent = _exponent(values)
+    try:
+        return math.ldexp(statistics.stdev(_scaled(values, exponent)), exponent)
+    except OverflowError:
+        return math.inf
+
+
+def _exponent(values: Sequence[float]) -> int:
+    """The power of two of the largest magnitude among ``values`` (0 if all are 0)."""
+    return math.frexp(max((abs(v) for v in values), default=0.0))[1]
+
+
+def _scaled(values: Sequence[float], exponent: int) -> list[float]:
+    """``values`` divided by ``2**exponent``: exact, and none of them beyond 1 in magnitude."""
+    return [math.ldexp(float(v), -exponent) for v in values]
 
 
 def _incomplete_beta(a: float, b: float, x: float) -> float:

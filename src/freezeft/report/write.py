@@ -6,14 +6,13 @@ from __future__ import annotations
 import csv
 import functools
 import math
+import re
 import shlex
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
-
-from freezeft.files import atomic_write, write_text_atomic
+from freezeft.files import WriteError, atomic_write, check_regular_file, write_text_atomic
 from freezeft.history import read_decisions, read_history, read_lr_schedule
 from freezeft.machine import summary as machine_summary
 from freezeft.report.jobs import (
@@ -24,10 +23,14 @@ from freezeft.report.jobs import (
     NO_RESULT,
     OTHER_STAGE,
     UNREADABLE,
+    Job,
     Run,
     finite,
+    read_yaml,
 )
+from freezeft.report.markdown import code, text
 from freezeft.report.plots import (
+    discard_figures,
     lr_plot_run,
     plot_learning_curves,
     plot_lr_schedule,
@@ -36,6 +39,10 @@ from freezeft.report.plots import (
 from freezeft.report.rows import StrategySummary, metric_columns, ranking, summarise
 from freezeft.report.sweep import Sweep, collect
 from freezeft.report.verdict import ALPHA, verdict_cell, verdict_line
+
+#: the largest ``history.json`` or ``lr_schedule.csv`` the report reads: a run of a million
+#: steps writes some 100 MiB of LRs
+RUN_FILE_LIMIT = 512 * 2**20
 
 
 def write_report(sweep_dir: str | Path) -> Path:
@@ -70,7 +77,7 @@ def write_report(sweep_dir: str | Path) -> Path:
     metrics = metric_columns(spec)
     key, label = spec["rank_by"], metrics[spec["rank_by"]][0]
     monitor = str(runs[0].results.get("monitor") or "val_cer")
-    plot_name = f"{key.removeprefix('test_').removeprefix('test/').replace('/', '_')}_vs_time.png"
+    plot_name = _plot_name(key)
     sign = -1 if spec.get("mode") == "max" else 1
 
     def tolerant(
@@ -81,11 +88,15 @@ def write_report(sweep_dir: str | Path) -> Path:
 
         @functools.cache
         def read_once(run_dir: Path) -> Any:
+            path = run_dir / name
             try:
+                if path.exists():  # a FIFO would block the read, /dev/zero never end
+                    check_regular_file(path, RUN_FILE_LIMIT, f"a {name}")
                 return read(run_dir)
-            except ValueError as err:
-                sweep.cannot_read(run_dir / name, str(err), what)
-                return empty()
+            except (OSError, ValueError, RecursionError) as err:
+                problem = str(err) if str(path) in str(err) else f"{path} {_why(err)}"
+            sweep.cannot_read(path, problem, what)
+            return empty()
 
         return read_once
 
@@ -93,26 +104,50 @@ def write_report(sweep_dir: str | Path) -> Path:
     schedule = tolerant(read_lr_schedule, "lr_schedule.csv", "the LR plot", dict)
     decisions = tolerant(read_decisions, "history.json", "the LR plot's decisions", list)
 
+    not_drawn: list[str] = []
+
+    def draw(file: str, plot: Callable[[], Any]) -> bool:
+        """``plot()``, which writes ``file``; a plot the runs' values break (matplotlib
+        cannot lay out values near the float maximum) is named in the report, its old file
+        removed, and the rest goes on."""
+        try:
+            return plot() is not False
+        except WriteError:  # a full disk, a read-only sweep dir: the report fails
+            raise
+        except Exception as err:
+            discard_figures()
+            (sweep_dir / file).unlink(missing_ok=True)
+            not_drawn.append(f"{file} ({type(err).__name__}: {err})")
+            return False
+
     write_csv(summaries, sweep_dir / "report.csv", metrics)
-    plot_metric_vs_time(summaries, sweep_dir / plot_name, key, label)
-    has_curves = plot_learning_curves(
-        summaries, sweep_dir / "learning_curves.png", monitor, history
+    has_time_plot = draw(
+        plot_name, lambda: plot_metric_vs_time(summaries, sweep_dir / plot_name, key, label)
+    )
+    has_curves = draw(
+        "learning_curves.png",
+        lambda: plot_learning_curves(
+            summaries, sweep_dir / "learning_curves.png", monitor, history
+        ),
     )
     lr_run = lr_plot_run(
         summaries, lambda r: _or_inf(r.results.get(key), sign), schedule, decisions
     )
     if lr_run is not None:
         lr_caption = (
-            f"Per-group LR of `{lr_run.dir.resolve()}` ({lr_run.variant}, seed "
-            f"{lr_run.results.get('seed')})"
+            f"Per-group LR of {code(lr_run.dir.resolve())} ({text(lr_run.variant)}, seed "
+            f"{text(lr_run.results.get('seed'))})"
         )
-        plot_lr_schedule(
-            lr_run,
-            sweep_dir / "lr_schedule.png",
-            f"Per-group LR of job {_label(lr_run.dir, sweep_dir)} of {name} "
-            f"({lr_run.variant}, seed {lr_run.results.get('seed')})",
-            schedule(lr_run.dir),
-            decisions(lr_run.dir),
+        has_lr_plot = draw(
+            "lr_schedule.png",
+            lambda: plot_lr_schedule(
+                lr_run,
+                sweep_dir / "lr_schedule.png",
+                f"Per-group LR of job {_label(lr_run.dir, sweep_dir)} of {name} "
+                f"({lr_run.variant}, seed {lr_run.results.get('seed')})",
+                schedule(lr_run.dir),
+                decisions(lr_run.dir),
+            ),
         )
 
     machines = _distinct([machine_summary(r.results.get("machine") or {}) for r in runs])
@@ -123,16 +158,16 @@ def write_report(sweep_dir: str | Path) -> Path:
     )
     total = len(sweep.jobs) + len(sweep.not_started)
     lines = [
-        f"# Strategy comparison: {name}",
+        f"# Strategy comparison: {text(name)}",
         "",
         verdict_line(summaries, runs, label, best_word),
         "",
-        f"- Machine: {machines}",
-        f"- Budget: {_budget(runs)}",
+        f"- Machine: {text(machines)}",
+        f"- Budget: {text(_budget(runs))}",
     ]
     notes = [r.results["report_note"] for r in runs if r.results.get("report_note")]
     if notes:
-        lines.append(f"- {_distinct(notes)}")
+        lines.append(f"- {text(_distinct(notes))}")
     lines.append(
         f"- Jobs: {total} in all: {_counts(sweep)}; training {trained:.0f} s in all"
         + (f", sweep wall time {wall:.0f} s" if wall is not None else "")
@@ -143,72 +178,80 @@ def write_report(sweep_dir: str | Path) -> Path:
     optuna = _optuna(sweep, monitor)
     if optuna:
         lines.append(f"- {optuna}")
-    header = ["strategy", "runs", *(label for label, _ in metrics.values()), "verdict"]
+    header = ["strategy", "runs", *(text(label) for label, _ in metrics.values()), "verdict"]
     lines += ["", "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    too_large = False
     for summary in summaries:
-        cells = [summary.variant, str(len(summary.runs))]
+        cells = [text(summary.variant), str(len(summary.runs))]
         cells += [_cell(summary, k, fmt) for k, (_, fmt) in metrics.items()]
+        too_large = too_large or any("n/a" in cell for cell in cells[2:])
         lines.append("| " + " | ".join([*cells, verdict_cell(summary)]) + " |")
+    label_md, monitor_md = text(label), text(monitor)
     lines += [
         "",
         f"One row per setting: the jobs that differ in nothing but their seed. Mean ± sample "
-        f"standard deviation over the row's runs, ranked by {label} ({best_word} first); "
-        f"the best epoch is picked on {monitor}.",
+        f"standard deviation over the row's runs, ranked by {label_md} ({best_word} first); "
+        f"the best epoch is picked on {monitor_md}"
+        + ("; n/a: a statistic too large for a float." if too_large else "."),
         "",
-        f"The verdict: Welch's t-test (two-sided) on {label} between the best row and each "
+        f"The verdict: Welch's t-test (two-sided) on {label_md} between the best row and each "
         f"other row, over their runs. The best row is the winner only when p < {ALPHA} "
         f"against every other row; a row at p ≥ {ALPHA} ties with it (their difference is "
         "within the seeds' noise); a row of a single run cannot be tested (its noise is "
         "unknown). Several rows make several tests, without correction: read a p near "
         f"{ALPHA} as a tie.",
-        "",
-        f"![{label} against training time]({plot_name})",
     ]
+    if has_time_plot:
+        lines += ["", f"![{label_md} against training time]({plot_name})"]
     if has_curves:
-        lines += ["", f"![{monitor} per epoch](learning_curves.png)"]
-    if lr_run is not None:
+        lines += ["", f"![{monitor_md} per epoch](learning_curves.png)"]
+    if lr_run is not None and has_lr_plot:
         lines += ["", f"![per-group learning rate](lr_schedule.png) {lr_caption}."]
-    lines += _job_sections(sweep, key, label)
+    if not_drawn:
+        lines += ["", f"Not drawn: {text('; '.join(not_drawn))}."]
+    lines += _job_sections(sweep, key, label_md)
     path = sweep_dir / "report.md"
     write_text_atomic(path, "\n".join(lines) + "\n")
     return path
 
 
-def _job_sections(sweep: Sweep, key: str, label: str) -> list[str]:
+def _job_sections(sweep: Sweep, key: str, label_md: str) -> list[str]:
     """Every job with its state, then the failed and the unfinished ones with why, then
-    the files that could not be read."""
+    the files that could not be read (``label_md``: the ranking metric's, as Markdown)."""
     shown = _shown_overrides(sweep)
     lines = [
         "",
         "## Jobs",
         "",
-        f"| job | state | row | seed | {label} |",
+        f"| job | state | row | seed | {label_md} |",
         "| --- | --- | --- | --- | --- |",
     ]
     for job in sweep.jobs:
         if job.run is not None:
             row, seed = job.run.variant, job.run.results.get("seed")
-            value = f"{float(job.run.results[key]):.3f}"
+            value = _number("{:.3f}", float(job.run.results[key]))
         else:
             row, value = f"({shown(job.overrides) or 'no overrides saved'})", "–"
             seed = next((o.partition("=")[2] for o in job.overrides if o.startswith("seed=")), "")
-        lines.append(f"| `{_label(job.dir, sweep.dir)}` | {job.state} | {row} | {seed} | {value} |")
+        job_label = code(_label(job.dir, sweep.dir), in_table=True)
+        lines.append(f"| {job_label} | {job.state} | {text(row)} | {text(seed)} | {value} |")
     for overrides in sweep.not_started:
         row = f"({shown(overrides)})" if overrides is not None else ""
-        lines.append(f"| – | never started | {row} |  | – |")
+        lines.append(f"| – | never started | {text(row)} |  | – |")
 
     failed = [job for job in sweep.jobs if job.state in (FAILED, DIVERGED)]
     if failed:
         lines += ["", "## Failed jobs (not ranked)", ""]
         lines += [
-            f"- `{_label(job.dir, sweep.dir)}` ({shown(job.overrides)}): {job.detail}"
+            f"- {code(_label(job.dir, sweep.dir))} ({text(shown(job.overrides))}): " + _detail(job)
             for job in failed
         ]
     unfinished = [job for job in sweep.jobs if job.state in (INTERRUPTED, NO_RESULT, OTHER_STAGE)]
     if unfinished or sweep.not_started:
         lines += ["", "## Unfinished jobs (not ranked)", ""]
         lines += [
-            f"- `{_label(job.dir, sweep.dir)}` ({shown(job.overrides)}): {job.state}: {job.detail}"
+            f"- {code(_label(job.dir, sweep.dir))} ({text(shown(job.overrides))}): {job.state}: "
+            + _detail(job)
             for job in unfinished
         ]
         if sweep.not_started:
@@ -216,16 +259,24 @@ def _job_sections(sweep: Sweep, key: str, label: str) -> list[str]:
             lines.append(
                 f"- {len(sweep.not_started)} of the {sweep.planned} jobs the sweep planned "
                 "(multirun.yaml) never started: the sweep was stopped before them"
-                + (": " + "; ".join(f"`{shown(o)}`" for o in known) if known else "")
+                + (": " + "; ".join(code(shown(o)) for o in known) if known else "")
                 + "."
             )
     if sweep.unreadable:
         lines += ["", "## Unreadable files (left out)", ""]
         lines += [
-            f"- {message}; left out: {', '.join(left_out)}"
+            f"- {text(message)}; left out: {text(', '.join(left_out))}"
             for message, *left_out in sweep.unreadable.values()
         ]
     return lines
+
+
+def _detail(job: Job) -> str:
+    """The job's detail as Markdown text, its resume command (if any) as code."""
+    if not job.command:
+        return text(job.detail)
+    before, _, after = job.detail.partition(f"`{job.command}`")
+    return text(before) + code(job.command) + text(after)
 
 
 def write_csv(
@@ -240,17 +291,45 @@ def write_csv(
         for summary in summaries:
             row: list[Any] = [summary.variant, len(summary.runs)]
             for key in metrics:
-                std = summary.std[key]
-                row += [repr(summary.mean[key]), "" if std is None else repr(std)]
+                std = summary.std[key]  # None (one run) or too large for a float: no number
+                row += [repr(summary.mean[key]), repr(std) if finite(std) else ""]
             p = summary.p_vs_best
-            writer.writerow([*row, summary.verdict, "" if p is None else repr(p)])
+            writer.writerow([*row, summary.verdict, repr(p) if finite(p) else ""])
 
 
 def _cell(summary: StrategySummary, key: str, fmt: str) -> str:
+    """``mean ± std``; ``–`` where no run has the metric, ``n/a`` for a statistic too large
+    for a float."""
     mean, std = summary.mean[key], summary.std[key]
     if math.isnan(mean):
         return "–"
-    return fmt.format(mean) + (f" ± {fmt.format(std)}" if std is not None else "")
+    return _number(fmt, mean) + (f" ± {_number(fmt, std)}" if std is not None else "")
+
+
+def _number(fmt: str, value: float) -> str:
+    """``value`` in ``fmt``; in powers of ten beyond 1e15 (a damaged results.json's
+    ``1e160`` in full would be 161 digits), ``n/a`` if it is not finite."""
+    if not math.isfinite(value):
+        return "n/a"
+    return f"{value:.3e}" if abs(value) >= 1e15 else fmt.format(value)
+
+
+def _plot_name(key: str) -> str:
+    """The file of the ranking metric's plot: ``cer_vs_time.png`` for ``cer``,
+    ``mae_vs_time.png`` for ``test/mae``; characters other than letters, digits, ``.``,
+    ``-`` and ``_`` in a key become ``_`` (the name is a link in report.md, and a file)."""
+    stem = re.sub(r"[^\w.-]", "_", key.removeprefix("test_").removeprefix("test/"), flags=re.ASCII)
+    return f"{stem[:100].lstrip('.') or 'metric'}_vs_time.png"
+
+
+def _why(err: BaseException) -> str:
+    """Why a file could not be read, after its path: ``is a FIFO (a named pipe), not a
+    regular file``, ``is nested too deeply to be read``, ``cannot be read (...)``."""
+    if isinstance(err, RecursionError):
+        return "is nested too deeply to be read"
+    if isinstance(err, ValueError) and str(err).startswith("is "):
+        return str(err)
+    return f"cannot be read ({err})"
 
 
 def _or_inf(value: Any, sign: int) -> float:
@@ -288,8 +367,12 @@ def _budget(runs: Sequence[Run]) -> str:
         # a swept model option pretrains a source model per value (the source is trained
         # with the run's model settings): say so, never "shared" then
         models = {r.results.get("source") for r in runs if r.results.get("source")}
+        released = models and all((Path(m).parent / "release.json").is_file() for m in models)
         parts.append(
-            f"source model pretrained once (max_epochs={_distinct(sources)}), shared"
+            f"the released source model {next(iter(models))} (max_epochs="
+            f"{_distinct(sources)}), shared"
+            if released and len(models) == 1
+            else f"source model pretrained once (max_epochs={_distinct(sources)}), shared"
             if len(models) <= 1
             else f"{len(models)} source models (max_epochs={_distinct(sources)}): the swept "
             "settings changed the source model too"
@@ -306,7 +389,7 @@ def _command(sweep: Sweep) -> str | None:
     if not path.exists():
         return None
     try:
-        hydra_cfg = OmegaConf.load(path).hydra
+        hydra_cfg = read_yaml(path).hydra
         overrides = hydra_cfg.overrides
         launch = [
             o
@@ -325,7 +408,7 @@ def _command(sweep: Sweep) -> str | None:
     command = "python -m freezeft.run -m " + " ".join(
         [*config_dirs, *(shlex.quote(str(o)) for o in [*launch, *overrides.task])]
     )
-    return f"`{command}`" + (f" (from `{cwd}`)" if cwd else "")
+    return code(command) + (f" (from {code(cwd)})" if cwd else "")
 
 
 def _optuna(sweep: Sweep, monitor: str) -> str | None:
@@ -333,11 +416,11 @@ def _optuna(sweep: Sweep, monitor: str) -> str | None:
     if not path.exists():
         return None
     try:
-        best = OmegaConf.load(path)
+        best = read_yaml(path)
         if "best_value" not in best:
             return None
-        params = ", ".join(f"`{k}={v}`" for k, v in best.best_params.items())
-        return f"Optuna: best {monitor} {float(best.best_value):.4f} with {params}"
+        params = ", ".join(code(f"{k}={v}") for k, v in best.best_params.items())
+        return f"Optuna: best {text(monitor)} {float(best.best_value):.4f} with {params}"
     except Exception as err:
         sweep.cannot_read(path, f"{path} is not readable ({err})", "Optuna's best trial")
         return None
