@@ -102,7 +102,9 @@ def test_report_command_rewrites_the_same_report(two_strategy_sweep):
 
 def test_a_failing_job_is_logged_and_the_sweep_goes_on(tmp_path, cache_dir, two_strategy_sweep):
     # N=0 keeps the English output layer, which cannot fit the German alphabet: job 0 fails
-    sweep, proc = multirun(tmp_path, cache_dir, "transfer.drop_source_layers=0,1")
+    sweep, proc = multirun(tmp_path, cache_dir, "transfer.drop_source_layers=0,1", check=False)
+    assert proc.returncode == 1  # not every job finished: a script must not count it a success
+    assert "freezeft: 1 of the sweep's 2 jobs did not finish (1 finished)" in proc.stderr
     failure = json.loads((sweep / "0" / "failure.json").read_text())
     assert "transfer.drop_source_layers=0" in failure["overrides"]
     assert "Set `transfer.drop_source_layers` to 1 or more" in failure["error"]
