@@ -28,7 +28,16 @@ is named and left out; only a dir without any finished job is refused, as is a s
 run's dir (nothing to compare). :class:`ReportCallback` runs this at the end of every
 multirun.
 
-One idea per module: :mod:`~freezeft.report.jobs` (one job dir and what became of it),
+A damaged file is never a crash or a hang: a ``results.json`` that is a FIFO, a link to
+``/dev/zero``, over 16 MiB or nested thousands of levels deep is named with why, like one
+that is not JSON; values whose squares overflow a float are summarised (a statistic that
+is itself beyond the float range shows as ``n/a``). What the jobs' files say (strategy
+names, overrides, errors, paths) is escaped in ``report.md`` so it cannot change its
+layout; ``report.csv`` keeps it exactly. Ctrl+C or SIGTERM while the report is written is
+one line (exit code 130 or 143), leaves no temporary file and the previous report.md.
+
+One idea per module: :mod:`~freezeft.report.markdown` (escaping for report.md),
+:mod:`~freezeft.report.jobs` (one job dir and what became of it),
 :mod:`~freezeft.report.sweep` (:func:`collect`: every job of a sweep),
 :mod:`~freezeft.report.rows` (rows, ranking, :func:`summarise`),
 :mod:`~freezeft.report.verdict` (the winner rule and its wording),
