@@ -5,7 +5,7 @@ behind.
 
 With ``MODULE`` ``freezeft.run`` each job "trains" in no time (``$FAKE_RESULTS``: a JSON
 object of the results every job writes, beside its seed and strategy), so that a sweep
-reaches its report (:class:`freezeft.report.ReportCallback`) in seconds.
+reaches its report (:class:`freezeft.app.report.ReportCallback`) in seconds.
 """
 
 from __future__ import annotations

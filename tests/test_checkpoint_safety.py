@@ -6,7 +6,8 @@ import pickle
 
 import pytest
 
-from freezeft.checkpointing import find_resume_checkpoint, load_checkpoint
+from freezeft.app.run_dir import find_resume_checkpoint
+from freezeft.checkpoint_io import load_checkpoint
 
 
 class Payload:
@@ -56,7 +57,7 @@ def test_resume_from_a_run_dir_with_a_payload_runs_nothing(tmp_path):
 
 
 def test_transcribe_refuses_a_payload_and_runs_nothing(tmp_path, capsys):
-    from freezeft.transcribe import main
+    from freezeft.speech.transcribe import main
 
     marker = tmp_path / "attacker-was-here"
     evil_checkpoint(tmp_path / "model.ckpt", marker)

@@ -10,7 +10,7 @@ from hydra.utils import get_method, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 import freezeft.speech.conf
-from freezeft.app.config import check_config
+from freezeft.app.build import build_run as check_config
 
 CONF = Path(freezeft.conf.__file__).parent  # the app's configs
 SPEECH_CONF = Path(freezeft.speech.conf.__file__).parent  # the speech task's, on its search path
@@ -203,7 +203,7 @@ def test_a_strategy_and_an_add_on_duplicating_it_are_refused():
 def test_errors_of_objects_built_from_configs_are_user_errors():
     from hydra.errors import InstantiationException
 
-    from freezeft.run import _is_user_error
+    from freezeft.app.main import _is_user_error
     from freezeft.speech.data import SpeechDataModule
 
     try:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from pyrun import run_python
 
-from freezeft.run import TRACEBACKS, cli
+from freezeft.app.main import TRACEBACKS, cli
 
 BLOCKED_RUN = str(Path(__file__).with_name("blocked_run.py"))
 CASES = {

@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from freezeft.run import cli
+from freezeft.app.main import cli
 
 CONF = Path(__file__).parents[1] / "conf"
 SPEECH_CONF = Path(__file__).parents[1] / "src" / "freezeft" / "speech" / "conf"

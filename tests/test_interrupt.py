@@ -10,7 +10,8 @@ import pytest
 import torch
 from pyrun import run_python
 
-from freezeft.checkpointing import AtomicCheckpointIO, find_resume_checkpoint, load_checkpoint
+from freezeft.app.run_dir import find_resume_checkpoint
+from freezeft.checkpoint_io import AtomicCheckpointIO, load_checkpoint
 from freezeft.history import read_history
 
 TESTS = Path(__file__).parent

@@ -3,8 +3,9 @@
 * the library (callbacks, groups, plan, coordinator, caches, checkpoint helpers, file
   writes): torch, numpy, filelock and Lightning (through ``freezeft._lightning`` only);
   ``freezeft.files`` the standard library only;
-* the app (``freezeft.run``, ``freezeft.report``, ``freezeft.task``, ``freezeft.app``):
-  the library, Hydra, OmegaConf, matplotlib; never the speech task;
+* the app (``freezeft.app``, and the entry points ``freezeft.run``, ``freezeft.report`` and
+  ``freezeft.task`` at the top): the library, Hydra, OmegaConf, matplotlib; never the
+  speech task;
 * the speech task (``freezeft.speech``, ``freezeft.transcribe``): the library and its own
   packages; never the app (the app reaches it through configs).
 """
@@ -21,7 +22,9 @@ import pytest
 pytestmark = pytest.mark.library  # runs where only torch and Lightning are installed
 
 SRC = Path(__file__).parents[1] / "src" / "freezeft"
-APP = sorted([SRC / "run.py", SRC / "task.py", *SRC.glob("app/*.py"), *SRC.glob("report/*.py")])
+#: the app's folder, and its entry points and earlier import paths at the top
+APP = sorted([SRC / "run.py", SRC / "task.py", *SRC.glob("report/*.py"), *SRC.glob("app/**/*.py")])
+#: the speech task's folder, and its entry point at the top
 SPEECH = sorted([SRC / "transcribe.py", *SRC.glob("speech/*.py")])
 LIBRARY = sorted(
     [*SRC.glob("callbacks/*.py"), *(p for p in SRC.glob("*.py") if p not in APP + SPEECH)]

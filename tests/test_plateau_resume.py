@@ -15,7 +15,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 from tiny_models import LRRecorder, Task, fit
 
-from freezeft.checkpointing import INTERRUPTED_CHECKPOINT, InterruptCheckpoint
+from freezeft.interrupt import INTERRUPTED_CHECKPOINT, InterruptCheckpoint
 
 EPOCHS = 6  # 4 steps each
 

@@ -11,7 +11,7 @@ from hydra import compose, initialize_config_module
 
 from freezeft.app.release import CHECKPOINT, matching_release, release_folder, write_release
 from freezeft.app.source import source_checkpoint_path, source_settings
-from freezeft.checkpointing import read_checkpoint_file
+from freezeft.checkpoint_io import read_checkpoint_file
 
 
 def compose_with(*overrides: str):

@@ -18,10 +18,10 @@ import pytest
 from pyrun import run_python
 from test_report_generic import hydra_dir, job, report_rows
 
-from freezeft.report import write_report
-from freezeft.report.jobs import DEPTH_LIMIT, FILE_LIMIT
-from freezeft.report.markdown import code, text
-from freezeft.report.welch import mean, stdev, welch_p
+from freezeft.app.report import write_report
+from freezeft.app.report.jobs import DEPTH_LIMIT, FILE_LIMIT
+from freezeft.app.report.markdown import code, text
+from freezeft.app.report.welch import mean, stdev, welch_p
 
 HERE = Path(__file__).parent
 
@@ -278,7 +278,7 @@ def test_a_signal_while_the_report_is_written_is_one_line(tmp_path, module, sign
     """The signal comes with report.md's temporary file written in full (the moment a kill
     leaves the most behind): one line, exit 130 or 143, no temporary file, report.md as it
     was. ``freezeft.run``: a real sweep of four jobs that "train" in no time, then its
-    report (:class:`freezeft.report.ReportCallback`)."""
+    report (:class:`freezeft.app.report.ReportCallback`)."""
     sweep = tmp_path / "sweep"
     if module == "freezeft.report":
         two_rows(sweep)

@@ -16,8 +16,8 @@ import matplotlib.pyplot as plt
 import pytest
 from omegaconf import OmegaConf
 
-from freezeft import task
-from freezeft.report import collect, main, welch_p, write_report
+from freezeft.app import task
+from freezeft.app.report import collect, main, welch_p, write_report
 
 GROUPS = ("encoder.0", "encoder.2", "head")
 

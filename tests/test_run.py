@@ -159,9 +159,7 @@ def test_the_commissioned_command_thaws_within_six_epochs_of_the_tiny_corpus(
     after = [i for i, epoch in enumerate(lr["epoch"]) if epoch >= 4]
     assert before and after
     assert all(lr["model.layer_1"][i] == 0 < lr["model.layer_6"][i] for i in before)
-    assert all(
-        lr["model.layer_1"][i] == pytest.approx(0.1 * lr["model.layer_6"][i]) for i in after
-    )
+    assert all(lr["model.layer_1"][i] == pytest.approx(0.1 * lr["model.layer_6"][i]) for i in after)
 
 
 def test_bad_rows_nan_audio_included_are_skipped_and_reported(tmp_path, german_corpus):
@@ -269,8 +267,8 @@ def test_the_converge_protocol_stops_when_dev_stops_improving(tmp_path, cache_di
 
 def test_auto_freeze_decisions_reach_history_lr_schedule_and_report(tmp_path, cache_dir,
                                                                     transfer_run):  # fmt: skip
+    from freezeft.app.report import write_report
     from freezeft.history import read_decisions
-    from freezeft.report import write_report
 
     sweep = tmp_path / "sweep"
     sweep.mkdir()

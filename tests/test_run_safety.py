@@ -139,7 +139,7 @@ def test_resuming_a_plain_lightning_checkpoint_is_refused_before_writing_there(t
 
 
 def test_a_diverged_run_stops_says_so_and_is_marked(tmp_path):
-    from freezeft.app.divergence import Diverged
+    from freezeft.divergence import Diverged
 
     with pytest.raises(Diverged, match=r"diverged at step \d+ \(epoch 0, learning rate 1e\+30\)"):
         run(tmp_path / "a", "model.lr=1e30")
@@ -166,7 +166,7 @@ def test_an_absurd_learning_rate_is_refused_before_any_work(tmp_path, override, 
 
 
 def test_a_loss_that_explodes_with_finite_weights_is_divergence_too(tmp_path):
-    from freezeft.app.divergence import Diverged
+    from freezeft.divergence import Diverged
 
     with pytest.raises(Diverged, match=r"at step 3 \(epoch 0, learning rate 1000\): the "
                        "training loss exploded: its mean over the epoch"):  # fmt: skip
@@ -176,7 +176,7 @@ def test_a_loss_that_explodes_with_finite_weights_is_divergence_too(tmp_path):
 
 
 def test_a_source_pretraining_that_diverges_says_so_in_the_runs_dir(tmp_path):
-    from freezeft.app.divergence import Diverged
+    from freezeft.divergence import Diverged
 
     with pytest.raises(Diverged, match="diverged while pretraining the source model"):
         run(tmp_path / "a", "model.lr=1e30", "transfer.source=auto", "+data@source.data=mydata",
@@ -237,7 +237,7 @@ def test_resuming_a_checkpoint_of_another_model_size_is_one_line_naming_the_tens
 
 HOLD = """
 import sys, time
-from freezeft.checkpointing import hold_run_dir
+from freezeft.app.run_dir import hold_run_dir
 with hold_run_dir(sys.argv[1]):
     print("held", flush=True)
     time.sleep(120)
@@ -274,7 +274,7 @@ def test_a_second_resume_of_a_run_dir_in_use_is_refused_naming_the_pid(tmp_path)
 
 
 def test_a_run_into_a_dir_in_use_is_refused_too(tmp_path):
-    from freezeft.checkpointing import hold_run_dir
+    from freezeft.app.run_dir import hold_run_dir
 
     holder = subprocess.Popen(
         [sys.executable, "-c", HOLD, str(tmp_path / "a")], stdout=subprocess.PIPE, text=True
@@ -321,3 +321,53 @@ def test_a_run_dir_from_before_a_key_was_added_resumes_with_that_keys_default(tm
             train(changed, out)
         same = hydra_compose(config_name="config", overrides=[*base, f"resume={out}"])
         assert train(same, out)["status"] == "finished"
+
+
+COUNTING = """
+import features
+
+BUILT = {"model": 0, "data": 0}
+
+
+class CountedNet(features.MyNet):
+    def __init__(self, *args, **kwargs):
+        BUILT["model"] += 1
+        super().__init__(*args, **kwargs)
+
+
+class CountedData(features.FeatureData):
+    def __init__(self, *args, **kwargs):
+        BUILT["data"] += 1
+        super().__init__(*args, **kwargs)
+"""
+
+
+@pytest.mark.parametrize("strategy", ["gradual_unfreeze", "freeze_then_finetune"])
+def test_one_run_builds_the_users_model_and_data_once(tmp_path, monkeypatch, strategy):
+    """A slow, memory-hungry or downloading constructor is paid once: the app checks the
+    objects it trains, and the fit uses the layer groups the check resolved."""
+    (tmp_path / "counted.py").write_text(COUNTING)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "counted", raising=False)
+    import counted
+
+    from freezeft.groups import resolve_groups
+
+    resolved = []
+    monkeypatch.setattr(
+        "freezeft.app.build.resolve_groups", lambda *a: resolved.append(1) or resolve_groups(*a)
+    )
+    monkeypatch.setattr(
+        "freezeft.callbacks.coordinator.resolve_groups",
+        lambda *a: resolved.append(2) or resolve_groups(*a),
+    )
+    results = run(
+        tmp_path / "run",
+        f"strategy={strategy}",
+        "model._target_=counted.CountedNet",
+        "data._target_=counted.CountedData",
+        "transfer.source=null",
+    )
+    assert results["status"] == "finished"
+    assert counted.BUILT == {"model": 1, "data": 1}
+    assert resolved == [1]  # by the app's check; the fit took those groups

@@ -11,7 +11,7 @@ import pytest
 from omegaconf import OmegaConf
 from pyrun import run_python
 
-from freezeft.report import write_report
+from freezeft.app.report import write_report
 
 pytestmark = pytest.mark.slow  # subprocess runs
 

@@ -373,3 +373,13 @@ def format_group_table(
         summary += f" ({count:,} frozen by you before fit, never trained)"
     lines.append(summary)
     return "\n".join(lines)
+
+
+#: name parts that wrappers add (torch.compile, FSDP1, activation checkpointing)
+_WRAPPER_PARTS = {"_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"}
+
+
+def canonical_group_name(name: str) -> str:
+    """A group name without the parts wrappers add (``torch.compile``'s ``_orig_mod``,
+    FSDP1's ``_fsdp_wrapped_module``): the same layers, wrapped or not."""
+    return ".".join(part for part in name.split(".") if part not in _WRAPPER_PARTS)

@@ -23,25 +23,22 @@ multiply) and applies the result:
 
 from __future__ import annotations
 
-import warnings
-from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 
 from freezeft.groups import LayerGroup
+from freezeft.optimizer_groups import (
+    check_optimizers,
+    home_for_missing,
+    join_by_kind,
+    split_by_layer_group,
+)
 
 __all__ = ["Plan"]
-
-#: Param-group keys that hold a learning rate (torch's own names), scaled with the group.
-LR_KEYS = ("lr", "initial_lr", "max_lr", "min_lr")
-#: Scheduler attributes that are per-group learning rates, scaled with the group.
-SCHEDULER_LR_LISTS = ("base_lrs", "_last_lr", "max_lrs", "base_values")
-#: Other per-group scheduler attributes, copied from the group each new group came from.
-SCHEDULER_PER_GROUP = ("min_lrs", "lr_lambdas", "base_momentums", "max_momentums")
 
 
 class Plan:
@@ -179,15 +176,11 @@ class Plan:
         root: nn.Module,
         changes_lr: bool = True,
     ) -> list[str]:
-        """Take over the user's optimizers (each with its LR schedulers), once per fit.
-
-        Parameters that no optimizer holds and that the plan may thaw are added to the
-        optimizer holding the head: each joins the param group holding parameters of its
-        kind (same module type and parameter name: a ``Linear.bias`` joins the group of the
-        other ``Linear`` biases, e.g. a no-decay group), else the group holding the head.
-        Then every param group is split by layer group with its LR scaled (schedulers
-        follow), and warmup is applied inside every optimizer step. Returns the names of
-        the parameters added.
+        """Take over the user's optimizers (each with its LR schedulers), once per fit:
+        parameters no optimizer holds join it, every param group is split by layer group
+        with its LR scaled (schedulers follow; :mod:`freezeft.optimizer_groups`), and
+        warmup is applied inside every optimizer step. Returns the names of the parameters
+        added.
 
         Args:
             optimizers: each optimizer with the LR schedulers that drive it.
@@ -200,113 +193,20 @@ class Plan:
             ValueError: an optimizer cannot be split, take new param groups or have its LR
                 changed.
         """
-        for optimizer, _ in optimizers:
-            if isinstance(optimizer, torch.optim.LBFGS):
-                raise ValueError(
-                    "freezeft cannot use torch.optim.LBFGS: it supports a single param group, "
-                    "and freezing strategies need one per layer group (each with its own LR "
-                    "and frozen state). Use another optimizer with freezeft's callbacks."
-                )
-            if changes_lr and any(
-                not isinstance(g.get("lr"), (int, float)) for g in optimizer.param_groups
-            ):
-                raise ValueError(
-                    f"freezeft: {type(optimizer).__name__} has a param group without a numeric "
-                    "`lr` (e.g. Adafactor with lr=None computes its own relative step), so "
-                    "DiscriminativeLR, encoder_lr_scale and LRWarmup cannot scale it. Give "
-                    "the optimizer an explicit LR (Adafactor: lr=..., relative_step=False, "
-                    "scale_parameter=False, warmup_init=False), or leave out the LR strategies."
-                )
+        check_optimizers([optimizer for optimizer, _ in optimizers], changes_lr)
         held = {id(p) for opt, _ in optimizers for g in opt.param_groups for p in g["params"]}
         missing = [(n, p) for own in self._own for n, p in own.items() if id(p) not in held]
-        home = self._home_for_missing(optimizers) if missing else None
+        home = home_for_missing(self.groups, optimizers) if missing else None
         for optimizer, schedulers in optimizers:
             extra: list[tuple[int, list[nn.Parameter]]] = []
             if home is not None and home[0] is optimizer:
-                extra = _join_by_kind(root, optimizer, home[1], [p for _, p in missing])
-            self.split_optimizer(optimizer, schedulers, lr_scales, extra)
+                extra = join_by_kind(root, optimizer, home[1], [p for _, p in missing])
+            split_by_layer_group(
+                optimizer, schedulers, self.groups, self._param_group, lr_scales, extra
+            )
             self._hooks.append(optimizer.register_step_pre_hook(self._warm))
             self._hooks.append(optimizer.register_step_post_hook(self._cool))
         return [name for name, _ in missing]
-
-    def _home_for_missing(
-        self, optimizers: Sequence[tuple[torch.optim.Optimizer, Sequence[Any]]]
-    ) -> tuple[torch.optim.Optimizer, int]:
-        """The optimizer and param group holding most of the head (else the nearest group
-        below it): parameters no optimizer holds join it."""
-        for index in reversed(range(len(self.groups))):
-            ids = {id(p) for p in self.groups[index].params.values()}
-            best: tuple[int, torch.optim.Optimizer, int] | None = None
-            for optimizer, _ in optimizers:
-                for user_index, group in enumerate(optimizer.param_groups):
-                    count = sum(1 for p in group["params"] if id(p) in ids)
-                    if count and (best is None or count > best[0]):
-                        best = (count, optimizer, user_index)
-            if best is not None:
-                return best[1], best[2]
-        raise ValueError(
-            "freezeft: no optimizer holds any parameter of the layer groups "
-            f"{[g.name for g in self.groups]}, so there is no optimizer to add the ones a "
-            "strategy thaws to. Return an optimizer over the model's parameters from "
-            "configure_optimizers."
-        )
-
-    def split_optimizer(
-        self,
-        optimizer: torch.optim.Optimizer,
-        schedulers: Sequence[Any],
-        lr_scales: Sequence[float],
-        extra: Sequence[tuple[int, list[nn.Parameter]]] = (),
-    ) -> None:
-        """Split each param group of ``optimizer`` by layer group, once, scaling LRs.
-
-        ``extra`` lists ``(user group index, parameters)``: parameters in no optimizer,
-        each list added as a new param group with that group's hyperparameters, driven by
-        its schedulers.
-        """
-        if any("freezeft_group" in g for g in optimizer.param_groups):
-            return  # already split (a second fit with the same optimizer)
-        n_user = len(optimizer.param_groups)
-        source = list(range(n_user))  # the user group each param group's LRs come from
-        for template_index, params in extra:
-            template = {
-                k: v for k, v in optimizer.param_groups[template_index].items() if k != "params"
-            }
-            base = "added" if len(extra) == 1 else f"added-pg{template_index + 1}"
-            template["name"] = base
-            try:
-                optimizer.add_param_group({**template, "params": params})
-            except Exception as error:
-                raise ValueError(
-                    f"freezeft: {type(optimizer).__name__} cannot take the parameters a "
-                    "strategy thaws but configure_optimizers left out: add_param_group "
-                    f"failed with {error!r}. Give the optimizer all the model's parameters; "
-                    "frozen ones get no state and no update."
-                ) from error
-            source.append(template_index)
-        several = len(optimizer.param_groups) > 1
-        new_groups: list[dict] = []
-        origin: list[tuple[int, float]] = []
-        for user_index, user_group in enumerate(optimizer.param_groups):
-            by_layer: dict[int, list[Tensor]] = {}
-            for param in user_group["params"]:
-                by_layer.setdefault(self._param_group.get(id(param), -1), []).append(param)
-            for layer in sorted(by_layer):
-                group = {k: v for k, v in user_group.items() if k != "params"}
-                group["params"] = by_layer[layer]
-                scale = lr_scales[layer] if layer >= 0 else 1.0
-                for key in LR_KEYS:
-                    if isinstance(group.get(key), (int, float)):
-                        group[key] = group[key] * scale
-                name = self.groups[layer].name if layer >= 0 else "other"
-                base = user_group.get("name", f"pg{user_index + 1}")
-                group["name"] = f"{name}/{base}" if several else name
-                group["freezeft_group"] = layer
-                new_groups.append(group)
-                origin.append((source[user_index], scale))
-        optimizer.param_groups[:] = new_groups
-        for scheduler in schedulers:
-            _remap_scheduler(scheduler, origin, n_user)
 
     @staticmethod
     def reset_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
@@ -364,73 +264,3 @@ class Plan:
         for grad in grads:
             grad.copy_(flat[offset : offset + grad.numel()].view_as(grad))
             offset += grad.numel()
-
-
-def _remap_scheduler(scheduler: Any, origin: list[tuple[int, float]], n_old: int) -> None:
-    """Give a scheduler one entry per new param group, LR lists scaled like the groups."""
-    for child in getattr(scheduler, "_schedulers", []):  # SequentialLR, ChainedScheduler
-        _remap_scheduler(child, origin, n_old)
-    for attr in SCHEDULER_LR_LISTS + SCHEDULER_PER_GROUP:
-        value = getattr(scheduler, attr, None)
-        if not isinstance(value, list) or len(value) != n_old:
-            continue
-        if attr in SCHEDULER_LR_LISTS:
-            setattr(scheduler, attr, [value[i] * scale for i, scale in origin])
-        else:
-            setattr(scheduler, attr, [value[i] for i, _ in origin])
-    steps = getattr(scheduler, "warmup_steps", None)  # timm: per group, from base_values
-    if isinstance(steps, list) and len(steps) == n_old and hasattr(scheduler, "warmup_lr_init"):
-        t, start = getattr(scheduler, "warmup_t", 0), scheduler.warmup_lr_init
-        scheduler.warmup_steps = [(v - start) / t if t else 1 for v in scheduler.base_values]
-    if len(origin) == n_old:
-        return
-    unknown = sorted(
-        attr
-        for attr, value in vars(scheduler).items()
-        if not attr.startswith("_")
-        and isinstance(value, list)
-        and len(value) == n_old
-        and all(isinstance(v, (int, float)) for v in value)
-    )
-    if unknown:
-        warnings.warn(
-            f"freezeft split {n_old} param group(s) of the optimizer into {len(origin)}, but "
-            f"{type(scheduler).__name__} keeps per-group lists freezeft does not know "
-            f"({unknown}): it may drive only some groups. Check its LRs (lr_schedule.csv or "
-            "LearningRateMonitor), or use a torch scheduler.",
-            stacklevel=2,
-        )
-
-
-def _join_by_kind(
-    root: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    head_group: int,
-    params: list[nn.Parameter],
-) -> list[tuple[int, list[nn.Parameter]]]:
-    """Which param group of ``optimizer`` each parameter no optimizer holds should join:
-    the one holding most parameters of its kind (module type, parameter name), else the
-    head's (``head_group``). Warns where that guess may not be what the user meant."""
-    kind: dict[int, tuple[str, str]] = {}
-    for module in root.modules():
-        for name, param in module.named_parameters(recurse=False):
-            kind.setdefault(id(param), (type(module).__name__, name))
-    counts: dict[tuple[str, str], Counter[int]] = {}
-    for index, group in enumerate(optimizer.param_groups):
-        for param in group["params"]:
-            counts.setdefault(kind.get(id(param), ("", "")), Counter())[index] += 1
-    chosen: dict[int, list[nn.Parameter]] = {}
-    for param in params:
-        found = counts.get(kind.get(id(param), ("", "")))
-        chosen.setdefault(found.most_common(1)[0][0] if found else head_group, []).append(param)
-    empty = [i + 1 for i, g in enumerate(optimizer.param_groups) if not g["params"]]
-    if empty:
-        warnings.warn(
-            f"freezeft: param group(s) {empty} of {type(optimizer).__name__} are empty (their "
-            "parameters did not require gradients when configure_optimizers ran), so the "
-            "parameters a strategy thaws joined other groups by kind and take those groups' "
-            "hyperparameters. If they belong in the empty groups, give configure_optimizers "
-            "all parameters: frozen ones get no state and no update.",
-            stacklevel=2,
-        )
-    return sorted(chosen.items())

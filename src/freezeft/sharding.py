@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from freezeft._lightning import rank_zero_warn
 from freezeft.groups import LayerGroup
 
 __all__ = [
@@ -32,6 +33,7 @@ __all__ = [
     "check_fsdp1",
     "check_deepspeed",
     "saved_callback_state",
+    "ShardedFit",
 ]
 
 
@@ -154,3 +156,130 @@ def saved_callback_state(checkpoint_path: Any, state_key: str) -> dict[str, Any]
         return None
     state = checkpoint.get("callbacks", {}).get(state_key) if isinstance(checkpoint, dict) else None
     return state if isinstance(state, dict) else None
+
+
+def _reshard_if_frozen(own: list[Any]) -> Callable[..., None]:
+    """A forward hook that frees an FSDP2 unit's gathered parameters when none of its own
+    parameters trains: FSDP2 would keep them gathered until the unit's backward, which a
+    frozen unit never runs (it gathers them again if a backward passes through it)."""
+
+    def hook(unit: Any, inputs: Any, output: Any) -> None:
+        if not any(p.requires_grad for p in own):
+            unit.reshard()
+
+    return hook
+
+
+def _epochs(trainer: Any) -> int:
+    """The epochs a fixed schedule is looked at over (``max_epochs``, at most 1000)."""
+    max_epochs = trainer.max_epochs
+    return min(max_epochs, 1000) if isinstance(max_epochs, int) and max_epochs > 0 else 1000
+
+
+class ShardedFit:
+    """What one fit needs of the trainer's sharding engine, so the coordinator needs none
+    of its specifics: FSDP2's units resharded when frozen, the engine's limits checked
+    against the plan, and the saved flags applied before an engine loads a checkpoint.
+
+    Args:
+        trainer: the fit's trainer.
+        pl_module: the LightningModule (its FSDP2 units, if any, are found in it).
+    """
+
+    def __init__(self, trainer: Any, pl_module: Any) -> None:
+        self.trainer = trainer
+        self.engine = engine_of(trainer.strategy)
+        self.fsdp2 = fsdp2_units(pl_module)
+        # FSDP2 does not reshard a frozen unit itself
+        self._hooks = [
+            unit.register_forward_hook(_reshard_if_frozen(own)) for unit, own in self.fsdp2
+        ]
+        self._flags: list[bool] | None = None  # the flags the units were gathered with
+
+    @property
+    def sharded(self) -> bool:
+        """Whether parameters are sharded across ranks (FSDP2, FSDP1, DeepSpeed)."""
+        return bool(self.fsdp2) or self.engine in ("fsdp1", "deepspeed")
+
+    def check(
+        self,
+        pl_module: Any,
+        groups: Sequence[LayerGroup],
+        strategies: Sequence[str],
+        flags: Callable[[int], list[bool] | None],
+        dynamic: bool,
+        head: set[int],
+        scales: list[float],
+        changes_lr: bool,
+    ) -> None:
+        """Refuse, or warn once about, what the engine cannot do with this plan.
+
+        Args:
+            flags: the trainable flags a fixed schedule gives at an epoch (None: no schedule).
+            dynamic: whether the schedule decides during the fit (a metric trigger).
+            head: the groups a dynamic schedule trains from the start.
+        """
+        if self.engine not in ("fsdp1", "deepspeed"):  # DDP, FSDP2 and one device take any plan
+            return
+        per_epoch = [flags(e) for e in range(_epochs(self.trainer))]
+        per_epoch = [f for f in per_epoch if f is not None]
+        if self.engine == "deepspeed":
+            thaws = dynamic or any(f != per_epoch[0] for f in per_epoch)
+            check_deepspeed(thaws, changes_lr, strategies)
+            return
+        options = getattr(self.trainer.strategy, "kwargs", {}) or {}
+
+        def differ(i: int, j: int) -> bool:
+            if scales[i] != scales[j]:
+                return True
+            if dynamic:
+                return not {i, j} <= head
+            return any(f[i] != f[j] for f in per_epoch)
+
+        model = getattr(self.trainer.strategy, "model", None) or pl_module
+        for message in check_fsdp1(
+            fsdp1_units(model), groups, differ, options.get("use_orig_params", True)
+        ):
+            rank_zero_warn(message)
+
+    def flags_changed(self, trainable: list[bool]) -> None:
+        """After the flags changed, reshard every FSDP2 unit: a unit still gathered (a root
+        kept gathered after a validation forward) would train with the ``requires_grad``
+        its parameters were gathered with. (Frozen units are resharded after each forward
+        by :func:`_reshard_if_frozen`.)"""
+        if not self.fsdp2 or trainable == self._flags:
+            return
+        self._flags = list(trainable)
+        for unit, _ in self.fsdp2:
+            unit.reshard()
+
+    def load_flags_before_the_engine(
+        self, state_key: str, load_state: Callable[[dict[str, Any]], None]
+    ) -> None:
+        """Sharded engines (FSDP2's ``ModelParallelStrategy``, ``FSDPStrategy``) load a
+        checkpoint after fit start, the optimizer's state before the callbacks' states, and
+        they load it for the parameters that require gradients then. So the saved state
+        (``state_key``'s) is read from the checkpoint and given to ``load_state`` just
+        before the engine loads it: the groups a resumed run trains get their optimizer
+        state back, and groups frozen since hold none (the engine would refuse the
+        checkpoint for lacking it)."""
+        strategy = self.trainer.strategy
+        if not strategy.restore_checkpoint_after_setup or strategy.lightning_restore_optimizer:
+            return
+        load = strategy.load_checkpoint
+
+        def load_with_the_saved_flags(checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:
+            strategy.__dict__.pop("load_checkpoint", None)  # once: the class' own again
+            state = saved_callback_state(checkpoint_path, state_key)
+            if state is not None:
+                load_state(state)
+            return load(checkpoint_path, *args, **kwargs)
+
+        strategy.load_checkpoint = load_with_the_saved_flags
+
+    def remove(self) -> None:
+        """At fit end: the hooks removed, the engine's own ``load_checkpoint`` again."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+        self.trainer.strategy.__dict__.pop("load_checkpoint", None)

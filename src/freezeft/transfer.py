@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from freezeft.checkpointing import read_checkpoint_file
+from freezeft.checkpoint_io import read_checkpoint_file
 from freezeft.files import write_text_atomic
 
 __all__ = ["MatchingTransfer", "load_matching", "other_kinds", "read_source", "source_state_dict"]
@@ -55,7 +55,7 @@ class MatchingTransfer:
 
 def read_source(path: str | Path) -> Any:
     """What the ``transfer.source`` file holds, read by
-    :func:`~freezeft.checkpointing.read_checkpoint_file` (weights only; a zip bomb, a damaged
+    :func:`~freezeft.checkpoint_io.read_checkpoint_file` (weights only; a zip bomb, a damaged
     file or one that needs code to load refused), its errors beginning ``transfer.source:``.
 
     Raises:

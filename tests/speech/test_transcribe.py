@@ -19,7 +19,7 @@ from freezeft.speech.data import SpeechDataModule
 from freezeft.speech.manifest import read_csv
 from freezeft.speech.module import SpeechModule
 from freezeft.speech.scorer import Scorer
-from freezeft.transcribe import load_model, main, transcribe
+from freezeft.speech.transcribe import load_model, main, transcribe
 
 
 @pytest.fixture(scope="module")

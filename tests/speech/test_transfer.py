@@ -2,9 +2,9 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
+from freezeft.speech.drop_layers import dropped_layers, load_source, transfer_weights
 from freezeft.speech.model import LAYER_NAMES
 from freezeft.speech.module import SpeechModule
-from freezeft.speech.transfer import dropped_layers, load_source, transfer_weights
 
 ENGLISH = list(" abcdefghijklmnopqrstuvwxyz'")
 GERMAN = list(" abcdefghijklmnopqrstuvwxyzäöüß")

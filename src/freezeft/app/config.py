@@ -8,12 +8,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from freezeft import machine, task
-from freezeft.frozen_cache import PrefixCachable
-from freezeft.groups import resolve_groups
+from freezeft import machine
 
 __all__ = [
     "CHECKS",
@@ -151,11 +148,9 @@ def transfer_options(cfg: DictConfig) -> dict[str, Any]:
 
 
 def check_config(cfg: DictConfig) -> None:
-    """Fail before any work on a value of the wrong type or out of range, naming the key.
-
-    Also builds the strategy's callbacks, the data and the model, whose own checks name
-    their arguments (Hydra adds the config key).
-    """
+    """Fail before any work on a value of the wrong type or out of range, or a strategy
+    chosen twice, naming the key. (:func:`freezeft.app.build.build_run` then builds the
+    run's objects, whose own checks name their arguments.)"""
     problems = []
     for key, (types, test, allowed) in CHECKS.items():
         value = OmegaConf.select(cfg, key, default="<absent>")
@@ -167,11 +162,10 @@ def check_config(cfg: DictConfig) -> None:
     problems += _absurd_numbers(cfg)
     if problems:
         raise ValueError("Invalid config value(s): " + "; ".join(problems) + ".")
-    chosen = {**cfg.strategy.callbacks, **cfg.strategy.get("addons", {})}
     targets = [
         c._target_
         for part in (cfg.strategy.callbacks, cfg.strategy.get("addons", {}))
-        for c in part.values()
+        for c in (part or {}).values()
         if c
     ]
     twice = sorted({t.rsplit(".", 1)[-1] for t in targets if targets.count(t) > 1})
@@ -181,63 +175,6 @@ def check_config(cfg: DictConfig) -> None:
             f"the chosen `strategy` already has, e.g. strategy=warmup addons=[warmup]); drop "
             "it from `addons`."
         )
-    named = {
-        (f"strategy.callbacks.{key}" if key in cfg.strategy.callbacks else f"addons.{key}"):
-        instantiate(c, _convert_="all")
-        for key, c in chosen.items()
-        if c
-    }  # fmt: skip
-    strategies = list(named.values())
-    # The task's own classes check their values (one validator per value); building them
-    # is cheap: no corpus is synthesised, no data read but a DeepSpeech alphabet file.
-    if cfg.stage == "pretrain" or (
-        cfg.transfer.get("source") == "auto" and not cfg.strategy.get("from_scratch")
-    ):
-        if OmegaConf.select(cfg, "source.data") is None:
-            raise ValueError(
-                f"{'stage=pretrain' if cfg.stage == 'pretrain' else 'transfer.source=auto'} "
-                "pretrains a source model on `source.data`, which this config does not set. "
-                "Give transfer.source=PATH (a Lightning .ckpt or a state-dict file of a model "
-                "with the same parameter names), or +data@source.data=NAME (a data config of "
-                "yours, e.g. the source task's)."
-            )
-    if cfg.stage == "pretrain":
-        data = instantiate(cfg.source.data, _convert_="all")
-    else:
-        data = instantiate(cfg.data, _convert_="all")
-        if cfg.transfer.get("source") == "auto" and not cfg.strategy.get("from_scratch"):
-            instantiate(cfg.source.data, _convert_="all")  # pretrained first
-    model = instantiate(cfg.model, **task.model_kwargs(data), _convert_="all")
-    for strategy in strategies:
-        if getattr(strategy, "cache_frozen", False) and not isinstance(model, PrefixCachable):
-            raise ValueError(
-                f"{type(strategy).__name__}(cache_frozen=True) needs the model to implement "
-                "freezeft.frozen_cache.PrefixCachable (sample_keys, forward_prefix, "
-                "forward_from_prefix, prefix_is_deterministic) and to call cached_forward() "
-                f"in its training_step; {type(model).__name__} (model._target_) does not. "
-                "Implement it, or drop the strategy's cache_frozen=true."
-            )
-    _check_against_groups(model, named)
-    try:
-        task.check_transfer(type(model), transfer_options(cfg))
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"transfer: {err}") from None
-
-
-def _check_against_groups(model: Any, strategies: dict[str, Any]) -> None:
-    """Each strategy's arguments against the model's layer groups (a head or ``n_frozen``
-    too large), before any data or source model is made. A model whose groups exist only
-    once it is configured (``configure_model``) is checked at fit start instead."""
-    patterns = next((s.patterns for s in strategies.values() if s.patterns is not None), None)
-    try:
-        groups = resolve_groups(model, patterns)
-    except ValueError:
-        return  # the fit resolves them again and names the problem
-    for key, strategy in strategies.items():
-        try:
-            strategy.check(groups)
-        except ValueError as err:
-            raise ValueError(f"{err} (config: {key})") from None
 
 
 #: Config sections a resumed run must share with the run it continues: what it trains, on

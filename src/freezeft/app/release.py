@@ -36,7 +36,7 @@ from omegaconf import DictConfig
 
 from freezeft._lightning import pl
 from freezeft.cache import differences
-from freezeft.checkpointing import read_checkpoint_file
+from freezeft.checkpoint_io import read_checkpoint_file
 from freezeft.files import write_text_atomic
 
 __all__ = ["RELEASE_FILE", "CHECKPOINT", "release_folder", "matching_release", "write_release"]

@@ -16,7 +16,7 @@ from freezeft.app.release import matching_release
 from freezeft.app.results import write_json
 from freezeft.cache import cached_entry, config_key, default_cache_dir
 
-__all__ = ["pretrained_source", "source_checkpoint_path", "source_settings"]
+__all__ = ["pretrained_source", "source_checkpoint_path", "source_config", "source_settings"]
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +65,18 @@ def source_checkpoint_path(cfg: DictConfig) -> Path:
     return released or entry / "source.ckpt"
 
 
+def source_config(cfg: DictConfig) -> DictConfig:
+    """The config ``transfer.source=auto`` pretrains with: ``cfg`` with ``seed`` set to
+    ``source.seed`` (so ``source.data`` resolves as the pretraining will use it)."""
+    return _entry(cfg)[1]
+
+
 def pretrained_source(
-    cfg: DictConfig, fit_and_test: Callable[..., dict[str, Any]], *, use_release: bool = True
+    cfg: DictConfig,
+    fit_and_test: Callable[..., dict[str, Any]],
+    *,
+    use_release: bool = True,
+    source_data: Any = None,
 ) -> Path:
     """The source checkpoint for ``transfer.source=auto``: the released source model of the
     task (``source.release``) where it was made with these very source settings, else
@@ -77,7 +87,8 @@ def pretrained_source(
     over seeds shares one source model, and parallel jobs wait for the one that trains it.
     ``fit_and_test`` is :func:`freezeft.app.train.fit_and_test` (passed in: it calls this).
     A cached entry whose ``source.ckpt`` is truncated or damaged is named in a warning and
-    pretrained again.
+    pretrained again. ``source_data``: the source data already built from
+    :func:`source_config`'s ``source.data`` (else it is built here, if pretraining).
     """
     entry, source_cfg, settings = _entry(cfg)
     released, why_not = matching_release(cfg, settings) if use_release else (None, None)
@@ -108,7 +119,7 @@ def pretrained_source(
         OmegaConf.update(source_cfg, "trainer.strategy", "auto", force_add=True)
         results = fit_and_test(
             source_cfg,
-            source_cfg.source.data,
+            source_data if source_data is not None else source_cfg.source.data,
             folder / "run",
             max_epochs=cfg.source.max_epochs,
             with_strategies=False,

@@ -15,30 +15,28 @@ from typing import Any
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from freezeft import machine, task
+from freezeft import machine
 from freezeft._lightning import PACKAGE, SIGTERM_EXCEPTIONS, package_of, pl
+from freezeft.app import task
+from freezeft.app.build import RunParts, build_fit, build_run
 from freezeft.app.config import (
-    check_config,
     check_resume_config,
     lightning_targets,
     monitored,
     transfer_options,
 )
-from freezeft.app.divergence import Diverged, DivergenceCheck
 from freezeft.app.metric_check import WatchedMetricsCheck
 from freezeft.app.results import stop_before_results, strategy_label, write_json, write_skipped
+from freezeft.app.run_dir import find_resume_checkpoint, hold_run_dir, run_dir_of
 from freezeft.app.source import pretrained_source, source_checkpoint_path
-from freezeft.checkpointing import (
-    INTERRUPTED_CHECKPOINT,
+from freezeft.checkpoint_io import (
     AtomicCheckpointIO,
-    InterruptCheckpoint,
     check_checkpoint_fits,
-    find_resume_checkpoint,
-    hold_run_dir,
     read_checkpoint_file,
-    run_dir_of,
 )
+from freezeft.divergence import Diverged, DivergenceCheck
 from freezeft.history import History
+from freezeft.interrupt import INTERRUPTED_CHECKPOINT, InterruptCheckpoint, set_rng_states
 
 __all__ = ["train", "fit_and_test"]
 
@@ -47,7 +45,7 @@ log = logging.getLogger(__name__)
 
 def fit_and_test(
     cfg: DictConfig,
-    data_cfg: DictConfig,
+    data: Any,
     output_dir: Path,
     *,
     max_epochs: int,
@@ -55,24 +53,24 @@ def fit_and_test(
     with_strategies: bool = True,
     resume_from: Path | None = None,
     resumable: bool = True,
+    parts: RunParts | None = None,
 ) -> dict[str, Any]:
-    """Train the task's model on ``data_cfg`` and test its best checkpoint; returns the results.
+    """Train the task's model on ``data`` and test its best checkpoint; returns the results.
 
+    ``parts``: the objects :func:`~freezeft.app.build.build_run` built and checked (else
+    they are built here from ``data``, a data config or a built data object, and ``cfg``).
     ``resume_from``: a checkpoint of this run (in ``output_dir``) to continue from.
     On SIGINT/SIGTERM a resumable checkpoint is written and the process exits with 143.
     """
     output_dir.mkdir(parents=True, exist_ok=True)
-    pl.seed_everything(cfg.seed, workers=True)
-    datamodule = instantiate(data_cfg, _convert_="all")
+    if parts is None:
+        parts = build_fit(cfg, data, with_strategies=with_strategies)
+    datamodule, module = parts.data, parts.model
     if hasattr(datamodule, "prepare_data"):
         datamodule.prepare_data()
-    module = instantiate(cfg.model, **task.model_kwargs(datamodule), _convert_="all")
+    pl.seed_everything(cfg.seed, workers=True)  # the seed DataLoader workers derive theirs from
+    set_rng_states(parts.rng)  # the RNGs as just after the model was built, whatever ran since
     package = package_of(module)
-    if not any(c.__name__ == "LightningModule" for c in type(module).__mro__):
-        raise TypeError(
-            f"{type(module).__name__} (model._target_) is not a LightningModule; the app "
-            "trains LightningModules (of pytorch_lightning or lightning.pytorch)."
-        )
 
     if resume_from is not None:  # a checkpoint of another model size: one line, not
         check_checkpoint_fits(module, resume_from)  # Lightning's size-mismatch traceback
@@ -86,9 +84,7 @@ def fit_and_test(
         return instantiate(lightning_targets(node, package), **kwargs, _convert_="all")
 
     callbacks = [build(c) for c in cfg.callbacks.values() if c]
-    if with_strategies:
-        chosen = {**cfg.strategy.callbacks, **cfg.strategy.get("addons", {})}
-        callbacks += [build(c) for c in chosen.values() if c]
+    callbacks += list(parts.strategies.values())
     monitor, monitor_mode = monitored(cfg)
     lightning = importlib.import_module(package)
     checkpoint = lightning.callbacks.ModelCheckpoint(
@@ -279,10 +275,10 @@ def train(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     """Run the configured stage into ``output_dir``; returns the results.
 
     The run dir it trains into (``output_dir``, or the one ``resume=`` names) is held for
-    the run's life (:func:`~freezeft.checkpointing.hold_run_dir`): a second resume of it,
+    the run's life (:func:`~freezeft.app.run_dir.hold_run_dir`): a second resume of it,
     or a second run into it, is refused while this one trains.
     """
-    check_config(cfg)
+    parts = build_run(cfg)
     with ExitStack() as held:
         resume_from = None
         started = cfg  # the config the run started with: it names the source
@@ -296,11 +292,15 @@ def train(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
             log.info(f"Resuming {output_dir} from {resume_from}")
         else:
             held.enter_context(hold_run_dir(output_dir))
-        return _train(cfg, output_dir, started, resume_from)
+        return _train(cfg, output_dir, started, resume_from, parts)
 
 
 def _train(
-    cfg: DictConfig, output_dir: Path, started: DictConfig, resume_from: Path | None
+    cfg: DictConfig,
+    output_dir: Path,
+    started: DictConfig,
+    resume_from: Path | None,
+    parts: RunParts,
 ) -> dict[str, Any]:
     pretrain = cfg.stage == "pretrain"
     source = None
@@ -310,7 +310,7 @@ def _train(
             source = source_checkpoint_path(started)
         elif source == "auto":
             try:
-                source = pretrained_source(cfg, fit_and_test)
+                source = pretrained_source(cfg, fit_and_test, source_data=parts.source_data)
             except Diverged as err:  # its results.json went with the unfinished cache entry
                 details = {**err.details, "during": "while pretraining the source model "
                            "(transfer.source=auto, on source.data)"}  # fmt: skip
@@ -325,6 +325,7 @@ def _train(
         source=source,
         with_strategies=not pretrain,
         resume_from=resume_from,
+        parts=parts,
     )
     results["stage"] = cfg.stage
     return results

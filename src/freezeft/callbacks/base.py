@@ -1,9 +1,9 @@
 """The common base of freezeft's strategies: what a strategy wants, per layer group.
 
 Every strategy states its intent per group (the ``trainable``, ``lr_scale`` and
-``warmup_factor`` methods) and nothing else; one :class:`~freezeft.coordinator.Coordinator`
-per fit combines the intents of all strategies into one plan and applies it. That is why
-strategies compose in any order.
+``warmup_factor`` methods) and nothing else; one
+:class:`~freezeft.callbacks.coordinator.Coordinator` per fit combines the intents of all
+strategies into one plan and applies it. That is why strategies compose in any order.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from freezeft._lightning import CALLBACK_BASES, pl
-from freezeft.coordinator import Coordinator
+from freezeft.callbacks.coordinator import Coordinator
 from freezeft.groups import GroupSpec, LayerGroup
 from freezeft.plan import Plan
 
@@ -58,10 +58,14 @@ class StrategyCallback(*CALLBACK_BASES):  # type: ignore[misc]
             [g if isinstance(g, str) else list(g) for g in groups] if groups is not None else None
         )
         self.bn = bn
-        #: Set by the fit's :class:`~freezeft.coordinator.Coordinator` at fit start.
+        #: Set by the fit's :class:`~freezeft.callbacks.coordinator.Coordinator` at fit start.
         self.groups: list[LayerGroup] = []
         self.plan: Plan | None = None
         self.coordinator: Coordinator | None = None
+        #: Layer groups a caller already resolved on the module this strategy will fit
+        #: (the app does, to check the strategy before any work): the fit uses them
+        #: instead of resolving again while they hold exactly the module's parameters.
+        self.resolved_groups: list[LayerGroup] | None = None
 
     # -- intents: what a strategy wants; override these --------------------------------
     def check(self, groups: Sequence[LayerGroup]) -> None:
@@ -89,6 +93,16 @@ class StrategyCallback(*CALLBACK_BASES):  # type: ignore[misc]
     def head_size(self, n_groups: int) -> int:
         """How many of the last groups form the head (for the logged table)."""
         return 0
+
+    def head_groups(self, n_groups: int) -> list[int]:
+        """The indices of the head's groups: those a freezing schedule trains from the
+        start (the last :meth:`head_size` by default)."""
+        return list(range(n_groups - self.head_size(n_groups), n_groups))
+
+    def frozen_cache_memory_gb(self) -> float | None:
+        """The memory for cached outputs of the frozen prefix, if this strategy asks for
+        the frozen-output cache (``cache_frozen=True``); ``None``: no cache."""
+        return None
 
     @property
     def warms_up(self) -> bool:

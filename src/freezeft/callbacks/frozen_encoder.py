@@ -74,6 +74,14 @@ class FrozenEncoder(StrategyCallback):
     def head_size(self, n_groups: int) -> int:
         return len(self._head)
 
+    @override
+    def head_groups(self, n_groups: int) -> list[int]:
+        return list(self._head)
+
+    @override
+    def frozen_cache_memory_gb(self) -> float | None:
+        return float(self.cache_memory_gb) if self.cache_frozen else None
+
 
 def head_indices(head: HeadSpec, groups: Sequence[LayerGroup], owner: str) -> list[int]:
     """Indices of the head groups; validates ``head`` against the resolved groups."""

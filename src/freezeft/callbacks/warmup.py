@@ -9,7 +9,7 @@ from typing_extensions import override
 
 from freezeft._lightning import pl, rank_zero_warn
 from freezeft.callbacks.base import StrategyCallback, expect_bool, expect_int, run_length
-from freezeft.coordinator import canonical_group_name
+from freezeft.groups import canonical_group_name
 
 __all__ = ["LRWarmup"]
 

@@ -1,6 +1,6 @@
-"""``python -m freezeft.report <sweep dir>``: see :func:`freezeft.report.cli.main`."""
+"""``python -m freezeft.report <sweep dir>``: the entry point of :mod:`freezeft.app.report`."""
 
-from freezeft.report.cli import main
+from freezeft.app.report.cli import main
 
 if __name__ == "__main__":
     main()

@@ -161,7 +161,7 @@ class SpeechDataModule(pl.LightningDataModule):
             self.datasets[split] = dataset
         return self.datasets[split]
 
-    # -- freezeft.task: what the app may ask of a task's data (every hook optional) ------
+    # -- freezeft.app.task: what the app may ask of a task's data (every hook optional) ------
     @property
     def language(self) -> str | None:
         """The data's language: ``language`` if given, else the corpus' (``None``: unknown)."""

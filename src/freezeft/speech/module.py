@@ -18,10 +18,10 @@ from freezeft.speech.alphabet import Alphabet
 from freezeft.speech.augment import SpecAugment, SpeedPerturbation
 from freezeft.speech.dataset import Skipped
 from freezeft.speech.decoding import error_counts, greedy_decode, sample_cer
+from freezeft.speech.drop_layers import TransferReport, dropped_layers, transfer_weights
 from freezeft.speech.features import MFCCFeatures
 from freezeft.speech.model import LAYER_NAMES, DeepSpeech
 from freezeft.speech.scorer import Decoder, Scorer, check_words
-from freezeft.speech.transfer import TransferReport, dropped_layers, transfer_weights
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +153,7 @@ class SpeechModule(pl.LightningModule):
         self._greedy_counts: Tensor | None = None
         self._samples: list[dict] = []
 
-    # -- freezeft.task: what the app may ask of a task (every hook optional) --------------
+    # -- freezeft.app.task: what the app may ask of a task (every hook optional) --------------
     #: How the sweep report ranks and shows speech runs (test CER, lower is better); runs
     #: decoded differently are reported apart (a scorer's CER and a greedy one differ).
     report_spec = {

@@ -40,6 +40,7 @@ from torch import Tensor
 
 from freezeft.files import write_text_atomic
 from freezeft.speech.decoding import error_counts
+from freezeft.text import is_number
 
 log = logging.getLogger(__name__)
 
@@ -97,14 +98,14 @@ class Decoder:
         for key in ("lm_weights", "word_scores"):
             values = getattr(self, key)
             values = tuple(values) if isinstance(values, (list, tuple)) else (values,)
-            if not values or not all(_is_number(v) for v in values):
+            if not values or not all(is_number(v, finite=True) for v in values):
                 raise ValueError(
                     f"Expected `decoder.{key}` a list of finite numbers, but got {values!r}."
                 )
             object.__setattr__(self, key, values)
         for key in ("lm_weight", "word_score"):
             value = getattr(self, key)
-            if value is not None and not _is_number(value):
+            if value is not None and not is_number(value, finite=True):
                 raise ValueError(
                     f"Expected `decoder.{key}` a finite number or null (tuned on dev), but "
                     f"got {value!r}."
@@ -144,14 +145,6 @@ class Decoder:
     def beam(self) -> bool:
         """Whether this decoder uses the scorer."""
         return self.name == "beam"
-
-
-def _is_number(value: Any) -> bool:
-    return (
-        isinstance(value, (int, float))
-        and not isinstance(value, bool)
-        and math.isfinite(float(value))
-    )
 
 
 @dataclass(frozen=True)

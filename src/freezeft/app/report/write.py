@@ -12,10 +12,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from freezeft.files import WriteError, atomic_write, check_regular_file, write_text_atomic
-from freezeft.history import read_decisions, read_history, read_lr_schedule
-from freezeft.machine import summary as machine_summary
-from freezeft.report.jobs import (
+from freezeft.app.report.jobs import (
     DIVERGED,
     FAILED,
     FINISHED,
@@ -28,17 +25,20 @@ from freezeft.report.jobs import (
     finite,
     read_yaml,
 )
-from freezeft.report.markdown import code, text
-from freezeft.report.plots import (
+from freezeft.app.report.markdown import code, text
+from freezeft.app.report.plots import (
     discard_figures,
     lr_plot_run,
     plot_learning_curves,
     plot_lr_schedule,
     plot_metric_vs_time,
 )
-from freezeft.report.rows import StrategySummary, metric_columns, ranking, summarise
-from freezeft.report.sweep import Sweep, collect
-from freezeft.report.verdict import ALPHA, verdict_cell, verdict_line
+from freezeft.app.report.rows import StrategySummary, metric_columns, ranking, summarise
+from freezeft.app.report.sweep import Sweep, collect
+from freezeft.app.report.verdict import ALPHA, verdict_cell, verdict_line
+from freezeft.files import WriteError, atomic_write, check_regular_file, write_text_atomic
+from freezeft.history import read_decisions, read_history, read_lr_schedule
+from freezeft.machine import summary as machine_summary
 
 #: the largest ``history.json`` or ``lr_schedule.csv`` the report reads: a run of a million
 #: steps writes some 100 MiB of LRs

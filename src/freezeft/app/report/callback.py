@@ -10,11 +10,11 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from freezeft.app.report.cli import interrupted
+from freezeft.app.report.jobs import FINISHED
+from freezeft.app.report.sweep import collect
+from freezeft.app.report.write import write_report
 from freezeft.files import Terminated, signals_raise
-from freezeft.report.cli import interrupted
-from freezeft.report.jobs import FINISHED
-from freezeft.report.sweep import collect
-from freezeft.report.write import write_report
 
 log = logging.getLogger(__name__)
 

@@ -7,8 +7,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from freezeft.app.report.write import write_report
 from freezeft.files import Terminated, signals_raise
-from freezeft.report.write import write_report
 
 #: the exit codes of a report stopped by Ctrl+C (128 + SIGINT) and by SIGTERM (128 + 15)
 EXIT_CTRL_C, EXIT_SIGTERM = 130, 143
@@ -42,7 +42,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     Ctrl+C is one line and exit code 130, SIGTERM one line and 143, and neither leaves a
     temporary file or a half-written report.
     """
-    from freezeft import report  # its docstring's title is the command's description
+    from freezeft.app import report  # its docstring's title is the command's description
 
     parser = argparse.ArgumentParser(
         prog="python -m freezeft.report", description=report.__doc__.split("\n\n")[0]

@@ -17,49 +17,26 @@ from torch import Tensor
 
 from freezeft._lightning import pl, rank_zero_info, rank_zero_warn
 from freezeft.frozen_cache import FrozenOutputCache, PrefixCachable
-from freezeft.groups import format_group_table, resolve_groups
-from freezeft.plan import Plan
-from freezeft.sharding import (
-    check_deepspeed,
-    check_fsdp1,
-    engine_of,
-    fsdp1_units,
-    fsdp2_units,
-    saved_callback_state,
+from freezeft.groups import (
+    LayerGroup,
+    canonical_group_name,
+    format_group_table,
+    resolve_groups,
 )
+from freezeft.plan import Plan
+from freezeft.sharding import ShardedFit, engine_of
 
 if TYPE_CHECKING:
     from freezeft.callbacks.base import StrategyCallback
 
-__all__ = ["Coordinator", "canonical_group_name"]
+__all__ = ["Coordinator"]
 
 
-#: name parts that wrappers add (torch.compile, FSDP1, activation checkpointing)
-_WRAPPER_PARTS = {"_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"}
-
-
-def _reshard_if_frozen(own: list[Any]) -> Callable[..., None]:
-    """A forward hook that frees an FSDP2 unit's gathered parameters when none of its own
-    parameters trains: FSDP2 would keep them gathered until the unit's backward, which a
-    frozen unit never runs (it gathers them again if a backward passes through it)."""
-
-    def hook(unit: Any, inputs: Any, output: Any) -> None:
-        if not any(p.requires_grad for p in own):
-            unit.reshard()
-
-    return hook
-
-
-def canonical_group_name(name: str) -> str:
-    """A group name without the parts wrappers add (``torch.compile``'s ``_orig_mod``,
-    FSDP1's ``_fsdp_wrapped_module``): the same layers, wrapped or not."""
-    return ".".join(part for part in name.split(".") if part not in _WRAPPER_PARTS)
-
-
-def _epochs(trainer: pl.Trainer) -> int:
-    """The epochs a fixed schedule is looked at over (``max_epochs``, at most 1000)."""
-    max_epochs = trainer.max_epochs
-    return min(max_epochs, 1000) if isinstance(max_epochs, int) and max_epochs > 0 else 1000
+def _hold_the_parameters_of(groups: Sequence[LayerGroup], module: Any) -> bool:
+    """Whether ``groups`` hold exactly ``module``'s parameters, the very tensors (not those a
+    sharding engine or a reload replaced since they were resolved)."""
+    held = {id(p) for group in groups for p in group.params.values()}
+    return held == {id(p) for p in module.parameters()}
 
 
 class Coordinator:
@@ -94,9 +71,7 @@ class Coordinator:
         self.plan: Plan | None = None
         self.frozen_cache: FrozenOutputCache | None = None
         self._restored_trainable: dict[str, bool] | None = None
-        self._fsdp_units: list[tuple[Any, list[Any]]] = []
-        self._fsdp_flags: list[bool] | None = None  # the flags the units were gathered with
-        self._hooks: list[Any] = []  # removed at teardown
+        self._sharded: ShardedFit | None = None  # the engine's part, fit start to teardown
         self._trainer: pl.Trainer | None = None  # the fit's, from fit start to teardown
 
     @property
@@ -131,7 +106,11 @@ class Coordinator:
         """Resolve the groups, make the plan (it notes what the user froze) and apply the
         epoch-0 flags. Single-process runs do this at fit start, after the module's
         ``setup()``, ``configure_model()`` and ``configure_optimizers()`` have run."""
-        groups = resolve_groups(pl_module, self.patterns)
+        given = next((s.resolved_groups for s in self.strategies if s.resolved_groups), None)
+        if given is not None and _hold_the_parameters_of(given, pl_module):
+            groups = list(given)  # resolved once, by whoever checked the strategies
+        else:
+            groups = resolve_groups(pl_module, self.patterns)
         self.plan = Plan(groups, bn=self.schedule.bn if self.schedule is not None else "frozen")
         for strategy in self.strategies:
             strategy.groups, strategy.plan = groups, self.plan
@@ -147,10 +126,8 @@ class Coordinator:
         plan = self.plan
         assert plan is not None
         self._trainer = trainer
-        self._read_flags_before_the_engine_loads(trainer)
-        self._fsdp_units = fsdp2_units(pl_module)
-        for unit, own in self._fsdp_units:  # FSDP2 does not reshard a frozen unit itself
-            self._hooks.append(unit.register_forward_hook(_reshard_if_frozen(own)))
+        self._sharded = sharded = ShardedFit(trainer, pl_module)
+        sharded.load_flags_before_the_engine(self.strategies[0].state_key, self.load_state_dict)
         if trainer.world_size > 1 and engine_of(trainer.strategy) == "ddp":
             plan.record_reducer_params(pl_module)
         if self._restored_trainable is not None:  # resuming: the flags as they were saved
@@ -170,7 +147,17 @@ class Coordinator:
         ]
         warms = any(s.warms_up for s in self.strategies)
         changes_lr = warms or any(scale != 1.0 for scale in scales)
-        self._check_engine(trainer, pl_module, scales, changes_lr)
+        schedule = self.schedule
+        sharded.check(
+            pl_module,
+            self.groups,
+            [type(s).__name__ for s in self.strategies],
+            self._flags,
+            dynamic=schedule is not None and schedule.decides_during_fit,
+            head=set(schedule.head_groups(n)) if schedule is not None else set(),
+            scales=scales,
+            changes_lr=changes_lr,
+        )
         added = plan.attach(optimizers, scales, pl_module, changes_lr)
         if added:
             names = sorted({g.name for g in self.groups for a in added if a in g.params})
@@ -182,9 +169,9 @@ class Coordinator:
             self._product(lambda s, i=i: s.warmup_factor(i, trainer.global_step)) for i in range(n)
         ]
         plan.install_norm_hooks(pl_module)
-        if self.schedule is not None and getattr(self.schedule, "cache_frozen", False):
-            sharded = self._fsdp_units or engine_of(trainer.strategy) in ("fsdp1", "deepspeed")
-            if sharded:  # its outputs would be computed from one rank's shard of the model
+        memory_gb = schedule.frozen_cache_memory_gb() if schedule is not None else None
+        if schedule is not None and memory_gb is not None:
+            if sharded.sharded:  # its outputs would be computed from one rank's shard of the model
                 rank_zero_warn(
                     f"freezeft: {type(self.schedule).__name__}(cache_frozen=True) stands aside "
                     f"under {type(trainer.strategy).__name__} with sharded parameters: the "
@@ -192,7 +179,7 @@ class Coordinator:
                     "cache_frozen=False."
                 )
             else:
-                self._start_frozen_cache(pl_module, self.schedule)
+                self._start_frozen_cache(pl_module, schedule, memory_gb)
         head = max(s.head_size(n) for s in self.strategies)
         names = " + ".join(type(s).__name__ for s in self.strategies)
         table = format_group_table(
@@ -216,7 +203,9 @@ class Coordinator:
         current = self._flags(0) or [True] * len(names)
         return [saved.get(name, flag) for name, flag in zip(names, current, strict=True)]
 
-    def _start_frozen_cache(self, pl_module: pl.LightningModule, owner: StrategyCallback) -> None:
+    def _start_frozen_cache(
+        self, pl_module: pl.LightningModule, owner: StrategyCallback, memory_gb: float
+    ) -> None:
         if not isinstance(pl_module, PrefixCachable):
             raise TypeError(
                 f"{type(owner).__name__}(cache_frozen=True) needs the LightningModule to "
@@ -232,8 +221,6 @@ class Coordinator:
                 f"module's own layer_groups() {list(own())}, but the strategies use "
                 f"{[g.name for g in self.groups]}; drop `groups` or set cache_frozen=False."
             )
-        # cache_frozen comes with cache_memory_gb: the FrozenEncoder family has both
-        memory_gb = owner.cache_memory_gb  # type: ignore[attr-defined]
         self.frozen_cache = FrozenOutputCache(memory_gb=memory_gb)
         self.frozen_cache.attach(pl_module)
 
@@ -274,7 +261,8 @@ class Coordinator:
         if self.plan is None:
             return
         self.epoch_start(trainer)
-        self._reshard_fsdp_units()
+        if self._sharded is not None:
+            self._sharded.flags_changed(self.plan.trainable)
         if self.frozen_cache is None:
             return
         n = len(self.groups)
@@ -283,50 +271,6 @@ class Coordinator:
         n_frozen = next((i for i in range(n) if self.plan.trains(i) or self.groups[i].tied), n)
         prefix = [param for group in self.groups[:n_frozen] for param in group.params.values()]
         self.frozen_cache.prepare(pl_module, prefix, n_frozen)
-
-    def _check_engine(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, scales: list[float],
-        changes_lr: bool,
-    ) -> None:  # fmt: skip
-        """Refuse, or warn once about, what the trainer's sharding engine cannot do with
-        this plan (:mod:`freezeft.sharding`)."""
-        engine = engine_of(trainer.strategy)
-        if engine not in ("fsdp1", "deepspeed"):  # DDP, FSDP2 and one device take any plan
-            return
-        names = [type(s).__name__ for s in self.strategies]
-        epochs = _epochs(trainer)
-        flags = [self._flags(e) for e in range(epochs)] if self.schedule is not None else []
-        dynamic = self.schedule is not None and self.schedule.decides_during_fit
-        if engine == "deepspeed":
-            thaws = dynamic or any(f != flags[0] for f in flags)
-            check_deepspeed(thaws, changes_lr, names)
-        elif engine == "fsdp1":
-            options = getattr(trainer.strategy, "kwargs", {}) or {}
-            head = set(getattr(self.schedule, "_head", ())) if dynamic else set()
-
-            def differ(i: int, j: int) -> bool:
-                if scales[i] != scales[j]:
-                    return True
-                if dynamic:
-                    return not {i, j} <= head
-                return any(f is not None and f[i] != f[j] for f in flags)
-
-            model = getattr(trainer.strategy, "model", None) or pl_module
-            for message in check_fsdp1(
-                fsdp1_units(model), self.groups, differ, options.get("use_orig_params", True)
-            ):
-                rank_zero_warn(message)
-
-    def _reshard_fsdp_units(self) -> None:
-        """After the flags changed, reshard every FSDP2 unit: a unit still gathered (a root
-        kept gathered after a validation forward) would train with the ``requires_grad``
-        its parameters were gathered with. (Frozen units are resharded after each forward
-        by :func:`_reshard_if_frozen`.)"""
-        if not self._fsdp_units or self.plan is None or self.plan.trainable == self._fsdp_flags:
-            return
-        self._fsdp_flags = list(self.plan.trainable)
-        for unit, _ in self._fsdp_units:
-            unit.reshard()
 
     def epoch_end(self, pl_module: pl.LightningModule) -> None:
         """Log how many parameters trained this epoch (``trainable_params``)."""
@@ -358,11 +302,9 @@ class Coordinator:
 
     def teardown(self, pl_module: pl.LightningModule) -> None:
         """At fit end: flags, LRs, hooks and norm modes as they were; the cache dropped."""
-        for handle in self._hooks:
-            handle.remove()
-        if self._trainer is not None:  # fit ended without loading a checkpoint
-            self._trainer.strategy.__dict__.pop("load_checkpoint", None)
-        self._hooks, self._trainer = [], None
+        if self._sharded is not None:
+            self._sharded.remove()
+        self._sharded, self._trainer = None, None
         if self.plan is not None:
             self.plan.release()
         if self.frozen_cache is not None:
@@ -392,25 +334,3 @@ class Coordinator:
                 f"freezeft: resumed with the checkpoint's layer groups: training {training}, "
                 f"the rest frozen"
             )
-
-    def _read_flags_before_the_engine_loads(self, trainer: pl.Trainer) -> None:
-        """Sharded engines (FSDP2's ``ModelParallelStrategy``, ``FSDPStrategy``) load a
-        checkpoint after fit start, the optimizer's state before the callbacks' states, and
-        they load it for the parameters that require gradients then. So the saved flags are
-        read from the checkpoint, and applied, just before the engine loads it: the groups
-        a resumed run trains get their optimizer state back, and groups frozen since hold
-        none (the engine would refuse the checkpoint for lacking it)."""
-        strategy = trainer.strategy
-        if not strategy.restore_checkpoint_after_setup or strategy.lightning_restore_optimizer:
-            return
-        key = self.strategies[0].state_key
-        load = strategy.load_checkpoint
-
-        def load_with_the_saved_flags(checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:
-            strategy.__dict__.pop("load_checkpoint", None)  # once: the class' own again
-            state = saved_callback_state(checkpoint_path, key)
-            if state is not None:
-                self.load_state_dict(state)
-            return load(checkpoint_path, *args, **kwargs)
-
-        strategy.load_checkpoint = load_with_the_saved_flags  # type: ignore[method-assign]

@@ -89,7 +89,7 @@ def load_source(path: str | Path) -> tuple[dict[str, torch.Tensor], list[str] | 
     (``torch.save(module.state_dict())``: ``model.*``) or of its DeepSpeech model
     (``torch.save(module.model.state_dict())``: ``layer_1.weight``...), which records no
     alphabet (labels None). Read as weights only, by
-    :func:`~freezeft.checkpointing.read_checkpoint_file`.
+    :func:`~freezeft.checkpoint_io.read_checkpoint_file`.
 
     Raises:
         FileNotFoundError: no file at ``path``.

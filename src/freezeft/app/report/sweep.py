@@ -9,16 +9,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from freezeft.report.jobs import (
+from freezeft.app.report.jobs import (
     UNREADABLE,
     Job,
     Run,
     finite,
-    one_line,
     read_job,
     read_yaml,
 )
-from freezeft.report.rows import name_rows, ranking
+from freezeft.app.report.rows import name_rows, ranking
+from freezeft.text import joined_lines
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ class Sweep:
 
     def cannot_read(self, path: Path | str, message: str, left_out: str) -> None:
         """Note that ``path`` could not be read (``message``) and what it left out."""
-        parts = self.unreadable.setdefault(str(path), [one_line(message)])
+        parts = self.unreadable.setdefault(str(path), [joined_lines(message)])
         if left_out not in parts:
             parts.append(left_out)
 

@@ -9,9 +9,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from freezeft.report.jobs import Run, finite, read_overrides
-from freezeft.report.verdict import judge
-from freezeft.report.welch import mean, stdev
+from freezeft.app.report.jobs import Run, finite, read_overrides
+from freezeft.app.report.verdict import judge
+from freezeft.app.report.welch import mean, stdev
 
 #: results.json keys every task's runs are summarised by, after the task's own columns.
 RUN_METRICS = {

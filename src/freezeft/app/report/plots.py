@@ -8,11 +8,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from freezeft.app.report.jobs import Run, finite
+from freezeft.app.report.rows import StrategySummary
+from freezeft.app.report.welch import mean
 from freezeft.files import atomic_write
 from freezeft.history import read_decisions, read_history, read_lr_schedule
-from freezeft.report.jobs import Run, finite, number
-from freezeft.report.rows import StrategySummary
-from freezeft.report.welch import mean
+from freezeft.text import is_number
 
 MARKERS = "os^Dv<>PX*ph"
 
@@ -155,7 +156,7 @@ def plot_lr_schedule(
 
     schedule = read_lr_schedule(run.dir) if schedule is None else schedule
     decisions = read_decisions(run.dir) if decisions is None else decisions
-    decisions = [d for d in decisions if number(d.get("step"))]
+    decisions = [d for d in decisions if is_number(d.get("step"))]
     groups = [k for k in schedule if k not in ("step", "epoch")]
     fig, axes = plt.subplots(
         len(groups), 1, sharex=True, squeeze=False, figsize=(6.4, 0.8 + 1.0 * len(groups))

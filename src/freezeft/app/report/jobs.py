@@ -12,11 +12,11 @@ from typing import TYPE_CHECKING, Any
 
 from omegaconf import OmegaConf
 
-from freezeft.app.divergence import describe as describe_divergence
 from freezeft.files import read_text_capped
+from freezeft.text import describe_divergence, is_number, joined_lines
 
 if TYPE_CHECKING:
-    from freezeft.report.sweep import Sweep
+    from freezeft.app.report.sweep import Sweep
 
 # what became of a job
 FINISHED = "finished"
@@ -89,7 +89,7 @@ def read_job(job_dir: Path, sweep: Sweep) -> Job:
         if unreadable is None and isinstance(failure, dict) and failure.get("error"):
             if not overrides and isinstance(failure.get("overrides"), list):
                 overrides = [str(o) for o in failure["overrides"]]
-            return Job(job_dir, FAILED, overrides, one_line(str(failure["error"])))
+            return Job(job_dir, FAILED, overrides, joined_lines(str(failure["error"])))
         if unreadable is None:
             unreadable = (
                 "holds no `error`"
@@ -194,28 +194,20 @@ def _malformed(results: Any) -> str | None:
 
 def _divergence(details: Any) -> str:
     try:
-        return one_line(describe_divergence(details or {}))
+        return joined_lines(describe_divergence(details or {}))
     except Exception:  # details of an unexpected shape: still a diverged job
         return "diverged (its results.json does not say where)"
-
-
-def one_line(text: str) -> str:
-    return " ".join(str(text).split())
 
 
 def finite(value: Any) -> bool:
     """Whether ``value`` is a number with a finite float value (an integer beyond the float
     range, which a damaged results.json may hold, is not)."""
-    if not number(value):
+    if not is_number(value):
         return False
     try:
         return math.isfinite(value)
     except OverflowError:  # math.isfinite(10**400)
         return False
-
-
-def number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def read_overrides(job_dir: Path, sweep: Sweep | None = None) -> list[str]:

@@ -14,6 +14,7 @@ import torch
 from typing_extensions import override
 
 from freezeft._lightning import CALLBACK_BASES, pl
+from freezeft.text import describe_divergence as describe
 
 __all__ = ["Diverged", "DivergenceCheck", "describe"]
 
@@ -34,17 +35,6 @@ class Diverged(ValueError):
             "warmup (addons=[warmup]) or gradient clipping (++trainer.gradient_clip_val=1.0), "
             "then start the run again."
         )
-
-
-def describe(details: dict[str, Any]) -> str:
-    """``diverged at step S (epoch E, learning rate LR): what`` from :attr:`Diverged.details`
-    (as ``results.json`` keeps them: any of them may be missing)."""
-    lrs = ", ".join(f"{lr:g}" for lr in details.get("lr") or []) or "unknown"
-    during = f" {details['during']}" if details.get("during") else ""
-    return (
-        f"diverged{during} at step {details.get('step')} (epoch {details.get('epoch')}, "
-        f"learning rate {lrs}): {details.get('what')}"
-    )
 
 
 class DivergenceCheck(*CALLBACK_BASES):  # type: ignore[misc]

@@ -6,12 +6,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from freezeft.report.jobs import Run, finite
-from freezeft.report.markdown import text
-from freezeft.report.welch import welch_p
+from freezeft.app.report.jobs import Run, finite
+from freezeft.app.report.markdown import text
+from freezeft.app.report.welch import welch_p
 
 if TYPE_CHECKING:
-    from freezeft.report.rows import StrategySummary
+    from freezeft.app.report.rows import StrategySummary
 
 #: the significance level of the winner rule: the best row wins only when Welch's t-test
 #: against every other row gives p below it
@@ -77,7 +77,7 @@ def verdict_line(
     summaries: Sequence[StrategySummary], runs: Sequence[Run], label: str, best_word: str
 ) -> str:
     """The report's first line, in Markdown: the winner, the rows that tie, or why there is
-    none (the rows' names and ``label`` escaped, :func:`~freezeft.report.markdown.text`)."""
+    none (the rows' names and ``label`` escaped, :func:`~freezeft.app.report.markdown.text`)."""
     best, label = summaries[0], text(label)
 
     def name(summary: StrategySummary) -> str:
