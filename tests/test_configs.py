@@ -45,6 +45,8 @@ def test_option_composes_and_binds_to_its_targets(group, option, tmp_path):
     overrides = [f"{group}={choice}", f"paths.cache_dir={tmp_path}"]
     if option == "deepspeech_csv":
         overrides.append(f"data.data_dir={tmp_path}")
+    if option == "schedule":  # a schedule needs its phases (or a file)
+        overrides.append("strategy.phases=[{epoch:0,train:[model.layer_6]},{epoch:2,train:['*']}]")
     cfg = compose_with(*overrides)
     OmegaConf.resolve(cfg)
     blocks = list(target_blocks(cfg))
@@ -153,7 +155,7 @@ def test_unknown_key_is_named():
     ("override", "message"),
     [
         ("trainer.max_epochs=abc", "`trainer.max_epochs='abc'`: expected an integer >= 1"),
-        ("stage=train", "`stage='train'`: expected 'transfer' or 'pretrain'"),
+        ("stage=train", "`stage='train'`: expected 'transfer', 'pretrain' or 'schedule'"),
         # the task's values: checked by its own classes, the key named by Hydra
         ("data.batch_size=0", "Expected `batch_size` >= 1, but got 0.*full_key: data"),
         ("data.on_bad_sample=ignore", "`on_bad_sample` to be 'skip' or 'error'.*full_key: data"),

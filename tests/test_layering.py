@@ -30,7 +30,7 @@ LIBRARY = sorted(
     [*SRC.glob("callbacks/*.py"), *(p for p in SRC.glob("*.py") if p not in APP + SPEECH)]
 )
 #: what the library may import besides the standard library and itself
-LIBRARY_DEPENDENCIES = {"torch", "numpy", "filelock", "typing_extensions"}
+LIBRARY_DEPENDENCIES = {"torch", "numpy", "filelock", "typing_extensions", "yaml"}
 #: library modules of the standard library alone (written files: anything may use them)
 STANDARD_LIBRARY_ONLY = [SRC / "files.py"]
 #: what users bring, imported inside a function only when their model is one of these

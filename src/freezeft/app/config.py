@@ -35,7 +35,11 @@ _CORES = os.cpu_count() or 1
 
 #: Keys checked before any work starts: (allowed types, test, what is allowed).
 CHECKS: dict[str, tuple[tuple[type, ...], Any, str]] = {
-    "stage": ((str,), lambda v: v in ("transfer", "pretrain"), "'transfer' or 'pretrain'"),
+    "stage": (
+        (str,),
+        lambda v: v in ("transfer", "pretrain", "schedule"),
+        "'transfer', 'pretrain' or 'schedule'",
+    ),
     # the seeds Lightning, NumPy and Python's random all take
     "seed": ((int,), lambda v: 0 <= v <= _MAX_SEED, f"an integer from 0 to {_MAX_SEED}"),
     "source.seed": ((int,), lambda v: 0 <= v <= _MAX_SEED, f"an integer from 0 to {_MAX_SEED}"),

@@ -7,6 +7,8 @@ Stages:
   checkpoint, ``null`` trains from scratch), apply ``drop_source_layers``, train with the
   chosen strategy, test the best checkpoint of this run, write ``results.json``.
 * ``stage=pretrain``: train and test a model on the source corpus (``source.data``).
+* ``stage=schedule``: print the model's layer groups and write a starter ``schedule.yaml``
+  to edit and run with ``strategy=schedule strategy.path=FILE``.
 
 In a multirun (``-m``), a job that fails writes ``failure.json`` and the sweep goes on;
 ``freezeft.app.report`` then summarises the sweep (see ``docs/sweeps.md``).
@@ -31,10 +33,11 @@ from omegaconf import DictConfig
 import freezeft.conf  # noqa: F401  (registers the configs' resolvers)
 from freezeft._lightning import pl
 from freezeft.app import task
-from freezeft.app.config import refuse_local_ddp, threads_per_job
+from freezeft.app.config import check_config, refuse_local_ddp, threads_per_job
 from freezeft.app.console import quiet_console
 from freezeft.app.errors import is_user_error, one_line
 from freezeft.app.run_dir import run_dir_of
+from freezeft.app.starter import write_starter_schedule
 from freezeft.app.train import train
 from freezeft.extras import missing_extra
 from freezeft.files import disk_full_message, write_text_atomic
@@ -106,6 +109,11 @@ def main(cfg: DictConfig) -> float:
     if threads:
         torch.set_num_threads(threads)
     try:
+        if cfg.stage == "schedule":  # the model's groups and a starter schedule, no training
+            check_config(cfg)
+            path = write_starter_schedule(cfg, output_dir)
+            print(f"freezeft schedule: wrote a starter schedule to {path}", flush=True)
+            return math.nan
         results = train(cfg, output_dir)
     except Exception as err:
         if not multirun:

@@ -29,6 +29,7 @@ from freezeft.app.metric_check import WatchedMetricsCheck
 from freezeft.app.results import stop_before_results, strategy_label, write_json, write_skipped
 from freezeft.app.run_dir import find_resume_checkpoint, hold_run_dir, run_dir_of
 from freezeft.app.source import pretrained_source, source_checkpoint_path
+from freezeft.callbacks.schedule_log import ScheduleLog
 from freezeft.checkpoint_io import (
     AtomicCheckpointIO,
     check_checkpoint_fits,
@@ -111,6 +112,7 @@ def fit_and_test(
         callbacks=[
             *callbacks,
             History(output_dir),
+            ScheduleLog(output_dir / "schedule.yaml"),
             DivergenceCheck(),
             WatchedMetricsCheck(monitor),  # before any epoch is spent on an unlogged metric
             checkpoint,

@@ -8,6 +8,8 @@ from freezeft.callbacks.freeze_then_unfreeze import FreezeThenUnfreeze
 from freezeft.callbacks.frozen_encoder import FrozenEncoder
 from freezeft.callbacks.gradual_unfreeze import GradualUnfreeze
 from freezeft.callbacks.naive import NaiveTransfer
+from freezeft.callbacks.schedule import Schedule
+from freezeft.callbacks.schedule_log import ScheduleLog
 from freezeft.callbacks.warmup import LRWarmup
 
 __all__ = [
@@ -20,4 +22,6 @@ __all__ = [
     "AutoFreeze",
     "DiscriminativeLR",
     "LRWarmup",
+    "Schedule",
+    "ScheduleLog",
 ]

@@ -321,6 +321,18 @@ class AutoFreeze(FrozenEncoder):
     def trainable(self, index: int, n_groups: int, epoch: int) -> bool | None:
         return index in self._head or index >= self.n_frozen
 
+    @override
+    def phase_trigger(self, epoch: int, step: int) -> dict[str, Any] | None:
+        if not self.decisions:
+            return None
+        decision = self.decisions[-1]
+        return {
+            "auto_freeze": {
+                k: decision[k]
+                for k in ("group", "step", "rate", "grad_norm", "grad_norm_before", "plateau_epoch")
+            }
+        }
+
     def _candidate(self) -> int | None:
         """The next group to freeze: the first trainable one from the input side, unless
         it is a head group. Groups holding only parameters the user froze (a LoRA model's

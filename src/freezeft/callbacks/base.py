@@ -99,6 +99,26 @@ class StrategyCallback(*CALLBACK_BASES):  # type: ignore[misc]
         start (the last :meth:`head_size` by default)."""
         return list(range(n_groups - self.head_size(n_groups), n_groups))
 
+    def phase_trigger(self, epoch: int, step: int) -> dict[str, Any] | None:
+        """What made the freezing schedule change at ``epoch``/``step`` (recorded in the
+        fit's schedule, e.g. ``{"on_plateau": {...}}``); ``None``: the epoch itself."""
+        return None
+
+    def phase_lr_factor(self, index: int) -> float:
+        """A multiplier of group ``index``'s LR that holds for the current phase only (on
+        top of :meth:`lr_scale`; applied through :meth:`warmup_factor`)."""
+        return 1.0
+
+    def warmup_settings(self) -> dict[str, Any] | None:
+        """This strategy's warmup as a schedule records it (``steps``, ``start_factor``,
+        ``rewarm_on_unfreeze``); ``None``: it warms nothing up."""
+        return None
+
+    def realised_schedule(self) -> dict[str, Any]:
+        """The schedule the fit has followed so far (:mod:`freezeft.schedule`'s format),
+        from the fit's coordinator; ``{}`` before a fit."""
+        return self.coordinator.realised_schedule() if self.coordinator is not None else {}
+
     def frozen_cache_memory_gb(self) -> float | None:
         """The memory for cached outputs of the frozen prefix, if this strategy asks for
         the frozen-output cache (``cache_frozen=True``); ``None``: no cache."""

@@ -16,13 +16,16 @@ from typing import TYPE_CHECKING, Any
 from torch import Tensor
 
 from freezeft._lightning import pl, rank_zero_info, rank_zero_warn
+from freezeft.callbacks.forward_pass import forward_passes
 from freezeft.frozen_cache import FrozenOutputCache, PrefixCachable
 from freezeft.groups import (
     LayerGroup,
     canonical_group_name,
     format_group_table,
     resolve_groups,
+    trainable_groups,
 )
+from freezeft.history import LRSchedule
 from freezeft.plan import Plan
 from freezeft.sharding import ShardedFit, engine_of
 
@@ -72,6 +75,9 @@ class Coordinator:
         self.frozen_cache: FrozenOutputCache | None = None
         self._restored_trainable: dict[str, bool] | None = None
         self._sharded: ShardedFit | None = None  # the engine's part, fit start to teardown
+        #: The phases this fit followed so far (schedule.yaml's), restored on resume.
+        self.phases: list[dict[str, Any]] = []
+        self._scales: list[float] = []
         self._trainer: pl.Trainer | None = None  # the fit's, from fit start to teardown
 
     @property
@@ -100,9 +106,9 @@ class Coordinator:
         ``configure_model``, after this hook: its plan is made at fit start, from the
         parameters the optimizer holds."""
         if engine_of(trainer.strategy) in ("ddp", "deepspeed"):
-            self._make_plan(pl_module)  # DeepSpeed: frozen before it builds its engine
+            self._make_plan(trainer, pl_module)  # DeepSpeed: frozen before it builds its engine
 
-    def _make_plan(self, pl_module: pl.LightningModule) -> None:
+    def _make_plan(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Resolve the groups, make the plan (it notes what the user froze) and apply the
         epoch-0 flags. Single-process runs do this at fit start, after the module's
         ``setup()``, ``configure_model()`` and ``configure_optimizers()`` have run."""
@@ -122,7 +128,7 @@ class Coordinator:
     def fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Take over the optimizers (split, scale, warm up), norm layers and the cache."""
         if self.plan is None:
-            self._make_plan(pl_module)
+            self._make_plan(trainer, pl_module)
         plan = self.plan
         assert plan is not None
         self._trainer = trainer
@@ -186,6 +192,9 @@ class Coordinator:
             self.groups, head=head, user_frozen=plan.user_frozen, lr_scales=scales
         )
         rank_zero_info(f"{names}: layer groups\n{table}")
+        self._scales = scales
+        if not self.phases:  # resumed: the phases come with the checkpoint
+            self._record_phase(trainer, {"fit_start": True}, reset=False)
 
     def _restored_flags(self) -> list[bool]:
         """The saved trainable flags, matched to today's groups by name (``_orig_mod`` of
@@ -238,12 +247,17 @@ class Coordinator:
             for optimizer in trainer.optimizers:
                 for param in self.groups[index].params.values():
                     optimizer.state.pop(param, None)
+        reset = False
         if unfrozen:
             for strategy in self.strategies:
                 strategy.on_groups_unfrozen(unfrozen, trainer.global_step)
             if any(s.resets_optimizer_on_unfreeze() for s in self.strategies):
+                reset = True
                 for optimizer in trainer.optimizers:
                     plan.reset_optimizer_state(optimizer)
+        assert self.schedule is not None
+        trigger = self.schedule.phase_trigger(trainer.current_epoch, trainer.global_step)
+        self._record_phase(trainer, trigger or {"epoch": trainer.current_epoch}, reset=reset)
         moves = [
             f"{verb} {[self.groups[i].name for i in indices]}"
             for verb, indices in (("unfroze", unfrozen), ("froze", frozen))
@@ -310,13 +324,58 @@ class Coordinator:
         if self.frozen_cache is not None:
             self.frozen_cache.detach(pl_module)
 
+    # -- the schedule this fit followed (schedule.yaml) ---------------------------------
+    @property
+    def global_step(self) -> int:
+        """The fit's optimizer steps so far (0 before fit start)."""
+        return self._trainer.global_step if self._trainer is not None else 0
+
+    @property
+    def current_epoch(self) -> int:
+        """The fit's current epoch (0 before fit start)."""
+        return self._trainer.current_epoch if self._trainer is not None else 0
+
+    def _record_phase(self, trainer: pl.Trainer, trigger: dict[str, Any], reset: bool) -> None:
+        assert self.plan is not None
+        training = [i for i in range(len(self.groups)) if self.plan.trainable[i]]
+        phase: dict[str, Any] = {
+            "epoch": trainer.current_epoch,
+            "step": trainer.global_step,
+            "train": [self.groups[i].name for i in training],
+            "lr_scale": {
+                self.groups[i].name: float(
+                    self._scales[i] * self._product(lambda s, i=i: s.phase_lr_factor(i))
+                )
+                for i in training
+            },
+        }
+        if reset:
+            phase["reset_optimizer"] = True
+        phase["trigger"] = trigger
+        self.phases.append(phase)
+
+    def realised_schedule(self) -> dict[str, Any]:
+        """The schedule this fit has followed so far, in the format
+        :class:`~freezeft.callbacks.Schedule` runs (:mod:`freezeft.schedule`): the groups
+        input to output, the warmup, and each phase's start (epoch and optimizer step),
+        trained groups, LR multipliers (every strategy's, multiplied), optimizer reset and
+        what triggered it. Given back to ``Schedule``, it replays the fit's plan."""
+        schedule: dict[str, Any] = {"groups": [g.name for g in self.groups]}
+        warmups = [s.warmup_settings() for s in self.strategies if s.warmup_settings()]
+        if warmups:
+            schedule["warmup"] = warmups[0]
+        schedule["phases"] = [dict(p) for p in self.phases]
+        schedule["written_by"] = " + ".join(type(s).__name__ for s in self.strategies)
+        return schedule
+
     # -- checkpoints: plain values, groups by name -------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """The trainable flag of each group, by name."""
         if self.plan is None:
             return {}
         return {
-            "trainable": {g.name: t for g, t in zip(self.groups, self.plan.trainable, strict=True)}
+            "trainable": {g.name: t for g, t in zip(self.groups, self.plan.trainable, strict=True)},
+            "phases": [dict(p) for p in self.phases],
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -324,6 +383,8 @@ class Coordinator:
         engine restores checkpoints after fit start (sharded engines)."""
         if "trainable" not in state_dict:
             return
+        if state_dict.get("phases"):
+            self.phases = [dict(p) for p in state_dict["phases"]]
         saved, before = dict(state_dict["trainable"]), self._restored_trainable
         self._restored_trainable = saved
         # after fit start (a sharded engine loading); not a test's or predict's checkpoint

@@ -117,6 +117,19 @@ class FreezeThenUnfreeze(FrozenEncoder):
         return self.reset_optimizer_state
 
     @override
+    def phase_trigger(self, epoch: int, step: int) -> dict[str, Any] | None:
+        if not self.monitor:
+            return None
+        return {
+            "on_plateau": {
+                "monitor": self.monitor,
+                "patience": self.patience,
+                "mode": self.mode,
+                "best": self.best,
+            }
+        }
+
+    @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.monitor or trainer.sanity_checking:
             return

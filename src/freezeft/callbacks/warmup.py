@@ -71,6 +71,14 @@ class LRWarmup(StrategyCallback):
             "train longer (trainer.max_epochs, trainer.max_steps)."
         )
 
+    @override
+    def warmup_settings(self) -> dict[str, Any] | None:
+        return {
+            "steps": self.warmup_steps,
+            "start_factor": self.start_factor,
+            "rewarm_on_unfreeze": self.rewarm_on_unfreeze,
+        }
+
     def warmup_factor_at(self, step: int) -> float:
         """The ramp's LR multiplier ``step`` optimizer steps after it started."""
         if self.warmup_steps == 0:
