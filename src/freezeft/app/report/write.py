@@ -179,13 +179,19 @@ def write_report(sweep_dir: str | Path) -> Path:
     if optuna:
         lines.append(f"- {optuna}")
     header = ["strategy", "runs", *(text(label) for label, _ in metrics.values()), "verdict"]
+    schedules = {id(s): _schedule_link(s, sweep_dir) for s in summaries}
+    if any(schedules.values()):
+        header.append("schedule")
     lines += ["", "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     too_large = False
     for summary in summaries:
         cells = [text(summary.variant), str(len(summary.runs))]
         cells += [_cell(summary, k, fmt) for k, (_, fmt) in metrics.items()]
         too_large = too_large or any("n/a" in cell for cell in cells[2:])
-        lines.append("| " + " | ".join([*cells, verdict_cell(summary)]) + " |")
+        row = [*cells, verdict_cell(summary)]
+        if any(schedules.values()):
+            row.append(schedules[id(summary)] or "–")
+        lines.append("| " + " | ".join(row) + " |")
     label_md, monitor_md = text(label), text(monitor)
     lines += [
         "",
@@ -213,6 +219,20 @@ def write_report(sweep_dir: str | Path) -> Path:
     path = sweep_dir / "report.md"
     write_text_atomic(path, "\n".join(lines) + "\n")
     return path
+
+
+def _schedule_link(summary: StrategySummary, sweep_dir: Path) -> str | None:
+    """A link to the ``schedule.yaml`` the row's first run followed (each run of a row
+    wrote its own; a fixed schedule is the same in all), or None."""
+    for run in summary.runs:
+        path = run.dir / "schedule.yaml"
+        try:
+            relative = path.resolve().relative_to(sweep_dir.resolve()).as_posix()
+        except ValueError:  # a run dir linked from outside the sweep
+            continue
+        if path.is_file():
+            return f"[{text(_label(run.dir, sweep_dir))}/schedule.yaml]({relative})"
+    return None
 
 
 def _job_sections(sweep: Sweep, key: str, label_md: str) -> list[str]:
