@@ -356,3 +356,31 @@ def test_the_app_under_ddp_finishes_with_every_app_callback_on(tmp_path, cache_d
     assert [e["epoch"] for e in epochs] == [0, 1]
     assert all("val_cer" in e and "train_loss" in e for e in epochs)
     assert read_lr_schedule(out)["step"]
+
+
+@pytest.mark.parametrize(
+    "strategy",
+    [
+        ["strategy=gradual_unfreeze", "strategy.callbacks.gradual_unfreeze.every_n_epochs=1",
+         "addons=[discriminative_lr]"],
+        ["strategy=freeze_then_finetune",
+         "strategy.callbacks.freeze_then_unfreeze.unfreeze_at_epoch=2", "addons=[warmup]",
+         "strategy.addons.warmup.warmup_steps=6"],
+    ],
+    ids=["gradual_unfreeze+discriminative_lr", "freeze_then_finetune+warmup"],
+)  # fmt: skip
+def test_a_speech_runs_schedule_yaml_replays_it_on_the_tiny_corpus(
+    tmp_path, cache_dir, transfer_run, strategy
+):
+    """Issue 37's "shown by": the run, then `strategy=schedule strategy.path=RUN/schedule.yaml`:
+    the same lr_schedule.csv byte for byte, the same test loss and CER."""
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    first, _ = run(tmp_path / "a", cache_dir, *strategy, "trainer.max_epochs=4")
+    replay, stdout = run(
+        tmp_path / "b", cache_dir, "strategy=schedule",
+        f"strategy.path={first / 'schedule.yaml'}", "trainer.max_epochs=4",
+    )  # fmt: skip
+    assert "freezeft transfer: strategy=schedule" in stdout
+    assert (first / "lr_schedule.csv").read_bytes() == (replay / "lr_schedule.csv").read_bytes()
+    a, b = (json.loads((d / "results.json").read_text()) for d in (first, replay))
+    assert (a["loss"], a["cer"], a["greedy_cer"]) == (b["loss"], b["cer"], b["greedy_cer"])
