@@ -1,7 +1,8 @@
-"""Run by test_ddp.py: FreezeThenUnfreeze + LRWarmup under 2-process DDP on CPU (gloo).
+"""Run by test_ddp.py: FreezeThenUnfreeze + LRWarmup under 2-process DDP on CPU (gloo), or
+(``schedule``) the same plan as a Schedule of inline phases.
 
 Saves each rank's final weights and, per optimizer step, how far each gradient is from the
-average of the ranks' local gradients.   usage: python ddp_run.py OUT_DIR
+average of the ranks' local gradients.   usage: python ddp_run.py OUT_DIR [schedule]
 """
 
 import json
@@ -13,7 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from freezeft._lightning import pl
-from freezeft.callbacks import FreezeThenUnfreeze, LRWarmup
+from freezeft.callbacks import FreezeThenUnfreeze, LRWarmup, Schedule
 
 
 class Net(pl.LightningModule):
@@ -58,7 +59,17 @@ class CheckAveraged(pl.Callback):
         self.steps.append({"epoch": trainer.current_epoch, "diffs": diffs})
 
 
-def main(out: Path) -> None:
+#: FreezeThenUnfreeze(head=1, unfreeze_at_epoch=1, encoder_lr_scale=0.5) + LRWarmup(2, 0.5)
+SCHEDULE = {
+    "warmup": {"steps": 2, "start_factor": 0.5},
+    "phases": [
+        {"epoch": 0, "train": ["net.4"]},
+        {"epoch": 1, "train": ["*"], "lr_scale": {"net.[02]": 0.5}},
+    ],
+}
+
+
+def main(out: Path, schedule: bool) -> None:
     torch.manual_seed(0)
     loader = DataLoader(TensorDataset(torch.randn(64, 6), torch.randint(0, 3, (64,))), batch_size=8)
     torch.manual_seed(1)
@@ -76,8 +87,14 @@ def main(out: Path) -> None:
         enable_model_summary=False,
         callbacks=[
             local,
-            FreezeThenUnfreeze(head=1, unfreeze_at_epoch=1, encoder_lr_scale=0.5),
-            LRWarmup(warmup_steps=2, start_factor=0.5),
+            *(
+                [Schedule(phases=SCHEDULE)]
+                if schedule
+                else [
+                    FreezeThenUnfreeze(head=1, unfreeze_at_epoch=1, encoder_lr_scale=0.5),
+                    LRWarmup(warmup_steps=2, start_factor=0.5),
+                ]
+            ),
             check,
         ],
     )
@@ -88,4 +105,4 @@ def main(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), sys.argv[2:] == ["schedule"])

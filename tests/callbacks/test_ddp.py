@@ -30,6 +30,22 @@ def test_unfrozen_groups_stay_identical_across_ranks_and_use_averaged_gradients(
     assert max(d for s in steps for d in s["diffs"].values()) < 1e-6
 
 
+def test_a_schedule_under_ddp_keeps_ranks_in_sync_and_matches_its_strategies(tmp_path):
+    """The same plan as inline Schedule phases: ranks identical, averaged gradients, and
+    the very weights FreezeThenUnfreeze + LRWarmup give under DDP."""
+    env = {"PL_DISABLE_FORK": "1", "OMP_NUM_THREADS": "1"}
+    for name, extra in (("strategies", []), ("schedule", ["schedule"])):
+        (tmp_path / name).mkdir()
+        run_python([str(SCRIPT), str(tmp_path / name), *extra], cwd=tmp_path, env=env, timeout=300)
+    load = lambda name, r: torch.load(tmp_path / name / f"rank{r}.pt", weights_only=True)  # noqa: E731
+    schedule, strategies = load("schedule", 0), load("strategies", 0)
+    for key in schedule:
+        assert torch.equal(schedule[key], load("schedule", 1)[key]), key
+        assert torch.equal(schedule[key], strategies[key]), key
+    steps = json.loads((tmp_path / "schedule" / "rank0.json").read_text())
+    assert max(d for s in steps for d in s["diffs"].values()) < 1e-6
+
+
 def test_auto_freeze_decides_the_same_on_every_rank(tmp_path):
     script = Path(__file__).with_name("ddp_auto_freeze.py")
     env = {"PL_DISABLE_FORK": "1", "OMP_NUM_THREADS": "1"}
