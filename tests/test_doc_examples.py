@@ -8,9 +8,10 @@ import pytest
 
 import freezeft.batching
 import freezeft.groups
+import freezeft.history
 import freezeft.plan
 
-MODULES = [freezeft.groups, freezeft.plan, freezeft.batching]
+MODULES = [freezeft.groups, freezeft.plan, freezeft.batching, freezeft.history]
 
 
 @pytest.mark.parametrize("module", MODULES, ids=lambda m: m.__name__)

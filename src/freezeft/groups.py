@@ -17,10 +17,21 @@ Resolution, first that applies:
       down are the stem (one group each), each block is a group, the modules after it
       are the head (one group each, the outermost last);
    c. containers (``nn.Sequential``, ``nn.ModuleList``, ``nn.ModuleDict``) are descended;
-      the parameterised modules reached are the groups, in registration order.
+      the parameterised modules reached are the groups, in registration order;
+   d. a module that is none of these but calls its parameterised children one after
+      another (torchaudio's ``DeepSpeech``: ``fc1, fc2, fc3, bi_rnn, fc4, out``): one group
+      per child, in the order a real forward pass calls them (:class:`ForwardPass`, given
+      by the caller: the coordinator watches one training batch at fit start). The order
+      counts only if each child is called exactly once and takes the output of the child
+      called before it (checked by following every tensor the pass computes); a child
+      called twice, never, or on a parallel branch leaves the order unknown.
 
    A timm model met inside (b) or (c) is expanded into its own groups. Discovery that
-   finds fewer than two groups is an error naming ``groups=``.
+   finds fewer than two groups is an error naming ``groups=`` (and, for (d), why the
+   forward pass did not settle the order).
+
+:func:`resolve_groups` returns the groups with ``found_by``, how they were found, which
+the group table prints.
 
 Every parameter belongs to exactly one group; a parameter outside every matched name
 joins the group of its nearest matched ancestor, else the group sharing the longest name
@@ -33,12 +44,25 @@ table says so.
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
+import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
 
-__all__ = ["GroupSpec", "LayerGroup", "discover_groups", "format_group_table", "resolve_groups"]
+__all__ = [
+    "ForwardPass",
+    "GroupSpec",
+    "LayerGroup",
+    "ResolvedGroups",
+    "discover_groups",
+    "format_group_table",
+    "resolve_groups",
+    "trainable_groups",
+]
 
 #: One layer group as the user names it: a pattern, or a list of patterns.
 GroupSpec = str | Sequence[str]
@@ -64,6 +88,49 @@ class LayerGroup:
     def trainable(self) -> bool:
         """True when any parameter of the group has ``requires_grad``."""
         return any(p.requires_grad for p in self.params.values())
+
+
+class ResolvedGroups(list):
+    """The layer groups, input to output (a ``list`` of :class:`LayerGroup`), and
+    ``found_by``: how they were found, in words (the group table's last line)."""
+
+    def __init__(self, groups: Sequence[LayerGroup] = (), found_by: str = "") -> None:
+        super().__init__(groups)
+        self.found_by = found_by
+
+
+@dataclass(frozen=True)
+class ForwardPass:
+    """One forward pass on real data that discovery may watch to order a module's children.
+
+    Args:
+        source: what it runs on, for messages and the group table ("one training batch").
+        run: runs it; discovery stops it (an exception raised through it) once the module
+            it orders has returned, so nothing after that forward is run.
+    """
+
+    source: str
+    run: Callable[[], object]
+
+
+def trainable_groups(
+    groups: Sequence[LayerGroup], user_frozen: Collection[str] | None = None
+) -> list[int]:
+    """The indices of the groups holding a parameter the user left trainable: the groups
+    ``head``, ``n_frozen``, stages and LR depths count. A group whose every parameter the
+    user froze (a LoRA base model's embeddings, norm, ``lm_head``), or that holds none (a
+    tied embedding owned by the head), is not counted.
+
+    Args:
+        groups: the resolved groups.
+        user_frozen: the names of the parameters the user froze before fit (a
+            :class:`~freezeft.plan.Plan`'s ``user_frozen``); ``None``: those that do not
+            require gradients now.
+    """
+    if user_frozen is None:
+        return [i for i, g in enumerate(groups) if g.trainable]
+    frozen = set(user_frozen)
+    return [i for i, g in enumerate(groups) if any(n not in frozen for n in g.params)]
 
 
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
@@ -198,23 +265,191 @@ def _timm_groups(model: nn.Module, prefix: str) -> list[list[str]]:
     return result
 
 
-def discover_groups(module: nn.Module) -> list[list[str]]:
+class _Returned(Exception):
+    """Raised through a watched forward pass once the module being ordered has returned:
+    what the pass does after that (a loss, logging) is not needed."""
+
+
+class _DataFlow(TorchFunctionMode):
+    """Follows every tensor a forward pass computes: which watched children (by index)
+    each one derives from."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sources: dict[int, frozenset[int]] = {}
+        self._alive: list[torch.Tensor] = []  # ids stay unique while the pass is watched
+
+    def of(self, tree: Any) -> frozenset[int]:
+        """The children the tensors in ``tree`` derive from."""
+        found: frozenset[int] = frozenset()
+        for leaf in tree_flatten(tree)[0]:
+            if isinstance(leaf, torch.Tensor):
+                found |= self.sources.get(id(leaf), frozenset())
+        return found
+
+    def mark(self, tree: Any, sources: frozenset[int]) -> None:
+        """Note that the tensors in ``tree`` derive from ``sources`` too."""
+        if not sources:
+            return
+        for leaf in tree_flatten(tree)[0]:
+            if isinstance(leaf, torch.Tensor):
+                self.sources[id(leaf)] = self.sources.get(id(leaf), frozenset()) | sources
+                self._alive.append(leaf)
+
+    def __torch_function__(
+        self, func: Any, types: Any, args: Sequence[Any] = (), kwargs: Any = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        sources = self.of((args, kwargs))
+        self.mark(out, sources)
+        name = getattr(func, "__name__", "")
+        if args and (name == "__setitem__" or (name.endswith("_") and not name.endswith("__"))):
+            self.mark(args[0], sources)  # in place: the first argument holds the result
+        return out
+
+
+def _callable_parts(module: nn.Module, prefix: str) -> list[tuple[str, nn.Module]]:
+    """The parameterised children of ``module``, a ``ModuleList``/``ModuleDict`` (which a
+    forward iterates, never calls) replaced by its own parts."""
+    parts: list[tuple[str, nn.Module]] = []
+    for name, child in _param_children(module):
+        if isinstance(child, (nn.ModuleList, nn.ModuleDict)):
+            parts += _callable_parts(child, _join(prefix, name))
+        else:
+            parts.append((_join(prefix, name), child))
+    return parts
+
+
+def _watch(
+    module: nn.Module, parts: list[tuple[str, nn.Module]], forward: ForwardPass
+) -> list[str] | str:
+    """The qualified names of ``parts`` in the order ``forward`` calls them inside
+    ``module``'s forward, or a sentence saying why that order does not hold."""
+    flow = _DataFlow()
+    calls: list[int] = []
+    inputs: list[frozenset[int]] = []
+    returned: list[bool] = []
+
+    def called(index: int) -> Callable[..., None]:
+        def hook(_module: nn.Module, args: Any, kwargs: Any) -> None:
+            calls.append(index)
+            inputs.append(flow.of((args, kwargs)))
+
+        return hook
+
+    def finished(index: int) -> Callable[..., None]:
+        def hook(_module: nn.Module, _args: Any, _kwargs: Any, output: Any) -> None:
+            flow.mark(output, frozenset({index}))
+
+        return hook
+
+    def done(_module: nn.Module, _args: Any, _output: Any) -> None:
+        returned.append(True)
+        raise _Returned
+
+    handles = [module.register_forward_hook(done)]
+    for index, (_, part) in enumerate(parts):
+        handles.append(part.register_forward_pre_hook(called(index), with_kwargs=True))
+        handles.append(part.register_forward_hook(finished(index), with_kwargs=True))
+    error: Exception | None = None
+    try:
+        with flow:
+            forward.run()
+    except _Returned:
+        pass
+    except Exception as caught:  # the pass itself failed: the order stays unknown
+        error = caught
+    finally:
+        for handle in handles:
+            handle.remove()
+    if not returned:
+        if error is not None:
+            message = str(error).strip().splitlines()
+            return f"it raised {type(error).__name__}: {message[0] if message else ''}".rstrip(": ")
+        return "it never called this module"
+    names = [name for name, _ in parts]
+    twice = [
+        f"{names[i]} ({calls.count(i)} times)" for i in dict.fromkeys(calls) if calls.count(i) > 1
+    ]
+    if twice:
+        return f"parts called more than once: {', '.join(twice)}"
+    never = [names[i] for i in range(len(parts)) if i not in calls]
+    if never:
+        return f"parts never called: {', '.join(never)}"
+    for k in range(1, len(calls)):
+        if calls[k - 1] not in inputs[k]:
+            return (
+                f"{names[calls[k]]} does not take the output of {names[calls[k - 1]]}, called "
+                "just before it (parallel branches)"
+            )
+    return [names[i] for i in calls]
+
+
+def _forward_order(
+    module: nn.Module, prefix: str, passes: Sequence[ForwardPass]
+) -> tuple[list[str] | None, str]:
+    """The children of ``module`` in forward order and how they were found, or ``None``
+    and why no pass settled the order."""
+    parts = _callable_parts(module, prefix)
+    reasons: list[str] = []
+    for forward in passes:
+        outcome = _watch(module, parts, forward)
+        if isinstance(outcome, list):
+            where = prefix or type(module).__name__
+            return outcome, f"the order {where} calls its parts in, watched on {forward.source}"
+        reasons.append(f"on {forward.source}, {outcome}")
+    return None, "; ".join(reasons)
+
+
+def discover_groups(module: nn.Module, forward: Sequence[ForwardPass] = ()) -> list[list[str]]:
     """The layer groups discovery finds in ``module``, each a list of qualified names.
+
+    Args:
+        module: usually the LightningModule.
+        forward: forward passes on real data, tried in turn where a module's children can
+            only be ordered by watching one (strategy (d) of :mod:`freezeft.groups`).
 
     Raises:
         ValueError: fewer than two groups were found (the message lists the module's
             top-level children and how to pass ``groups=``).
     """
+    return _discover(module, forward)[0]
+
+
+def _discover(
+    module: nn.Module, forward: Sequence[ForwardPass] = ()
+) -> tuple[list[list[str]], str]:
     prefix, inner = _unwrap(module)
+    why_not = ""
     if _is_timm(inner):
         groups = _timm_groups(inner, prefix)
+        found_by = f"timm's group_matcher() of {prefix or type(inner).__name__}"
     else:
         stack = _find_stack(inner)
-        names = (
-            _stack_groups(inner, prefix, stack[0])
-            if stack is not None
-            else _containers(inner, prefix)
-        )
+        if stack is not None:
+            names = _stack_groups(inner, prefix, stack[0])
+            path = ".".join(part for part in (prefix, *stack[0]) if part)
+            blocks = len(_param_children(inner.get_submodule(".".join(stack[0]))))
+            found_by = (
+                f"the repeated stack {path or type(inner).__name__} ({blocks} blocks), with the "
+                "modules before it and after it in registration order"
+            )
+        else:
+            names = _containers(inner, prefix)
+            found_by = "containers descended, in registration order"
+            ordered = (
+                len(names) < 2
+                and prefix
+                and not isinstance(inner, _CONTAINERS)
+                and len(_param_children(inner)) >= 2
+            )
+            if ordered:
+                in_order, why = _forward_order(inner, prefix, forward)
+                if in_order is not None:
+                    names, found_by = in_order, why
+                else:
+                    why_not = why
         groups = []
         for name in names:
             child = module.get_submodule(name) if name else module
@@ -227,14 +462,25 @@ def discover_groups(module: nn.Module) -> list[list[str]]:
             f"{_join(prefix, name)!r} ({_num_params(child):,} params)"
             for name, child in _param_children(inner)
         ) or ", ".join(repr(_join(prefix, name)) for name, _ in inner.named_parameters())
+        order = ""
+        if why_not:
+            order = (
+                f" Their order could not be taken from a forward pass ({why_not}), and "
+                "freezeft does not guess it."
+            )
+        elif prefix and len(_param_children(inner)) >= 2 and not forward:
+            order = (
+                " (At fit start, freezeft orders such parts by watching one forward pass; "
+                "here none was given.)"
+            )
         raise ValueError(
             f"freezeft found {len(groups)} layer group in {where} "
             f"({[group_name(g) for g in groups]}), so no strategy can freeze part of it. "
             f"Pass the groups, input to output, as `groups=[...]` to the strategy (fnmatch "
             f"patterns on module names; a list of patterns makes one group), or define "
-            f"`layer_groups()` on the LightningModule. Its top-level parts: {children}."
+            f"`layer_groups()` on the LightningModule. Its top-level parts: {children}.{order}"
         )
-    return groups
+    return groups, found_by
 
 
 def _covers(member: str, param_name: str) -> bool:
@@ -243,8 +489,10 @@ def _covers(member: str, param_name: str) -> bool:
 
 # -- resolution --------------------------------------------------------------------------
 def resolve_groups(
-    module: nn.Module, patterns: Sequence[GroupSpec] | None = None
-) -> list[LayerGroup]:
+    module: nn.Module,
+    patterns: Sequence[GroupSpec] | None = None,
+    forward: Sequence[ForwardPass] = (),
+) -> ResolvedGroups:
     """Resolve the ordered layer groups of ``module`` (input to output).
 
     Args:
@@ -252,6 +500,11 @@ def resolve_groups(
         patterns: one entry per group: an fnmatch pattern on qualified module or
             parameter names, or a list of them; ``None`` asks the module's
             ``layer_groups()`` and falls back to discovery.
+        forward: forward passes on real data that discovery may watch to order a
+            module's children (see :class:`ForwardPass`); tried in turn.
+
+    Returns:
+        the groups, with ``found_by`` saying how they were found.
 
     Raises:
         ValueError: a pattern matches no module or parameter (the message lists the
@@ -267,7 +520,10 @@ def resolve_groups(
     where = "`groups`"
     if patterns is None and callable(getattr(module, "layer_groups", None)):
         patterns, where = list(module.layer_groups()), f"{type(module).__name__}.layer_groups()"
-    specs = discover_groups(module) if patterns is None else list(patterns)
+    if patterns is None:
+        specs, found_by = _discover(module, forward)
+    else:
+        specs, found_by = list(patterns), f"{where}, as given"
     module_names = [name for name, child in module.named_modules() if name and _has_params(child)]
     param_names = [name for name, _ in module.named_parameters(remove_duplicate=False)]
     candidates = module_names + param_names
@@ -308,7 +564,7 @@ def resolve_groups(
         for name, group in zip(names, owners, strict=True):
             if group != owners[last]:
                 by_name[group].tied[name] = (owners[last], names[last])
-    return groups
+    return ResolvedGroups(groups, found_by)
 
 
 def _owning_group(param_name: str, owner: dict[str, str], groups: list[LayerGroup]) -> str:
@@ -333,28 +589,44 @@ def _owning_group(param_name: str, owner: dict[str, str], groups: list[LayerGrou
 
 def format_group_table(
     groups: Sequence[LayerGroup],
-    head: int = 0,
+    head: int | Collection[int] = 0,
     user_frozen: Collection[str] = (),
     lr_scales: Sequence[float] | None = None,
+    found_by: str | None = None,
 ) -> str:
     """A plain-text table: index, group name, parameter count, trainable, each group's LR
     multiplier (``lr_scales``, shown when one is not 1: what DiscriminativeLR set),
     parameters the user froze (``user_frozen``: parameter names, shown when any), and the
-    role (encoder or head) when ``head`` > 0."""
+    role: ``head`` or ``encoder`` (``head``: how many groups from the top, or their
+    indices), ``user-frozen`` for a group whose every parameter the user froze and
+    ``tied`` for one that holds none of its own; neither is counted by ``head``,
+    ``n_frozen``, stages or LR depths. The last lines say how the groups were found
+    (``found_by``, else the groups' own, if they are :class:`ResolvedGroups`)."""
     width = max(len("group"), *(len(g.name) for g in groups))
     frozen = set(user_frozen)
+    counted = set(trainable_groups(groups, frozen))
+    if isinstance(head, int):
+        heads = set(range(len(groups) - head, len(groups))) if head else set()
+    else:
+        heads = set(head)
+    roles = bool(heads) or len(counted) < len(groups)
     scaled = lr_scales is not None and any(scale != 1.0 for scale in lr_scales)
     header = f"{'#':>2}  {'group':<{width}}  {'params':>10}  trainable"
     header += f"  {'LR x':<7}" if scaled else ""
     header += "  user-frozen" if frozen else ""
-    lines = [header + ("  role" if head else "")]
+    lines = [header + ("  role" if roles else "")]
     for index, group in enumerate(groups):
-        role = ("head" if index >= len(groups) - head else "encoder") if head else ""
+        role = ""
+        if index not in counted:
+            role = "user-frozen" if group.params else "tied"
+        elif heads:
+            role = "head" if index in heads else "encoder"
         line = f"{index:>2}  {group.name:<{width}}  {group.num_params:>10,}  "
         line += f"{'yes' if group.trainable else 'no':<9}"
         if scaled:
             assert lr_scales is not None
-            line += f"  {lr_scales[index]:<7.3g}"
+            scale = f"{lr_scales[index]:.3g}" if index in counted else "-"
+            line += f"  {scale:<7}"
         if frozen:
             count = sum(p.numel() for n, p in group.params.items() if n in frozen)
             line += f"  {count:>11,}"
@@ -372,6 +644,15 @@ def format_group_table(
         count = sum(p.numel() for g in groups for n, p in g.params.items() if n in frozen)
         summary += f" ({count:,} frozen by you before fit, never trained)"
     lines.append(summary)
+    uncounted = [groups[i].name for i in range(len(groups)) if i not in counted]
+    if uncounted:
+        lines.append(
+            f"not counted by head, n_frozen, stages or LR depths (nothing of theirs can "
+            f"train): {uncounted}"
+        )
+    found_by = found_by if found_by is not None else getattr(groups, "found_by", "")
+    if found_by:
+        lines.append(f"groups found by: {found_by}")
     return "\n".join(lines)
 
 

@@ -15,7 +15,9 @@ multiply) and applies the result:
   as new groups that the user's schedulers drive like the others;
 * warmup factors multiply the LR inside each optimizer step only (torch's step pre- and
   post-hooks), so the step uses the scheduler's LR times the factor and schedulers never
-  see (or compound) the factor;
+  see (or compound) the factor (``on_step`` sees the LRs a finished step used: the
+  coordinator records them); between steps ``param_groups`` show the scheduler's LRs, and a frozen
+  group's non-zero ``lr`` (nothing of it trains);
 * norm layers of frozen groups run in eval mode whatever ``model.train()`` did;
 * under DDP, gradients of parameters unfrozen after the model was wrapped (which DDP's
   reducer does not own) are averaged across ranks by hand.
@@ -76,6 +78,9 @@ class Plan:
         }
         #: Called at every optimizer step: each layer group's warmup factor.
         self.warmup_factors: Callable[[], Sequence[float]] | None = None
+        #: Called with the optimizer after every optimizer step that ran, its LRs still the
+        #: ones it used (warmup applied): what records the applied LRs.
+        self.on_step: Callable[[torch.optim.Optimizer], None] | None = None
         #: Per group, the parameters the plan may freeze and thaw (the user's frozen ones
         #: left out), by name: fixed for the plan's life.
         self._own: list[dict[str, nn.Parameter]] = [
@@ -219,6 +224,8 @@ class Plan:
             self.apply_warmup(optimizer, self.warmup_factors())
 
     def _cool(self, optimizer: torch.optim.Optimizer, *_: Any) -> None:
+        if self.on_step is not None:
+            self.on_step(optimizer)
         self.restore_lr()
 
     def apply_warmup(self, optimizer: torch.optim.Optimizer, factors: Sequence[float]) -> None:

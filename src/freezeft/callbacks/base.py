@@ -18,7 +18,8 @@ from typing_extensions import override
 
 from freezeft._lightning import CALLBACK_BASES, pl
 from freezeft.callbacks.coordinator import Coordinator
-from freezeft.groups import GroupSpec, LayerGroup
+from freezeft.groups import GroupSpec, LayerGroup, trainable_groups
+from freezeft.history import LRSchedule
 from freezeft.plan import Plan
 
 __all__ = ["StrategyCallback", "RunLength", "run_length"]
@@ -66,6 +67,13 @@ class StrategyCallback(*CALLBACK_BASES):  # type: ignore[misc]
         #: (the app does, to check the strategy before any work): the fit uses them
         #: instead of resolving again while they hold exactly the module's parameters.
         self.resolved_groups: list[LayerGroup] | None = None
+
+    def counted_groups(self, groups: Sequence[LayerGroup]) -> list[int]:
+        """The indices of the groups ``head``, ``n_frozen``, stages and LR depths count:
+        those holding a parameter the user left trainable (not a LoRA base model's
+        embeddings, norm or ``lm_head``, whose every parameter the user froze)."""
+        plan = self.plan
+        return trainable_groups(groups, plan.user_frozen if plan is not None else None)
 
     # -- intents: what a strategy wants; override these --------------------------------
     def check(self, groups: Sequence[LayerGroup]) -> None:
@@ -118,6 +126,30 @@ class StrategyCallback(*CALLBACK_BASES):  # type: ignore[misc]
         """The schedule the fit has followed so far (:mod:`freezeft.schedule`'s format),
         from the fit's coordinator; ``{}`` before a fit."""
         return self.coordinator.realised_schedule() if self.coordinator is not None else {}
+
+    @property
+    def applied_lr(self) -> LRSchedule:
+        """The LR each optimizer param group was applied at, per optimizer step of the
+        fit (the last one, after it ended), as the step used it: the user's scheduler,
+        freezeft's LR multipliers and warmup included, and 0 for a group that trained
+        nothing (frozen); with whether it trained. The same for every strategy of a fit
+        (the coordinator records it), and the table the app writes as ``lr_schedule.csv``
+        (:meth:`~freezeft.history.LRSchedule.write_csv`). Empty before a fit.
+
+        Between steps, ``optimizer.param_groups`` shows something else: a frozen group
+        keeps a non-zero ``lr`` (nothing of it trains), and warmup is applied only inside
+        ``optimizer.step()``, so outside it ``lr`` is the scheduler's LR without warmup.
+
+        Example::
+
+            strategy = FrozenEncoder(head=1)
+            trainer = Trainer(callbacks=[strategy, LRWarmup(warmup_steps=10)])
+            trainer.fit(model)
+            strategy.applied_lr.of("net.out")  # one LR per optimizer step
+            strategy.applied_lr.write_csv("lr_schedule.csv")
+        """
+        coordinator = self.coordinator
+        return coordinator.applied_lr if coordinator is not None else LRSchedule()
 
     def frozen_cache_memory_gb(self) -> float | None:
         """The memory for cached outputs of the frozen prefix, if this strategy asks for
@@ -177,7 +209,7 @@ class StrategyCallback(*CALLBACK_BASES):  # type: ignore[misc]
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor
     ) -> None:
         if coordinator := self._leads():
-            coordinator.before_backward(trainer, loss)
+            coordinator.before_backward(trainer, pl_module, loss)
 
     @override
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

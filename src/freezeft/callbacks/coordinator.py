@@ -10,6 +10,7 @@ checkpoints it. Which strategy forwards the hooks changes nothing: the coordinat
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +41,14 @@ def _hold_the_parameters_of(groups: Sequence[LayerGroup], module: Any) -> bool:
     sharding engine or a reload replaced since they were resolved)."""
     held = {id(p) for group in groups for p in group.params.values()}
     return held == {id(p) for p in module.parameters()}
+
+
+def _number(value: Any) -> float:
+    """An LR as a float (a tensor's too); NaN for none (Adafactor's relative steps)."""
+    try:
+        return float(value)
+    except (TypeError, ValueError, RuntimeError):
+        return math.nan
 
 
 class Coordinator:
@@ -74,6 +83,11 @@ class Coordinator:
         self.plan: Plan | None = None
         self.frozen_cache: FrozenOutputCache | None = None
         self._restored_trainable: dict[str, bool] | None = None
+        #: How the layer groups were found (the group table's last line).
+        self.found_by = ""
+        #: The LR each param group was applied at every optimizer step of this fit (warmup
+        #: included; 0 for a group that trained nothing) and whether it trained.
+        self.applied_lr = LRSchedule()
         self._sharded: ShardedFit | None = None  # the engine's part, fit start to teardown
         #: The phases this fit followed so far (schedule.yaml's), restored on resume.
         self.phases: list[dict[str, Any]] = []
@@ -116,14 +130,42 @@ class Coordinator:
         if given is not None and _hold_the_parameters_of(given, pl_module):
             groups = list(given)  # resolved once, by whoever checked the strategies
         else:
-            groups = resolve_groups(pl_module, self.patterns)
+            given = resolve_groups(pl_module, self.patterns, forward_passes(trainer, pl_module))
+            groups = list(given)
+        self.found_by = str(getattr(given, "found_by", ""))
         self.plan = Plan(groups, bn=self.schedule.bn if self.schedule is not None else "frozen")
         for strategy in self.strategies:
             strategy.groups, strategy.plan = groups, self.plan
             strategy.check(groups)
+        self._check_something_trains(trainer)
         flags = self._flags(0)
         if flags is not None:
             self.plan.set_trainable(flags)
+
+    def _check_something_trains(self, trainer: pl.Trainer) -> None:
+        """Refuse a freezing schedule that would train nothing at some epoch of the fit:
+        every group it trains then holds only parameters the user froze (LoRA's base)."""
+        plan, schedule = self.plan, self.schedule
+        if plan is None or schedule is None:
+            return
+        can = trainable_groups(self.groups, plan.user_frozen)
+        if not can:
+            return  # the user froze everything: no schedule's doing
+        epochs = trainer.max_epochs if isinstance(trainer.max_epochs, int) else 0
+        for epoch in range(min(max(epochs, 1), 1000)):
+            flags = self._flags(epoch)
+            if flags is None or any(flags[i] for i in can):
+                continue
+            names = [g.name for g in self.groups]
+            chosen = [names[i] for i, flag in enumerate(flags) if flag]
+            raise ValueError(
+                f"freezeft: {type(schedule).__name__} would train nothing at epoch {epoch}: "
+                f"the groups it trains then ({chosen}) hold only parameters you froze before "
+                f"fit (a LoRA base model's, say), and the groups that can train "
+                f"({[names[i] for i in can]}) are all frozen by it. Give it a `head` among "
+                "the groups that can train (`head=1` counts only those), or leave "
+                "parameters of the groups it trains trainable."
+            )
 
     def fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Take over the optimizers (split, scale, warm up), norm layers and the cache."""
@@ -174,6 +216,7 @@ class Coordinator:
         plan.warmup_factors = lambda: [
             self._product(lambda s, i=i: s.warmup_factor(i, trainer.global_step)) for i in range(n)
         ]
+        plan.on_step = self._record_applied_lr
         plan.install_norm_hooks(pl_module)
         memory_gb = schedule.frozen_cache_memory_gb() if schedule is not None else None
         if schedule is not None and memory_gb is not None:
@@ -186,10 +229,14 @@ class Coordinator:
                 )
             else:
                 self._start_frozen_cache(pl_module, schedule, memory_gb)
-        head = max(s.head_size(n) for s in self.strategies)
+        head = schedule.head_groups(n) if schedule is not None and schedule.head_size(n) else []
         names = " + ".join(type(s).__name__ for s in self.strategies)
         table = format_group_table(
-            self.groups, head=head, user_frozen=plan.user_frozen, lr_scales=scales
+            self.groups,
+            head=head,
+            user_frozen=plan.user_frozen,
+            lr_scales=scales,
+            found_by=self.found_by,
         )
         rank_zero_info(f"{names}: layer groups\n{table}")
         self._scales = scales
@@ -291,23 +338,55 @@ class Coordinator:
         if self.plan is not None:
             pl_module.log("trainable_params", float(self.plan.trainable_params()), sync_dist=True)
 
-    def before_backward(self, trainer: pl.Trainer, loss: Tensor) -> None:
+    def before_backward(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor
+    ) -> None:
         """Explain a loss without gradient when freezeft's freezing is why."""
         plan = self.plan
         if plan is None or loss.requires_grad:
             return
-        frozen = [g.name for i, g in enumerate(self.groups) if not plan.trains(i)]
+        can = trainable_groups(self.groups, plan.user_frozen)
+        frozen = [self.groups[i].name for i in can if not plan.trains(i)]
         if not frozen:
             return  # nothing freezeft froze: not ours to explain
         training = [g.name for i, g in enumerate(self.groups) if plan.trains(i)]
+        yours = [g.name for i, g in enumerate(self.groups) if i not in can]
+        state = f"Frozen now: {frozen}; training: {training}" + (
+            f"; frozen by you (never trained): {yours}" if yours else ""
+        )
+        if getattr(pl_module, "automatic_optimization", True) is False:
+            advice = (
+                "With manual optimization and toggle_optimizer(), an optimizer whose "
+                "parameters are all in frozen groups has nothing to train: skip its backward "
+                "and step while they are frozen (e.g. `if loss.requires_grad:`), or give the "
+                "strategy other `head` groups."
+            )
+        else:
+            advice = (
+                "The loss does not reach the groups that train: check that training_step's "
+                "loss is computed from their outputs (nothing detached, no torch.no_grad() "
+                "around them), or give the strategy `head` groups the loss depends on."
+            )
         raise RuntimeError(
             f"freezeft: the loss passed to backward does not depend on any trainable "
-            f"parameter at epoch {trainer.current_epoch}. Frozen now: {frozen}; training: "
-            f"{training}. With manual optimization and toggle_optimizer(), an optimizer "
-            "whose parameters are all in frozen groups has nothing to train: skip its "
-            "backward and step while they are frozen (e.g. `if loss.requires_grad:`), or "
-            "give the strategy other `head` groups."
+            f"parameter at epoch {trainer.current_epoch}. {state}. {advice}"
         )
+
+    def _record_applied_lr(self, optimizer: Any) -> None:
+        """After each optimizer step, before warmup is undone: the LR each param group used
+        and whether it trained (:attr:`applied_lr`)."""
+        trainer = self._trainer
+        if trainer is None:
+            return
+        entries = [
+            (
+                str(group.get("name", f"pg{index + 1}")),
+                _number(group.get("lr")),
+                any(p.requires_grad for p in group["params"]),
+            )
+            for index, group in enumerate(optimizer.param_groups)
+        ]
+        self.applied_lr.record(trainer.global_step, trainer.current_epoch, entries)
 
     def after_backward(self) -> None:
         """Average across DDP ranks the gradients the reducer does not own."""

@@ -22,6 +22,8 @@ __all__ = ["FreezeBottom"]
 class FreezeBottom(FrozenEncoder):
     """Keep the first ``n_frozen`` layer groups (from the input side) frozen; train the rest.
 
+    Groups whose every parameter you froze before fit (LoRA's embeddings) are not counted.
+
     Frozen groups stay bit-identical to the source model, get no gradient and no optimizer
     state; a re-initialised output layer trains with the groups above the frozen ones.
 
@@ -58,9 +60,20 @@ class FreezeBottom(FrozenEncoder):
     @override
     def check(self, groups: Sequence[LayerGroup]) -> None:
         n = len(groups)
-        if self.n_frozen >= n:
+        counted = self.counted_groups(groups)
+        if self.n_frozen >= len(counted):
+            yours = [g.name for i, g in enumerate(groups) if i not in counted]
+            uncounted = (
+                f"; {yours} hold only parameters you froze before fit and are not counted"
+                if yours
+                else ""
+            )
             raise ValueError(
                 f"FreezeBottom: `n_frozen={self.n_frozen}` leaves no group to train: the module "
-                f"has {n} layer groups ({[g.name for g in groups]}); use n_frozen < {n}."
+                f"has {len(counted)} layer groups that can train "
+                f"({[groups[i].name for i in counted]}){uncounted}; use n_frozen < "
+                f"{len(counted)}."
             )
-        self._head = list(range(self.n_frozen, n))  # what trains: all above the frozen ones
+        # what trains: all above the first n_frozen groups that can train
+        start = counted[self.n_frozen - 1] + 1 if self.n_frozen else 0
+        self._head = list(range(start, n))

@@ -22,6 +22,10 @@ class FrozenEncoder(StrategyCallback):
     Frozen groups get no gradient and no optimizer state, and no autograd graph is built
     through a frozen prefix, so each step is cheaper than full fine-tuning.
 
+    Groups whose every parameter you froze before fit (a LoRA base model's embeddings,
+    norm and ``lm_head``) are not counted: ``head=1`` on a LoRA model is the top layer's
+    adapters.
+
     Args:
         head: number of groups from the top, or a list of group names, that train.
         groups: layer-group patterns, input to output (``None``: ``layer_groups()`` or discovery).
@@ -64,7 +68,9 @@ class FrozenEncoder(StrategyCallback):
 
     @override
     def check(self, groups: Sequence[LayerGroup]) -> None:
-        self._head = head_indices(self.head, groups, type(self).__name__)
+        self._head = head_indices(
+            self.head, groups, type(self).__name__, self.counted_groups(groups)
+        )
 
     @override
     def trainable(self, index: int, n_groups: int, epoch: int) -> bool | None:
@@ -83,33 +89,67 @@ class FrozenEncoder(StrategyCallback):
         return float(self.cache_memory_gb) if self.cache_frozen else None
 
 
-def head_indices(head: HeadSpec, groups: Sequence[LayerGroup], owner: str) -> list[int]:
-    """Indices of the head groups; validates ``head`` against the resolved groups."""
+def head_indices(
+    head: HeadSpec,
+    groups: Sequence[LayerGroup],
+    owner: str,
+    counted: Sequence[int] | None = None,
+) -> list[int]:
+    """Indices of the head groups; validates ``head`` against the resolved groups.
+
+    Args:
+        head: how many groups from the top, or their names.
+        groups: the resolved groups.
+        owner: the strategy's name, for messages.
+        counted: the groups that count (those with parameters the user left trainable);
+            ``None``: all. An int ``head`` is the last ``head`` of them.
+    """
     n = len(groups)
+    names = [g.name for g in groups]
     if n < 2:
         raise ValueError(
-            f"{owner}: the module has a single layer group ({[g.name for g in groups]}), so "
+            f"{owner}: the module has a single layer group ({names}), so "
             "there is no encoder to freeze. Pass at least two groups, input to output, as "
             "`groups=[...]`, or define `layer_groups()` on the LightningModule."
         )
+    counted = list(range(n)) if counted is None else sorted(counted)
+    yours = [names[i] for i in range(n) if i not in counted]
+    uncounted = (
+        f"; {yours} hold only parameters you froze before fit and are not counted" if yours else ""
+    )
+    if not counted:
+        raise ValueError(
+            f"{owner}: no layer group holds a parameter that can train: you froze every "
+            f"parameter before fit ({names}). Leave the parameters to train with "
+            "requires_grad=True."
+        )
     if isinstance(head, int):
-        if head >= n:
+        if head >= len(counted):
             raise ValueError(
                 f"{owner}: `head={head}` leaves no encoder group to freeze: the module has "
-                f"{n} layer groups ({[g.name for g in groups]}); use a head smaller than {n}."
+                f"{len(counted)} layer groups that can train "
+                f"({[names[i] for i in counted]}){uncounted}; use a head smaller than "
+                f"{len(counted)}."
             )
-        return list(range(n - head, n))
-    names = [g.name for g in groups]
+        return counted[len(counted) - head :]
     unknown = [h for h in head if h not in names]
     if unknown:
         raise ValueError(
             f"{owner}: head groups {unknown} are not layer groups; available: {names}."
         )
-    if len(set(head)) >= n:
+    chosen = sorted({names.index(h) for h in head})
+    if not set(chosen) & set(counted):
         raise ValueError(
-            f"{owner}: `head` names every layer group; leave at least one encoder group."
+            f"{owner}: `head={list(head)}` names only groups whose every parameter you "
+            "froze before fit, so nothing would train at epoch 0. Name groups that can "
+            f"train ({[names[i] for i in counted]}), or give `head=1` (it counts only those)."
         )
-    return sorted(names.index(h) for h in head)
+    if set(counted) <= set(chosen) or len(set(head)) >= n:
+        raise ValueError(
+            f"{owner}: `head` names every layer group that can train; leave at least one "
+            "encoder group."
+        )
+    return chosen
 
 
 def check_head(head: HeadSpec, owner: str) -> HeadSpec:
