@@ -101,6 +101,11 @@ def read_schedule(spec: str | Path | dict[str, Any] | list[Any]) -> ScheduleSpec
     if isinstance(spec, (str, Path)):
         path = Path(spec)
         source = str(path)
+        if path.is_dir():
+            raise ValueError(
+                f"{path} is a folder, not a schedule file; give the schedule.yaml in it "
+                f"({path / 'schedule.yaml'}) or another YAML file."
+            )
         if not path.is_file():
             raise FileNotFoundError(
                 f"Schedule file {path} does not exist; write one (python -m freezeft.run "
@@ -110,7 +115,15 @@ def read_schedule(spec: str | Path | dict[str, Any] | list[Any]) -> ScheduleSpec
             spec = yaml.safe_load(path.read_text(encoding="utf-8"))
         except (yaml.YAMLError, UnicodeDecodeError) as err:
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise _refuse(source, f"not readable YAML ({first})") from None
+            mark = getattr(err, "problem_mark", None)
+            where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+            problem = getattr(err, "problem", None) or first
+            raise _refuse(source, f"not readable YAML ({where}{problem})") from None
+        if isinstance(spec, list):
+            raise _refuse(
+                source,
+                "a list, not a schedule: put the phases under `phases:` (a mapping)",
+            )
     if isinstance(spec, list):
         spec = {"phases": spec}
     if not isinstance(spec, dict):

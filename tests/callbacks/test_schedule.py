@@ -6,6 +6,7 @@ Real Trainers on a six-layer model named as DeepSpeech's layers (layer_1 .. laye
 from __future__ import annotations
 
 import filecmp
+import re
 from pathlib import Path
 
 import pytest
@@ -71,7 +72,8 @@ def loader() -> torch.utils.data.DataLoader:
     return torch.utils.data.DataLoader(data, batch_size=12)  # 4 steps per epoch
 
 
-def fit(out: Path, strategies: list, epochs: int = 5, ckpt_path=None, model=None, last=None):
+def fit(out: Path, strategies: list, epochs: int = 5, ckpt_path=None, model=None, last=None,
+        extra=()):  # fmt: skip
     """A fit of ``SixLayers`` into ``out``; ``last``: a folder for an end-of-epoch
     ``last.ckpt`` (what a killed run leaves)."""
     pl.seed_everything(0)
@@ -79,9 +81,9 @@ def fit(out: Path, strategies: list, epochs: int = 5, ckpt_path=None, model=None
     saving = [pl.callbacks.ModelCheckpoint(dirpath=last, save_last=True)] if last else []
     trainer = pl.Trainer(
         max_epochs=epochs,
-        callbacks=[*strategies, History(out), ScheduleLog(out / "schedule.yaml"), *saving],
+        callbacks=[*strategies, History(out), ScheduleLog(out / "schedule.yaml"), *saving, *extra],
         logger=False,
-        enable_checkpointing=bool(last),
+        enable_checkpointing=bool(last or extra),
         enable_progress_bar=False,
         enable_model_summary=False,
     )
@@ -245,3 +247,80 @@ def test_schedule_needs_a_path_or_phases():
         Schedule()
     with pytest.raises(FileNotFoundError, match="Schedule file .*missing.yaml does not exist"):
         Schedule("missing.yaml")
+
+
+LR_ONLY = """
+phases:
+  - {epoch: 0, train: ["*"]}
+  - {epoch: 2, train: ["*"], lr_scale: 0.5}
+  - {epoch: 3, train: ["*"], lr_scale: {"layer_[1-3]": 0.25}, reset_optimizer: true}
+"""
+
+RESTORING = """
+phases:
+  - {epoch: 0, train: [layer_6]}
+  - {epoch: 3, train: ["*"], lr_scale: 0.5, reset_optimizer: true, restore_best: true}
+"""
+
+
+@pytest.mark.parametrize("text", [LR_ONLY, RESTORING], ids=["lr-only phases", "restore_best"])
+def test_a_schedules_own_written_schedule_replays_it(tmp_path, text):
+    """Phases that change only LRs, and a phase that restores the best checkpoint, are
+    written too: the Schedule's own schedule.yaml replays the Schedule's run."""
+    (tmp_path / "plan.yaml").write_text(text)
+
+    def best():  # the worst epoch is the best (mode=max): a restore changes the weights
+        return [pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val_loss",
+                                             mode="max")]  # fmt: skip
+
+    first, _ = fit(tmp_path / "a", [Schedule(tmp_path / "plan.yaml")], extra=best())
+    written = yaml.safe_load((tmp_path / "a" / "schedule.yaml").read_text())
+    assert len(written["phases"]) == text.count("epoch:")
+    if "restore_best" in text:
+        assert written["phases"][1]["restore_best"] is True
+    else:
+        assert written["phases"][2]["reset_optimizer"] is True
+    for d in ("ckpt",):
+        for f in (tmp_path / d).glob("*"):
+            f.unlink()
+    replay, _ = fit(tmp_path / "b", [Schedule(tmp_path / "a" / "schedule.yaml")], extra=best())
+    assert filecmp.cmp(tmp_path / "a" / "lr_schedule.csv", tmp_path / "b" / "lr_schedule.csv",
+                       shallow=False)  # fmt: skip
+    for (key, a), b in zip(first.state_dict().items(), replay.state_dict().values(), strict=True):
+        assert torch.equal(a, b), key
+
+
+@pytest.mark.parametrize(
+    "make, says",
+    [
+        (lambda d: (d.mkdir(), d)[1], "is a folder, not a schedule file"),
+        (lambda d: (d.write_text("- {epoch: 0, train: [layer_6]}\n"), d)[1], "a list, not a sch"),
+        (lambda d: (d.write_text("phases: [\n  {epoch: 0\n"), d)[1], "not readable YAML (line"),
+    ],
+    ids=["a folder", "a bare list", "a YAML syntax error"],
+)
+def test_a_path_that_is_no_schedule_file_says_what_it_is(tmp_path, make, says):
+    path = make(tmp_path / "plan.yaml")
+    with pytest.raises(ValueError, match=re.escape(says)):
+        Schedule(path)
+
+
+def test_a_plateau_on_a_metric_the_validation_never_logs_is_refused_before_training(tmp_path):
+    phases = [{"epoch": 0, "train": ["layer_6"]},
+              {"on_plateau": {"monitor": "val_nope"}, "train": ["*"]}]  # fmt: skip
+    pl.seed_everything(0)
+    model = SixLayers()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(
+        ValueError, match=r"'val_nope', which the validation does not log.*val_loss"
+    ):
+        fit(tmp_path, [Schedule(phases=phases)], model=model)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_phases_the_fit_never_reaches_are_named_in_a_warning(tmp_path):
+    late = [{"epoch": 0, "train": ["*"]}, {"epoch": 3, "train": ["layer_6"]}]
+    with pytest.warns(
+        UserWarning, match=r"phase\(s\) \[1\] start at epoch 3 or later.*max_epochs=4"
+    ):
+        fit(tmp_path, [Schedule(phases=late)], epochs=2)

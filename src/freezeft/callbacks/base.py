@@ -112,6 +112,17 @@ class StrategyCallback(*CALLBACK_BASES):  # type: ignore[misc]
         fit's schedule, e.g. ``{"on_plateau": {...}}``); ``None``: the epoch itself."""
         return None
 
+    def phase_key(self, epoch: int, step: int) -> Any:
+        """Which phase of a freezing schedule is in force (a phase that changes LRs but
+        not which groups train is recorded when this changes); ``None``: phases are told
+        apart by the groups they train."""
+        return None
+
+    def phase_extras(self, epoch: int, step: int) -> dict[str, Any]:
+        """What else the fit's schedule records of the phase starting now (``Schedule``:
+        ``restore_best``)."""
+        return {}
+
     def phase_lr_factor(self, index: int) -> float:
         """A multiplier of group ``index``'s LR that holds for the current phase only (on
         top of :meth:`lr_scale`; applied through :meth:`warmup_factor`)."""

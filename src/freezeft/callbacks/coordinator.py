@@ -91,6 +91,7 @@ class Coordinator:
         self._sharded: ShardedFit | None = None  # the engine's part, fit start to teardown
         #: The phases this fit followed so far (schedule.yaml's), restored on resume.
         self.phases: list[dict[str, Any]] = []
+        self._phase_key: Any = None  # the schedule's phase in force (Schedule: its index)
         self._scales: list[float] = []
         self._trainer: pl.Trainer | None = None  # the fit's, from fit start to teardown
 
@@ -240,6 +241,8 @@ class Coordinator:
         )
         rank_zero_info(f"{names}: layer groups\n{table}")
         self._scales = scales
+        if not self.phases and schedule is not None:  # resumed: it came with the checkpoint
+            self._phase_key = schedule.phase_key(trainer.current_epoch, trainer.global_step)
         if not self.phases:  # resumed: the phases come with the checkpoint
             self._record_phase(trainer, {"fit_start": True}, reset=False)
 
@@ -285,8 +288,21 @@ class Coordinator:
         group frozen mid-run gives back its optimizer state (moments it will not use)."""
         flags = self._flags(trainer.current_epoch)
         plan = self.plan
-        if flags is None or plan is None or flags == plan.trainable:
+        if flags is None or plan is None:
             return
+        assert self.schedule is not None
+        key = self.schedule.phase_key(trainer.current_epoch, trainer.global_step)
+        if flags == plan.trainable:
+            if key != self._phase_key:  # a phase that changes LRs (or restores) only
+                self._phase_key = key
+                reset = self.schedule.resets_optimizer_on_unfreeze()
+                if reset:
+                    for optimizer in trainer.optimizers:
+                        plan.reset_optimizer_state(optimizer)
+                trigger = self.schedule.phase_trigger(trainer.current_epoch, trainer.global_step)
+                self._record_phase(trainer, trigger or {"epoch": trainer.current_epoch}, reset)
+            return
+        self._phase_key = key
         before, was = plan.trainable_params(), list(plan.trainable)
         unfrozen = [i for i in plan.set_trainable(flags) if plan.trains(i)]
         frozen = [i for i, (a, b) in enumerate(zip(was, flags, strict=True)) if a and not b]
@@ -430,6 +446,8 @@ class Coordinator:
         }
         if reset:
             phase["reset_optimizer"] = True
+        if self.schedule is not None:
+            phase.update(self.schedule.phase_extras(trainer.current_epoch, trainer.global_step))
         phase["trigger"] = trigger
         self.phases.append(phase)
 
@@ -455,6 +473,7 @@ class Coordinator:
         return {
             "trainable": {g.name: t for g, t in zip(self.groups, self.plan.trainable, strict=True)},
             "phases": [dict(p) for p in self.phases],
+            "phase_key": self._phase_key,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -464,6 +483,7 @@ class Coordinator:
             return
         if state_dict.get("phases"):
             self.phases = [dict(p) for p in state_dict["phases"]]
+            self._phase_key = state_dict.get("phase_key")
         saved, before = dict(state_dict["trainable"]), self._restored_trainable
         self._restored_trainable = saved
         # after fit start (a sharded engine loading); not a test's or predict's checkpoint

@@ -167,6 +167,18 @@ class Schedule(StrategyCallback):
         return self._phase_now().reset_optimizer
 
     @override
+    def phase_key(self, epoch: int, step: int) -> Any:
+        return self.current_phase(epoch, step)
+
+    @override
+    def phase_extras(self, epoch: int, step: int) -> dict[str, Any]:
+        return (
+            {"restore_best": True}
+            if self.phases[self.current_phase(epoch, step)].restore_best
+            else {}
+        )
+
+    @override
     def phase_trigger(self, epoch: int, step: int) -> dict[str, Any] | None:
         index = self.current_phase(epoch, step)
         phase = self.phases[index]
@@ -175,6 +187,37 @@ class Schedule(StrategyCallback):
         return {"schedule": {"phase": index, "source": self.spec.source}}
 
     # -- plateaus and restored checkpoints -------------------------------------------------
+    @override
+    def on_sanity_check_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        logged = set(trainer.callback_metrics)
+        for index, phase in enumerate(self.phases):
+            if (
+                phase.on_plateau is not None
+                and logged
+                and phase.on_plateau["monitor"] not in logged
+            ):
+                raise ValueError(
+                    f"Schedule: {self.spec.source}: phase {index} waits for a plateau of "
+                    f"{phase.on_plateau['monitor']!r}, which the validation does not log; it "
+                    f"logs {sorted(logged)}. Name one of those in `on_plateau.monitor`."
+                )
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        epochs = trainer.max_epochs
+        if not isinstance(epochs, int) or epochs < 0:
+            return
+        late = [i for i, p in enumerate(self.phases) if p.epoch is not None and p.step is None
+                and p.epoch >= epochs]  # fmt: skip
+        if late:
+            rank_zero_warn(
+                f"Schedule: {self.spec.source}: phase(s) {late} start at epoch "
+                f"{self.phases[late[0]].epoch} or later, but the fit has {epochs} epoch(s) "
+                f"(0..{epochs - 1}): they never run. Train longer (Trainer(max_epochs=N); "
+                f"python -m freezeft.run: trainer.max_epochs="
+                f"{max(self.phases[i].epoch or 0 for i in late) + 1}) or start them earlier."
+            )
+
     @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
