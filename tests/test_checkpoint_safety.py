@@ -73,6 +73,7 @@ def test_transcribe_refuses_a_payload_and_runs_nothing(tmp_path, capsys):
 def lightning_checkpoint(path):
     """A real Lightning checkpoint of a tiny module, as the app's ModelCheckpoint writes."""
     import torch
+    from tiny_models import quiet_trainer
     from torch import nn
 
     from freezeft._lightning import pl
@@ -82,7 +83,7 @@ def lightning_checkpoint(path):
             super().__init__()
             self.layer = nn.Linear(4, 3)
 
-    trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    trainer = quiet_trainer()
     trainer.strategy.connect(Tiny())
     path.parent.mkdir(parents=True, exist_ok=True)
     trainer.save_checkpoint(path)

@@ -7,9 +7,12 @@ on the README's own-model example (examples/own_model): under a second each.
 from __future__ import annotations
 
 import json
+import multiprocessing
 import shutil
-import subprocess
 import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -235,35 +238,43 @@ def test_resuming_a_checkpoint_of_another_model_size_is_one_line_naming_the_tens
     assert sorted(p.name for p in last.parent.iterdir()) == before
 
 
-HOLD = """
-import sys, time
-from freezeft.app.run_dir import hold_run_dir
-with hold_run_dir(sys.argv[1]):
-    print("held", flush=True)
-    time.sleep(120)
-"""
+def _hold(run_dir: str, held) -> None:
+    from freezeft.app.run_dir import hold_run_dir
+
+    with hold_run_dir(run_dir):
+        held.set()
+        time.sleep(120)
+
+
+@contextmanager
+def another_process_holding(run_dir: Path) -> Iterator[int]:
+    """A second process holding ``run_dir``'s lock, as one training into it does: forked,
+    so it pays no imports; its pid. Killed on exit (kill -9), which releases the lock."""
+    fork = multiprocessing.get_context("fork")
+    held = fork.Event()
+    holder = fork.Process(target=_hold, args=(str(run_dir), held), daemon=True)
+    holder.start()
+    try:
+        assert held.wait(60), "the holder did not take the lock"
+        yield holder.pid
+    finally:
+        holder.kill()
+        holder.join()
 
 
 def test_a_second_resume_of_a_run_dir_in_use_is_refused_naming_the_pid(tmp_path):
     run(tmp_path / "a")
     files = {p: p.stat().st_mtime_ns for p in (tmp_path / "a").rglob("*") if p.is_file()}
-    holder = subprocess.Popen(  # the first resume, training into the run dir
-        [sys.executable, "-c", HOLD, str(tmp_path / "a")], stdout=subprocess.PIPE, text=True
-    )
-    try:
-        assert holder.stdout.readline() == "held\n"
+    with another_process_holding(tmp_path / "a") as pid:  # the first resume, training
         with pytest.raises(ValueError) as refused:
             run(tmp_path / "a", f"resume={tmp_path / 'a'}", "trainer.max_epochs=3")
-    finally:
-        holder.kill()
-        holder.wait()
     message = str(refused.value)
     assert message.startswith(
-        f"resume={tmp_path / 'a'}: {tmp_path / 'a'} is in use: process {holder.pid} (since "
+        f"resume={tmp_path / 'a'}: {tmp_path / 'a'} is in use: process {pid} (since "
     )
     assert message.endswith(
         "trains into it now, and a second resume would interleave their checkpoints and logs. "
-        f"Wait for it to finish, or stop it (kill {holder.pid}; it then writes a resumable "
+        f"Wait for it to finish, or stop it (kill {pid}; it then writes a resumable "
         "checkpoint), and resume again."
     )
     after = {p: p.stat().st_mtime_ns for p in (tmp_path / "a").rglob("*") if p.is_file()}
@@ -276,18 +287,11 @@ def test_a_second_resume_of_a_run_dir_in_use_is_refused_naming_the_pid(tmp_path)
 def test_a_run_into_a_dir_in_use_is_refused_too(tmp_path):
     from freezeft.app.run_dir import hold_run_dir
 
-    holder = subprocess.Popen(
-        [sys.executable, "-c", HOLD, str(tmp_path / "a")], stdout=subprocess.PIPE, text=True
-    )
-    try:
-        assert holder.stdout.readline() == "held\n"
-        with pytest.raises(ValueError, match=rf"is in use: process {holder.pid} .*Give this "
+    with another_process_holding(tmp_path / "a") as pid:
+        with pytest.raises(ValueError, match=rf"is in use: process {pid} .*Give this "
                            r"run its own dir \(leave hydra.run.dir to Hydra\), or wait for "
-                           rf"that one to finish or stop it \(kill {holder.pid}\)\.$"):  # fmt: skip
+                           rf"that one to finish or stop it \(kill {pid}\)\.$"):  # fmt: skip
             run(tmp_path / "a")
-    finally:
-        holder.kill()
-        holder.wait()
     with hold_run_dir(tmp_path / "a"):  # free again: the holder's death released it
         assert (tmp_path / "a" / ".run.lock.json").is_file()
     assert not (tmp_path / "a" / ".run.lock.json").exists()

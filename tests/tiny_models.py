@@ -1,6 +1,7 @@
 """What users bring, built tiny from configs (no downloads): HF BERT and wav2vec2, timm
 ResNet and ViT, peft LoRA; wrapped the usual way (``self.model``) in one LightningModule
-with the user's own optimizer, optionally over ``requires_grad`` parameters only."""
+with the user's own optimizer, optionally over ``requires_grad`` parameters only. And the
+tests' quiet Trainer (:func:`quiet_trainer`, :data:`QUIET`)."""
 
 from __future__ import annotations
 
@@ -181,6 +182,19 @@ class LRRecorder(pl.Callback):
         self.steps.append({g.get("name", str(i)): g["lr"] for i, g in enumerate(groups)})
 
 
+#: A test's Trainer keywords: no logger, checkpointing, progress bar or model summary.
+QUIET: dict[str, Any] = dict(
+    logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False
+)
+
+
+def quiet_trainer(package: Any = pl, **kwargs: Any) -> pl.Trainer:
+    """A real Trainer of ``package`` (``pytorch_lightning``, ``lightning.pytorch`` or
+    ``lightning``; the one freezeft runs with by default) with :data:`QUIET`'s settings
+    unless ``kwargs`` set them, e.g. ``quiet_trainer(max_epochs=2, logger=CSVLogger(dir))``."""
+    return package.Trainer(**{**QUIET, **kwargs})
+
+
 def fit(
     module: pl.LightningModule,
     callbacks: list,
@@ -191,16 +205,8 @@ def fit(
     """A real Trainer, deterministic, without logs or checkpoints unless asked; resumed
     from ``ckpt_path`` if given."""
     pl.seed_everything(0)
-    options = dict(
-        max_epochs=epochs,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        deterministic=True,
-        num_sanity_val_steps=0,
-    )
-    trainer = pl.Trainer(callbacks=callbacks, **{**options, **kwargs})
+    options = dict(max_epochs=epochs, deterministic=True, num_sanity_val_steps=0)
+    trainer = quiet_trainer(callbacks=callbacks, **{**options, **kwargs})
     trainer.fit(module, *module.loaders(), ckpt_path=ckpt_path)
     return trainer
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import Task, fit, snapshot
+from tiny_models import Task, fit, quiet_trainer, snapshot
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -251,9 +251,9 @@ def test_the_monitor_is_found_on_a_lightning_package_checkpoint_too(tmp_path):
         threshold=1e9, check_every_n_steps=1, patience=1, min_epochs=0, plateau_patience=1
     )
     checkpoint = lightning.callbacks.ModelCheckpoint(tmp_path, monitor="val_score", mode="max")
-    trainer = lightning.Trainer(
-        max_epochs=6, callbacks=[strategy, checkpoint], logger=False, enable_progress_bar=False,
-        enable_model_summary=False, num_sanity_val_steps=0,
+    trainer = quiet_trainer(
+        lightning, max_epochs=6, callbacks=[strategy, checkpoint], enable_checkpointing=True,
+        num_sanity_val_steps=0,
     )  # fmt: skip
     lightning.seed_everything(0)
     trainer.fit(LightningScriptedDev(module.script), *module.loaders())

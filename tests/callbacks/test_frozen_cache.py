@@ -17,30 +17,26 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from full_disk import fill
+from tiny_models import quiet_trainer
 
 from freezeft.callbacks import AutoFreeze, FreezeThenUnfreeze, FrozenEncoder, GradualUnfreeze
 from freezeft.frozen_cache import FrozenOutputCache, cached_forward
 from freezeft.speech.data import SpeechDataModule
+from freezeft.speech.manifest import read_csv
 from freezeft.speech.module import SpeechModule
 
 
-def fit(german_corpus, strategy, epochs=3, extra=(), dropout=0.0, **module_options):
+def fit(german_mini, strategy, epochs=3, extra=(), dropout=0.0, **module_options):
     """The fitted module, its weights before, and how many samples an epoch sees (its
-    training samples and, in its validation, the dev samples: both go through the cache)."""
+    training samples and, in its validation, the dev samples: both go through the cache).
+    8 training utterances in batches of 2: 4 steps an epoch."""
     pl.seed_everything(0)
-    data = SpeechDataModule(data_dir=german_corpus, batch_size=8)
+    data = SpeechDataModule(data_dir=german_mini, batch_size=2)
     module = SpeechModule(
         labels=data.alphabet.labels, n_hidden=32, dropout=dropout, **module_options
     )
-    trainer = pl.Trainer(
-        max_epochs=epochs,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        callbacks=[strategy, *extra],
+    trainer = quiet_trainer(
+        max_epochs=epochs, accelerator="cpu", num_sanity_val_steps=0, callbacks=[strategy, *extra]
     )
     before = {k: v.clone() for k, v in module.state_dict().items()}
     trainer.fit(module, datamodule=data)
@@ -63,10 +59,10 @@ class Spy(pl.Callback):
             self.sizes.append(len(cache))
 
 
-def test_head_trains_from_cached_outputs_after_the_first_epoch(german_corpus):
+def test_head_trains_from_cached_outputs_after_the_first_epoch(german_mini):
     strategy = FrozenEncoder(head=1, cache_frozen=True)
     spy = Spy(strategy)
-    module, before, n = fit(german_corpus, strategy, extra=[spy])
+    module, before, n = fit(german_mini, strategy, extra=[spy])
     # epoch 0 computes every sample's layer_5 output once (training and validation);
     # epochs 1 and 2 only read them
     assert spy.seen == [(0, n, 5, 0), (n, n, 5, 0), (2 * n, n, 5, 0)]
@@ -77,28 +73,30 @@ def test_head_trains_from_cached_outputs_after_the_first_epoch(german_corpus):
     assert FrozenOutputCache.of(module) is None  # released at the end of fit
 
     uncached = Spy(FrozenEncoder(head=1))  # no cache, same (dropout-free) model
-    plain, _, _ = fit(german_corpus, uncached.strategy, extra=[uncached])
+    plain, _, _ = fit(german_mini, uncached.strategy, extra=[uncached])
     for name, tensor in plain.state_dict().items():
         assert torch.allclose(module.state_dict()[name], tensor, atol=1e-5), name
     assert spy.val_loss == pytest.approx(uncached.val_loss, abs=1e-5)  # validation as well
 
 
-def test_speed_perturbed_training_caches_one_output_per_sample_and_speed(german_corpus):
+def test_speed_perturbed_training_caches_one_output_per_sample_and_speed(german_mini):
     strategy = FrozenEncoder(head=1, cache_frozen=True)
     spy = Spy(strategy)
     speeds = [0.9, 1.1]
-    module, _, n = fit(german_corpus, strategy, epochs=4, extra=[spy], speed_perturbation=speeds)
-    n_train = n - 8  # the corpus fixture's dev split has 8 utterances
+    module, _, n = fit(german_mini, strategy, epochs=4, extra=[spy], speed_perturbation=speeds)
+    n_dev = len(read_csv(german_mini / "dev.csv"))
+    n_train = n - n_dev
     hits, misses, prefix, invalidations = spy.seen[-1]
     assert (prefix, invalidations) == (5, 0)
     assert hits + misses == 4 * n
     # every training sample at most once per speed, each dev sample once
-    assert spy.sizes[-1] == misses <= len(speeds) * n_train + 8
-    assert spy.sizes[0] == n and hits > 3 * 8  # reused across epochs, not only in validation
+    assert spy.sizes[-1] == misses <= len(speeds) * n_train + n_dev
+    # reused across epochs, not only in validation
+    assert spy.sizes[0] == n and hits > 3 * n_dev
     # the same speeds drawn in the same order: the same model as without the cache
     uncached = Spy(FrozenEncoder(head=1))
     plain, _, _ = fit(
-        german_corpus, uncached.strategy, epochs=4, extra=[uncached],
+        german_mini, uncached.strategy, epochs=4, extra=[uncached],
         speed_perturbation=speeds,
     )  # fmt: skip
     for name, tensor in plain.state_dict().items():
@@ -106,20 +104,20 @@ def test_speed_perturbed_training_caches_one_output_per_sample_and_speed(german_
     assert spy.val_loss == pytest.approx(uncached.val_loss, abs=1e-5)
 
 
-def test_outputs_past_the_memory_budget_go_to_disk(german_corpus):
+def test_outputs_past_the_memory_budget_go_to_disk(german_mini):
     on_disk = FrozenEncoder(head=1, cache_frozen=True, cache_memory_gb=0)
     spy = Spy(on_disk)
-    module, _, n = fit(german_corpus, on_disk, epochs=2, extra=[spy])
+    module, _, n = fit(german_mini, on_disk, epochs=2, extra=[spy])
     assert spy.seen[-1][:2] == (n, n)
-    in_memory, _, _ = fit(german_corpus, FrozenEncoder(head=1, cache_frozen=True), epochs=2)
+    in_memory, _, _ = fit(german_mini, FrozenEncoder(head=1, cache_frozen=True), epochs=2)
     for name, tensor in in_memory.state_dict().items():
         assert torch.equal(module.state_dict()[name], tensor), name
 
 
-def test_unfreezing_drops_the_cache(german_corpus):
+def test_unfreezing_drops_the_cache(german_mini):
     strategy = FreezeThenUnfreeze(head=1, unfreeze_at_epoch=2, cache_frozen=True)
     spy = Spy(strategy)
-    _, _, n = fit(german_corpus, strategy, extra=[spy])
+    _, _, n = fit(german_mini, strategy, extra=[spy])
     assert spy.seen[:2] == [(0, n, 5, 0), (n, n, 5, 0)]
     hits, misses, prefix, invalidations = spy.seen[2]
     assert (hits, misses, prefix) == (n, n, 0)  # phase 2 trains everything, uncached
@@ -128,10 +126,10 @@ def test_unfreezing_drops_the_cache(german_corpus):
     ]
 
 
-def test_a_shrinking_prefix_is_recomputed(german_corpus):
+def test_a_shrinking_prefix_is_recomputed(german_mini):
     strategy = GradualUnfreeze(head=1, every_n_epochs=1, cache_frozen=True)
     spy = Spy(strategy)
-    _, _, n = fit(german_corpus, strategy, extra=[spy])
+    _, _, n = fit(german_mini, strategy, extra=[spy])
     assert [prefix for *_, prefix, _ in spy.seen] == [5, 4, 3]
     assert [misses for _, misses, *_ in spy.seen] == [n, 2 * n, 3 * n]
     assert strategy.coordinator.frozen_cache.invalidations == [
@@ -149,18 +147,18 @@ class AtEpoch(pl.Callback):
             self.action(pl_module)
 
 
-def test_augmentation_turns_the_cache_off(german_corpus):
+def test_augmentation_turns_the_cache_off(german_mini):
     strategy = FrozenEncoder(head=1, cache_frozen=True)
     spy = Spy(strategy)
     noise_on = AtEpoch(1, lambda m: setattr(m, "noise_std", 0.01))
-    _, _, n = fit(german_corpus, strategy, extra=[noise_on, spy])
+    _, _, n = fit(german_mini, strategy, extra=[noise_on, spy])
     assert [(h, m) for h, m, *_ in spy.seen] == [(0, n), (0, n), (0, n)]  # no hit once noisy
     assert strategy.coordinator.frozen_cache.invalidations == [
         "the frozen prefix is not deterministic (augmentation is on)"
     ]
 
 
-def test_changed_frozen_weights_invalidate_the_cache(german_corpus):
+def test_changed_frozen_weights_invalidate_the_cache(german_mini):
     strategy = FrozenEncoder(head=1, cache_frozen=True)
     spy = Spy(strategy)
 
@@ -168,12 +166,12 @@ def test_changed_frozen_weights_invalidate_the_cache(german_corpus):
         with torch.no_grad():
             module.model.layer_2.weight.mul_(0.5)
 
-    _, _, n = fit(german_corpus, strategy, extra=[AtEpoch(1, edit), spy])
+    _, _, n = fit(german_mini, strategy, extra=[AtEpoch(1, edit), spy])
     assert [(h, m) for h, m, *_ in spy.seen] == [(0, n), (0, 2 * n), (n, 2 * n)]
     assert strategy.coordinator.frozen_cache.invalidations == ["a frozen weight changed"]
 
 
-def test_a_module_without_the_protocol_is_told_what_to_implement(german_corpus):
+def test_a_module_without_the_protocol_is_told_what_to_implement(german_mini):
     class Plain(pl.LightningModule):
         def __init__(self):
             super().__init__()
@@ -186,18 +184,12 @@ def test_a_module_without_the_protocol_is_told_what_to_implement(german_corpus):
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
     data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(4, 2)))
-    trainer = pl.Trainer(
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        callbacks=[FrozenEncoder(head=1, cache_frozen=True)],
-    )
+    trainer = quiet_trainer(max_epochs=1, callbacks=[FrozenEncoder(head=1, cache_frozen=True)])
     with pytest.raises(TypeError, match=r"implement freezeft.frozen_cache.PrefixCachable"):
         trainer.fit(Plain(), data)
 
 
-def test_a_growing_prefix_carries_its_outputs_through_the_newly_frozen_groups(german_corpus):
+def test_a_growing_prefix_carries_its_outputs_through_the_newly_frozen_groups(german_mini):
     # one window per epoch (4 steps), every window calm: a group freezes at each epoch's end
     # from epoch 1 on, so epochs 2, 3 and 4 train behind 1, 2 and 3 frozen groups
     def auto_freeze(**cache):
@@ -207,7 +199,7 @@ def test_a_growing_prefix_carries_its_outputs_through_the_newly_frozen_groups(ge
 
     strategy = auto_freeze(cache_frozen=True)
     spy = Spy(strategy)
-    module, _, n = fit(german_corpus, strategy, epochs=5, extra=[spy])
+    module, _, n = fit(german_mini, strategy, epochs=5, extra=[spy])
     assert [d["group"] for d in strategy.decisions][:3] == [
         "model.layer_1", "model.layer_2", "model.layer_3"
     ]  # fmt: skip
@@ -218,7 +210,7 @@ def test_a_growing_prefix_carries_its_outputs_through_the_newly_frozen_groups(ge
         (0, 0, 0), (0, 0, 0), (0, n, 1), (n, n, 2), (2 * n, n, 3)
     ]  # fmt: skip
     assert cache.advanced == 2 * n and cache.invalidations == []
-    plain, _, _ = fit(german_corpus, auto_freeze(), epochs=5)
+    plain, _, _ = fit(german_mini, auto_freeze(), epochs=5)
     for name, tensor in plain.state_dict().items():
         assert torch.allclose(module.state_dict()[name], tensor, atol=1e-5), name
 
@@ -290,14 +282,7 @@ def test_a_users_dropout_is_off_in_what_the_cache_holds():
     module = DropoutNet()
     strategy = FrozenEncoder(head=1, cache_frozen=True)
     spy = Spy(strategy)
-    trainer = pl.Trainer(
-        max_epochs=3,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        num_sanity_val_steps=0,
-        callbacks=[strategy, spy],
-    )
+    trainer = quiet_trainer(max_epochs=3, num_sanity_val_steps=0, callbacks=[strategy, spy])
     trainer.fit(module, *module.loaders())
     assert module.prefix_modes and not any(module.prefix_modes)  # computed in eval mode
     # 16 training and 16 validation samples under the same integer keys, kept apart
@@ -311,14 +296,7 @@ def spill_fit(tmp_path, monkeypatch, module, epochs=2):
     spill_root.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(spill_root))
     strategy = FrozenEncoder(head=1, cache_frozen=True, cache_memory_gb=0)
-    trainer = pl.Trainer(
-        max_epochs=epochs,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        num_sanity_val_steps=0,
-        callbacks=[strategy],
-    )
+    trainer = quiet_trainer(max_epochs=epochs, num_sanity_val_steps=0, callbacks=[strategy])
     trainer.fit(module, *module.loaders())
     return spill_root
 

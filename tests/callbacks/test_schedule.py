@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from tiny_models import quiet_trainer
 from torch import nn
 
 from freezeft._lightning import pl
@@ -79,13 +80,10 @@ def fit(out: Path, strategies: list, epochs: int = 5, ckpt_path=None, model=None
     pl.seed_everything(0)
     model = model or SixLayers()
     saving = [pl.callbacks.ModelCheckpoint(dirpath=last, save_last=True)] if last else []
-    trainer = pl.Trainer(
+    trainer = quiet_trainer(
         max_epochs=epochs,
         callbacks=[*strategies, History(out), ScheduleLog(out / "schedule.yaml"), *saving, *extra],
-        logger=False,
         enable_checkpointing=bool(last or extra),
-        enable_progress_bar=False,
-        enable_model_summary=False,
     )
     trainer.fit(model, loader(), loader(), ckpt_path=ckpt_path)
     return model, trainer

@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
+from tiny_models import quiet_trainer
 from torch import nn
 
 from freezeft.groups import resolve_groups
@@ -99,11 +100,9 @@ def test_the_frozen_output_cache_stands_aside_under_fsdp2_with_one_warning(gloo)
     torch.manual_seed(0)
     data = DataLoader(TensorDataset(torch.randn(8, 4), torch.randint(0, 2, (8,))), batch_size=4)
     model = Sharded()
-    trainer = pl.Trainer(
-        accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False,
-        callbacks=[FrozenEncoder(head=1, cache_frozen=True)],
-    )  # fmt: skip
+    trainer = quiet_trainer(
+        accelerator="cpu", max_epochs=1, callbacks=[FrozenEncoder(head=1, cache_frozen=True)]
+    )
     before = model.net[0].weight.detach().clone()  # sharded at fit start
     with pytest.warns(UserWarning, match=r"cache_frozen=True\) stands aside under"):
         trainer.fit(model, data)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import quiet_trainer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -113,13 +114,11 @@ class LRRecorder(pl.Callback):
 
 def fit(module, callbacks, epochs=4, tmp_path=None, **kwargs):
     pl.seed_everything(0)
-    trainer = pl.Trainer(
+    trainer = quiet_trainer(
         max_epochs=epochs,
         callbacks=callbacks,
         logger=pl.loggers.CSVLogger(tmp_path) if tmp_path else False,
         enable_checkpointing=any(isinstance(c, pl.callbacks.ModelCheckpoint) for c in callbacks),
-        enable_progress_bar=False,
-        enable_model_summary=False,
         deterministic=True,
         num_sanity_val_steps=0,
         **kwargs,
@@ -322,15 +321,8 @@ def test_resume_at_any_epoch_matches_an_uninterrupted_run(tmp_path, stop_at):
     fit(first, [*strategies(), checkpoint], epochs=stop_at)
     resumed = make_net(scheduler="CosineAnnealingLR")
     pl.seed_everything(0)
-    trainer = pl.Trainer(
-        max_epochs=4,
-        callbacks=strategies(),
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        deterministic=True,
-        num_sanity_val_steps=0,
+    trainer = quiet_trainer(
+        max_epochs=4, callbacks=strategies(), deterministic=True, num_sanity_val_steps=0
     )
     trainer.fit(resumed, data(), data(16), ckpt_path=tmp_path / "last.ckpt")
     for key, value in whole.state_dict().items():

@@ -7,6 +7,7 @@ import importlib
 
 import pytest
 import torch
+from tiny_models import QUIET, quiet_trainer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -50,18 +51,13 @@ def test_callbacks_are_callbacks_of_both_packages(package):
     assert issubclass(FreezeThenUnfreeze, callback) and issubclass(LRWarmup, callback)
 
 
-QUIET = dict(
-    logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False
-)
-
-
 @pytest.mark.parametrize("package", PACKAGES)
 def test_trainer_of_each_package_freezes_and_warms_up(package):
     pl = pytest.importorskip(package)
     module = module_class(package)()
     encoder = {k: v.clone() for k, v in module.encoder.state_dict().items()}
     head = module.head.weight.clone()
-    trainer = pl.Trainer(max_epochs=1, callbacks=[FrozenEncoder(), LRWarmup(4)], **QUIET)
+    trainer = quiet_trainer(pl, max_epochs=1, callbacks=[FrozenEncoder(), LRWarmup(4)])
     trainer.fit(module)
     assert all(torch.equal(v, module.encoder.state_dict()[k]) for k, v in encoder.items())
     assert not torch.equal(head, module.head.weight)

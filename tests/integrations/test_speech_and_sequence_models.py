@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import torch
-from tiny_models import snapshot
+from tiny_models import quiet_trainer, snapshot
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -34,16 +34,9 @@ def fit(module: pl.LightningModule, callbacks: list, epochs: int = 2, **kwargs: 
     """A real Trainer, deterministic, two batches an epoch, without logs or checkpoints."""
     pl.seed_everything(0)
     options = dict(
-        max_epochs=epochs,
-        limit_train_batches=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        deterministic=True,
-        num_sanity_val_steps=0,
+        max_epochs=epochs, limit_train_batches=2, deterministic=True, num_sanity_val_steps=0
     )
-    trainer = pl.Trainer(callbacks=callbacks, **{**options, **kwargs})
+    trainer = quiet_trainer(callbacks=callbacks, **{**options, **kwargs})
     trainer.fit(module, module.loader())
 
 

@@ -11,8 +11,8 @@ from freezeft.speech.features import MFCCFeatures
 from freezeft.speech.module import SpeechModule
 
 
-def test_speed_perturbation_plays_a_batch_faster_or_slower(german_corpus):
-    audio, rate = soundfile.read(german_corpus / "test" / "00000.wav", dtype="float32")
+def test_speed_perturbation_plays_a_batch_faster_or_slower(german_mini):
+    audio, rate = soundfile.read(german_mini / "test" / "00000.wav", dtype="float32")
     batch = torch.from_numpy(audio)[None].repeat(2, 1)
     lengths = torch.tensor([len(audio), len(audio) // 2])
     faster = SpeedPerturbation((1.1,), rate)

@@ -26,18 +26,18 @@ HEADER = "wav_filename,wav_filesize,transcript\n"
 
 
 @pytest.fixture
-def speech(german_corpus) -> tuple[np.ndarray, str]:
+def speech(german_mini) -> tuple[np.ndarray, str]:
     """One real utterance (16 kHz float audio) and its transcript."""
-    wav = german_corpus / "train" / "00000.wav"
-    transcript = (german_corpus / "train.csv").read_text().splitlines()[1].split(",", 2)[2]
+    wav = german_mini / "train" / "00000.wav"
+    transcript = (german_mini / "train.csv").read_text().splitlines()[1].split(",", 2)[2]
     audio, rate = soundfile.read(wav, dtype="float32")
     assert rate == 16000
     return audio, transcript
 
 
 @pytest.fixture
-def alphabet(german_corpus) -> Alphabet:
-    return Alphabet.from_file(german_corpus / "alphabet.txt")
+def alphabet(german_mini) -> Alphabet:
+    return Alphabet.from_file(german_mini / "alphabet.txt")
 
 
 def write_csv(path: Path, rows: list[tuple[str, str]]) -> Path:
@@ -129,22 +129,22 @@ def test_an_unquoted_comma_in_a_transcript_is_a_bad_row(tmp_path, speech, alphab
         SpeechDataset([path], alphabet, on_bad_sample="error")
 
 
-def test_excel_csv_and_alphabet_with_a_byte_order_mark_are_read(tmp_path, speech, german_corpus):
+def test_excel_csv_and_alphabet_with_a_byte_order_mark_are_read(tmp_path, speech, german_mini):
     audio, text = speech
     soundfile.write(tmp_path / "a.wav", audio, 16000)
     path = tmp_path / "train.csv"
     path.write_bytes(b"\xef\xbb\xbf" + f"{HEADER}a.wav,0,{text}\n".encode())  # Excel's CSV UTF-8
     (tmp_path / "alphabet.txt").write_bytes(
-        b"\xef\xbb\xbf# labels\n" + (german_corpus / "alphabet.txt").read_bytes()
+        b"\xef\xbb\xbf# labels\n" + (german_mini / "alphabet.txt").read_bytes()
     )
     alphabet = Alphabet.from_file(tmp_path / "alphabet.txt")
-    assert alphabet.labels == Alphabet.from_file(german_corpus / "alphabet.txt").labels
+    assert alphabet.labels == Alphabet.from_file(german_mini / "alphabet.txt").labels
     assert len(SpeechDataset([path], alphabet)) == 1
 
 
-def test_bad_test_rows_are_reported_before_training(tmp_path, speech, german_corpus):
+def test_bad_test_rows_are_reported_before_training(tmp_path, speech, german_mini):
     audio, text = speech
-    shutil.copy(german_corpus / "alphabet.txt", tmp_path)
+    shutil.copy(german_mini / "alphabet.txt", tmp_path)
     soundfile.write(tmp_path / "a.wav", audio, 16000)
     for split in ("train", "dev"):
         write_csv(tmp_path / f"{split}.csv", [("a.wav", text)])
@@ -270,8 +270,8 @@ def test_audio_too_short_for_its_transcript(tmp_path, speech, alphabet):
     assert "Not enough time for target transition sequence" in skip.detail
 
 
-def test_a_split_with_no_usable_row_is_an_error(tmp_path, alphabet, german_corpus):
-    shutil.copy(german_corpus / "alphabet.txt", tmp_path / "alphabet.txt")
+def test_a_split_with_no_usable_row_is_an_error(tmp_path, alphabet, german_mini):
+    shutil.copy(german_mini / "alphabet.txt", tmp_path / "alphabet.txt")
     for split in ("train", "dev", "test"):
         write_csv(tmp_path / f"{split}.csv", [("gone.wav", "gut")])
     data = SpeechDataModule(data_dir=tmp_path)
@@ -336,10 +336,10 @@ def write_audio_splits(folder: Path, audio: np.ndarray, text: str, bad: str) -> 
 
 
 @pytest.mark.parametrize("subtype", ["FLOAT", "DOUBLE"])
-def test_nan_and_infinite_audio_is_skipped_in_every_split(tmp_path, speech, german_corpus,
+def test_nan_and_infinite_audio_is_skipped_in_every_split(tmp_path, speech, german_mini,
                                                           subtype):  # fmt: skip
     audio, text = speech
-    shutil.copy(german_corpus / "alphabet.txt", tmp_path)
+    shutil.copy(german_mini / "alphabet.txt", tmp_path)
     bad = audio.copy()
     bad[1600:1700] = np.nan
     bad[2000] = np.inf
@@ -374,14 +374,14 @@ def test_audio_that_decodes_to_nan_later_leaves_its_batch(tmp_path, speech, alph
     assert "b.wav decodes to" in left_out["detail"] and "non-finite sample(s)" in left_out["detail"]
 
 
-def test_nfd_transcripts_and_alphabet_are_read_as_nfc(tmp_path, speech, german_corpus):
+def test_nfd_transcripts_and_alphabet_are_read_as_nfc(tmp_path, speech, german_mini):
     audio, _ = speech
     soundfile.write(tmp_path / "a.wav", audio, 16000)
     nfd = unicodedata.normalize("NFD", "über")
     assert len(nfd) == 5  # u + a combining diaeresis
     path = write_csv(tmp_path / "train.csv", [("a.wav", nfd)])
     assert read_csv(path)[0].transcript == "über"
-    dataset = SpeechDataset([path], Alphabet.from_file(german_corpus / "alphabet.txt"))
+    dataset = SpeechDataset([path], Alphabet.from_file(german_mini / "alphabet.txt"))
     assert len(dataset) == 1 and not dataset.skipped
     # an alphabet file written in NFD reads its ü as one label
     (tmp_path / "alphabet.txt").write_text(unicodedata.normalize("NFD", " \nb\ne\nr\nu\nü\n"))
@@ -390,9 +390,9 @@ def test_nfd_transcripts_and_alphabet_are_read_as_nfc(tmp_path, speech, german_c
     assert alphabet.encode(nfd) == alphabet.encode("über") == [5, 1, 2, 3]
 
 
-def test_an_alphabet_without_the_space_label_is_refused(tmp_path, speech, german_corpus):
+def test_an_alphabet_without_the_space_label_is_refused(tmp_path, speech, german_mini):
     audio, text = speech
-    labels = Alphabet.from_file(german_corpus / "alphabet.txt").labels
+    labels = Alphabet.from_file(german_mini / "alphabet.txt").labels
     (tmp_path / "alphabet.txt").write_text("".join(f"{c}\n" for c in labels if c != " "))
     soundfile.write(tmp_path / "a.wav", audio, 16000)
     for split in ("train", "dev", "test"):

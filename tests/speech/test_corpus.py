@@ -25,6 +25,7 @@ def digest(path):
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+@pytest.mark.slow  # synthesises the tiny corpus
 def test_corpus_is_deepspeech_format_with_real_audio(german_corpus, tiny):
     for split in ("train", "dev", "test"):
         count = tiny[f"n_{split}"]
@@ -39,6 +40,7 @@ def test_corpus_is_deepspeech_format_with_real_audio(german_corpus, tiny):
     assert {"ä", "ö", "ü", "ß", " "} <= set(alphabet.labels)
 
 
+@pytest.mark.slow  # synthesises the tiny corpus
 def test_heldout_voices_never_speak_training_data(german_corpus):
     with open(german_corpus / "voices.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))

@@ -10,9 +10,9 @@ from freezeft.speech.dataset import SpeechDataset
 from freezeft.speech.manifest import read_csv
 
 
-def test_relative_wav_paths_resolve_against_the_csv_folder(tmp_path, german_corpus):
+def test_relative_wav_paths_resolve_against_the_csv_folder(tmp_path, german_mini):
     (tmp_path / "audio").mkdir()
-    shutil.copy(german_corpus / "train" / "00000.wav", tmp_path / "audio" / "a.wav")
+    shutil.copy(german_mini / "train" / "00000.wav", tmp_path / "audio" / "a.wav")
     (tmp_path / "lists").mkdir()
     (tmp_path / "lists" / "train.csv").write_text(
         "wav_filename,wav_filesize,transcript\n../audio/a.wav,123,hallo\n"
@@ -32,11 +32,11 @@ def test_missing_columns_are_named(tmp_path):
         read_csv(path)
 
 
-def test_rows_outside_the_alphabet_are_skipped_or_refused(tmp_path, german_corpus):
-    wav = german_corpus / "train" / "00000.wav"
+def test_rows_outside_the_alphabet_are_skipped_or_refused(tmp_path, german_mini):
+    wav = german_mini / "train" / "00000.wav"
     path = tmp_path / "train.csv"
     path.write_text(f"wav_filename,wav_filesize,transcript\n{wav},0,gut\n{wav},0,gut!\n{wav},0,\n")
-    alphabet = Alphabet.from_file(german_corpus / "alphabet.txt")
+    alphabet = Alphabet.from_file(german_mini / "alphabet.txt")
     dataset = SpeechDataset([path], alphabet)
     assert len(dataset) == 1
     assert [s.source for s in dataset.skipped] == [f"{path}:3", f"{path}:4"]
@@ -62,8 +62,8 @@ def test_bucket_sampler_shards_evenly_across_ranks():
     assert {i for b in ranks[0] + ranks[1] for i in b} == set(range(10))
 
 
-def test_datamodule_batches_real_audio(german_corpus):
-    data = SpeechDataModule(data_dir=german_corpus, batch_size=4)
+def test_datamodule_batches_real_audio(german_mini):
+    data = SpeechDataModule(data_dir=german_mini, batch_size=4)
     data.setup("fit")
     batch = next(iter(data.train_dataloader()))
     assert batch["audio"].shape[0] == 4 and batch["audio"].dtype == torch.float32

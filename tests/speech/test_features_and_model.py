@@ -1,5 +1,6 @@
 import pytest
 import torch
+from tiny_models import quiet_trainer
 
 from freezeft.groups import resolve_groups
 from freezeft.speech.features import MFCCFeatures
@@ -72,14 +73,14 @@ def test_module_forward_gives_logits_and_frame_lengths():
     assert lengths.tolist() == [49, 36]
 
 
-def test_bf16_mixed_precision_trains_with_a_float32_ctc_loss(german_corpus):
+def test_bf16_mixed_precision_trains_with_a_float32_ctc_loss(german_mini):
     """trainer=gpu's precision, run on the CPU's bf16 autocast: MFCCs, LSTM and CTC all work."""
     import pytorch_lightning as pl
 
     from freezeft.speech.data import SpeechDataModule
 
     pl.seed_everything(0)
-    data = SpeechDataModule(data_dir=german_corpus, batch_size=8)
+    data = SpeechDataModule(data_dir=german_mini, batch_size=8)
     module = SpeechModule(labels=data.alphabet.labels, n_hidden=32)
     losses = []
 
@@ -87,14 +88,8 @@ def test_bf16_mixed_precision_trains_with_a_float32_ctc_loss(german_corpus):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             losses.append(outputs["loss"])
 
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        precision="bf16-mixed",
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        callbacks=[Spy()],
+    trainer = quiet_trainer(
+        accelerator="cpu", precision="bf16-mixed", max_epochs=1, callbacks=[Spy()]
     )
     trainer.fit(module, datamodule=data)
     assert losses and all(loss.dtype == torch.float32 and torch.isfinite(loss) for loss in losses)
@@ -118,7 +113,6 @@ def test_an_utterance_whose_loss_is_not_finite_is_named_and_left_out_of_the_loss
 
     from torch.utils.data import DataLoader
 
-    from freezeft._lightning import pl
     from freezeft.speech.dataset import collate
 
     torch.manual_seed(0)
@@ -132,13 +126,7 @@ def test_an_utterance_whose_loss_is_not_finite_is_named_and_left_out_of_the_loss
     bad_audio = 0.1 * torch.randn(16000)
     bad_audio[500:600] = float("nan")
     bad = {**good, "audio": bad_audio, "path": "bad.wav"}
-    trainer = pl.Trainer(
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        accelerator="cpu",
-    )
+    trainer = quiet_trainer(accelerator="cpu")
 
     def loader(items: list[dict]) -> DataLoader:
         return DataLoader(items, batch_size=len(items), collate_fn=collate)
@@ -158,7 +146,6 @@ def test_a_training_batch_whose_loss_is_not_finite_is_skipped_and_named():
     way, the batch is not trained on, its files are listed, the weights stay finite."""
     from torch.utils.data import DataLoader
 
-    from freezeft._lightning import pl
     from freezeft.speech.dataset import collate
 
     torch.manual_seed(0)
@@ -167,9 +154,7 @@ def test_a_training_batch_whose_loss_is_not_finite_is_skipped_and_named():
     audio[500:600] = float("nan")
     bad = {"audio": audio, "labels": torch.tensor([1, 2]), "transcript": "ab", "path": "bad.wav"}
     before = {k: v.clone() for k, v in module.state_dict().items()}
-    trainer = pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False,
-                         enable_checkpointing=False, accelerator="cpu", max_epochs=1,
-                         limit_val_batches=0)  # fmt: skip
+    trainer = quiet_trainer(accelerator="cpu", max_epochs=1, limit_val_batches=0)
     trainer.fit(module, DataLoader([bad], batch_size=1, collate_fn=collate))
     assert [b["paths"] for b in module.skipped_batches] == [["bad.wav"]]
     assert all(torch.equal(before[k], v) for k, v in module.state_dict().items())

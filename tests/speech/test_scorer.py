@@ -11,6 +11,7 @@ from collections import defaultdict
 import pytest
 import pytorch_lightning as pl
 import torch
+from tiny_models import quiet_trainer
 
 from freezeft.speech.data import SpeechDataModule
 from freezeft.speech.decoding import error_counts
@@ -153,10 +154,7 @@ def test_the_test_is_decoded_with_a_scorer_tuned_on_dev(german_corpus, tmp_path)
     data = SpeechDataModule(data_dir=german_corpus, batch_size=4, num_workers=0, language="de")
     decoder = Decoder(name="beam", vocabulary=5000, lm_weights=(0.5, 1.0), word_scores=(0.0,))
     module = SpeechModule(labels=data.alphabet.labels, n_hidden=32, decoder=decoder, language="de")
-    trainer = pl.Trainer(
-        max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, default_root_dir=tmp_path,
-    )  # fmt: skip
+    trainer = quiet_trainer(max_epochs=2, default_root_dir=tmp_path)
     trainer.fit(module, datamodule=data)
     (metrics,) = trainer.test(module, datamodule=data)
     assert {"test_wer", "test_cer", "test_greedy_wer", "test_greedy_cer"} <= set(metrics)
@@ -218,10 +216,7 @@ def test_a_signal_while_the_scorer_is_tuned_stops_the_test(german_corpus, tmp_pa
     data = SpeechDataModule(data_dir=german_corpus, batch_size=4, num_workers=0, language="de")
     decoder = Decoder(name="beam", vocabulary=2000, lm_weights=(0.5, 1.0), word_scores=(0.0,))
     module = SpeechModule(labels=data.alphabet.labels, n_hidden=8, decoder=decoder, language="de")
-    trainer = pl.Trainer(
-        logger=False, enable_progress_bar=False, enable_model_summary=False,
-        default_root_dir=tmp_path, callbacks=[SignalAtTestStart()],
-    )  # fmt: skip
+    trainer = quiet_trainer(default_root_dir=tmp_path, callbacks=[SignalAtTestStart()])
     with pytest.raises(SIGTERMException):
         trainer.test(module, datamodule=data)
     assert "tuned_on" not in (tmp_path / "scorer" / "scorer.json").read_text() or (

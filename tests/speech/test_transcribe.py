@@ -14,6 +14,7 @@ import pytest
 import pytorch_lightning as pl
 import soundfile
 import torch
+from tiny_models import quiet_trainer
 
 from freezeft.speech.data import SpeechDataModule
 from freezeft.speech.manifest import read_csv
@@ -23,22 +24,19 @@ from freezeft.speech.transcribe import load_model, main, transcribe
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, german_corpus):
+def checkpoint(tmp_path_factory, german_mini):
     folder = tmp_path_factory.mktemp("model")
-    data = SpeechDataModule(data_dir=german_corpus, batch_size=8, num_workers=0)
+    data = SpeechDataModule(data_dir=german_mini, batch_size=8, num_workers=0)
     module = SpeechModule(labels=data.alphabet.labels, n_hidden=32)
-    trainer = pl.Trainer(
-        max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
-    )  # fmt: skip
+    trainer = quiet_trainer(max_epochs=1, num_sanity_val_steps=0, limit_val_batches=0)
     trainer.fit(module, datamodule=data)
     trainer.save_checkpoint(folder / "model.ckpt")
     return folder / "model.ckpt"
 
 
-def test_each_file_gets_a_line_and_a_bad_one_a_message(checkpoint, german_corpus, tmp_path,
+def test_each_file_gets_a_line_and_a_bad_one_a_message(checkpoint, german_mini, tmp_path,
                                                        capsys):  # fmt: skip
-    wav = german_corpus / "test" / "00000.wav"
+    wav = german_mini / "test" / "00000.wav"
     audio, rate = soundfile.read(wav, dtype="float32")
     stereo_8k = tmp_path / "stereo_8k.flac"  # another rate and two channels: converted
     soundfile.write(stereo_8k, np.stack([audio[::2], audio[::2]], axis=1), rate // 2)
@@ -59,19 +57,16 @@ def test_a_file_that_is_no_checkpoint_is_one_message(tmp_path, capsys):
 
 
 @pytest.fixture(scope="module")
-def beam_run(tmp_path_factory, german_corpus):
+def beam_run(tmp_path_factory, german_mini):
     """A run dir as `python -m freezeft.run decoder=beam` leaves it: checkpoints/ and scorer/."""
     run = tmp_path_factory.mktemp("run")
     pl.seed_everything(0)
     text = run / "words.txt"
     text.write_text("die katze\nder hund\nein haus\n")
-    data = SpeechDataModule(data_dir=german_corpus, batch_size=8, num_workers=0)
+    data = SpeechDataModule(data_dir=german_mini, batch_size=8, num_workers=0)
     decoder = {"name": "beam", "lm_text": str(text), "lm_weight": 1.0, "word_score": 0.0}
     module = SpeechModule(labels=data.alphabet.labels, n_hidden=32, decoder=decoder)
-    trainer = pl.Trainer(
-        max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
-    )  # fmt: skip
+    trainer = quiet_trainer(max_epochs=1, num_sanity_val_steps=0, limit_val_batches=0)
     trainer.fit(module, datamodule=data)
     trainer.save_checkpoint(run / "checkpoints" / "best.ckpt")
     Scorer.build(run / "scorer", data.alphabet.labels, lm_text=text)
@@ -79,8 +74,8 @@ def beam_run(tmp_path_factory, german_corpus):
     return run
 
 
-def test_a_beam_run_is_transcribed_with_its_scorer(beam_run, german_corpus, capsys):
-    wav = str(german_corpus / "test" / "00000.wav")
+def test_a_beam_run_is_transcribed_with_its_scorer(beam_run, german_mini, capsys):
+    wav = str(german_mini / "test" / "00000.wav")
     checkpoint = str(beam_run / "checkpoints" / "best.ckpt")
     assert main([checkpoint, wav]) == 0
     (line,) = capsys.readouterr().out.splitlines()
@@ -130,9 +125,9 @@ def stopped_during_tuning(beam_run, folder):
     return folder / "checkpoints" / "best.ckpt", labels
 
 
-def test_an_untuned_scorer_is_used_with_a_one_line_warning(beam_run, german_corpus, tmp_path,
+def test_an_untuned_scorer_is_used_with_a_one_line_warning(beam_run, german_mini, tmp_path,
                                                           capsys):  # fmt: skip
-    wav = str(german_corpus / "test" / "00000.wav")
+    wav = str(german_mini / "test" / "00000.wav")
     checkpoint, labels = stopped_during_tuning(beam_run, tmp_path / "run")
     assert json.loads((tmp_path / "run" / "scorer" / "scorer.json").read_text())["tuned_on"] is None
     assert main([str(checkpoint), wav]) == 0
@@ -150,17 +145,17 @@ def test_an_untuned_scorer_is_used_with_a_one_line_warning(beam_run, german_corp
     assert capsys.readouterr().err == ""
 
 
-def test_weights_the_run_fixed_are_not_called_untuned(beam_run, german_corpus, capsys):
+def test_weights_the_run_fixed_are_not_called_untuned(beam_run, german_mini, capsys):
     # beam_run set decoder.lm_weight and decoder.word_score: nothing to tune
     assert json.loads((beam_run / "scorer" / "scorer.json").read_text())["tuned_on"] is None
-    wav = str(german_corpus / "test" / "00000.wav")
+    wav = str(german_mini / "test" / "00000.wav")
     assert main([str(beam_run / "checkpoints" / "best.ckpt"), wav]) == 0
     assert capsys.readouterr().err == ""
 
 
-def test_a_csv_is_transcribed_and_scored_against_its_transcripts(checkpoint, german_corpus,
+def test_a_csv_is_transcribed_and_scored_against_its_transcripts(checkpoint, german_mini,
                                                                  capsys):  # fmt: skip
-    csv_file = german_corpus / "test.csv"
+    csv_file = german_mini / "test.csv"
     samples = read_csv(csv_file)
     assert main([str(checkpoint), "--csv", str(csv_file), "--decoder", "greedy"]) == 0
     lines = capsys.readouterr().out.splitlines()
@@ -174,9 +169,9 @@ def test_a_csv_is_transcribed_and_scored_against_its_transcripts(checkpoint, ger
     assert lines[-1].startswith(f"WER {wer:.3f}  CER {cer:.3f}  ({n} of {n} utterances of")
 
 
-def test_a_csv_row_the_model_cannot_spell_or_hear_is_named(checkpoint, german_corpus, tmp_path,
+def test_a_csv_row_the_model_cannot_spell_or_hear_is_named(checkpoint, german_mini, tmp_path,
                                                           capsys):  # fmt: skip
-    wav = german_corpus / "test" / "00000.wav"
+    wav = german_mini / "test" / "00000.wav"
     bad = tmp_path / "bad.csv"
     bad.write_text(f"wav_filename,wav_filesize,transcript\n{wav},1,Zehn Kreuz!\n")
     assert main([str(checkpoint), "--csv", str(bad), "--decoder", "greedy"]) == 1
@@ -192,15 +187,15 @@ def test_a_csv_row_the_model_cannot_spell_or_hear_is_named(checkpoint, german_co
     assert "(1 of 2 utterances of" in out and "1 unreadable, left out" in out
 
 
-def test_audio_files_and_a_csv_together_are_refused(checkpoint, german_corpus, capsys):
+def test_audio_files_and_a_csv_together_are_refused(checkpoint, german_mini, capsys):
     with pytest.raises(SystemExit):
-        main([str(checkpoint), "a.wav", "--csv", str(german_corpus / "test.csv")])
+        main([str(checkpoint), "a.wav", "--csv", str(german_mini / "test.csv")])
     assert "give audio files or --csv FILE" in capsys.readouterr().err
 
 
-def test_nan_empty_and_special_files_are_refused_by_name(checkpoint, german_corpus, tmp_path,
+def test_nan_empty_and_special_files_are_refused_by_name(checkpoint, german_mini, tmp_path,
                                                          capsys):  # fmt: skip
-    wav = str(german_corpus / "test" / "00000.wav")
+    wav = str(german_mini / "test" / "00000.wav")
     audio, rate = soundfile.read(wav, dtype="float32")
     nan = audio.copy()
     nan[:100] = np.nan
@@ -241,8 +236,8 @@ def test_nan_empty_and_special_files_are_refused_by_name(checkpoint, german_corp
         ["A", "B", "--decoder", "greedy"],
     ],
 )
-def test_options_may_come_anywhere(checkpoint, german_corpus, order, capsys):
-    wavs = {name: str(german_corpus / "test" / f"0000{i}.wav") for i, name in enumerate("AB")}
+def test_options_may_come_anywhere(checkpoint, german_mini, order, capsys):
+    wavs = {name: str(german_mini / "test" / f"0000{i}.wav") for i, name in enumerate("AB")}
     assert main([str(checkpoint), *(wavs.get(arg, arg) for arg in order)]) == 0
     heard = [line.split("\t")[0] for line in capsys.readouterr().out.splitlines()]
     assert heard == [wavs["A"], wavs["B"]]

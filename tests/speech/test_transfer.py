@@ -1,6 +1,6 @@
 import pytest
-import pytorch_lightning as pl
 import torch
+from tiny_models import quiet_trainer
 
 from freezeft.speech.drop_layers import dropped_layers, load_source, transfer_weights
 from freezeft.speech.model import LAYER_NAMES
@@ -15,7 +15,7 @@ def source_ckpt(tmp_path_factory):
     """A real Lightning checkpoint of an (untrained) English SpeechModule."""
     torch.manual_seed(1)
     module = SpeechModule(labels=ENGLISH, n_hidden=16)
-    trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    trainer = quiet_trainer()
     trainer.strategy.connect(module)
     path = tmp_path_factory.mktemp("source") / "source.ckpt"
     trainer.save_checkpoint(path)
