@@ -85,6 +85,13 @@ def _refuse(where: str, what: str) -> ValueError:
     return ValueError(f"{where}: {what}")
 
 
+def _refuse_unknown_keys(where: str, mapping: dict[Any, Any], known: list[str]) -> None:
+    """Refuse the first key of ``mapping`` that is not in ``known``, listing ``known``."""
+    unknown = sorted(set(map(str, mapping)) - set(known))
+    if unknown:
+        raise _refuse(where, f"unknown key {unknown[0]!r} (known: {', '.join(known)})")
+
+
 def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -128,9 +135,7 @@ def read_schedule(spec: str | Path | dict[str, Any] | list[Any]) -> ScheduleSpec
         spec = {"phases": spec}
     if not isinstance(spec, dict):
         raise _refuse(source, f"expected a mapping with `phases`, got {type(spec).__name__}")
-    unknown = sorted(set(map(str, spec)) - TOP_KEYS)
-    if unknown:
-        raise _refuse(source, f"unknown key {unknown[0]!r} (known: {', '.join(sorted(TOP_KEYS))})")
+    _refuse_unknown_keys(source, spec, sorted(TOP_KEYS))
     raw = spec.get("phases")
     if not isinstance(raw, list) or not raw:
         raise _refuse(source, "`phases` must be a non-empty list of phases")
@@ -151,10 +156,7 @@ def _warmup(source: str, warmup: Any) -> dict[str, Any]:
     where = f"{source}: warmup"
     if not isinstance(warmup, dict):
         raise _refuse(where, "expected {steps: N, start_factor: F}")
-    unknown = sorted(set(map(str, warmup)) - WARMUP_KEYS)
-    if unknown:
-        known = ", ".join(sorted(WARMUP_KEYS))
-        raise _refuse(where, f"unknown key {unknown[0]!r} (known: {known})")
+    _refuse_unknown_keys(where, warmup, sorted(WARMUP_KEYS))
     steps = warmup.get("steps", 100)
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
         raise _refuse(where, f"`steps` must be an integer >= 0, got {steps!r}")
@@ -171,9 +173,7 @@ def _phase(source: str, index: int, raw: Any) -> Phase:
     where = f"{source}: phase {index}"
     if not isinstance(raw, dict):
         raise _refuse(where, f"expected a mapping (epoch, train, ...), got {raw!r}")
-    unknown = sorted(set(map(str, raw)) - PHASE_KEYS)
-    if unknown:
-        raise _refuse(where, f"unknown key {unknown[0]!r} (known: {', '.join(sorted(PHASE_KEYS))})")
+    _refuse_unknown_keys(where, raw, sorted(PHASE_KEYS))
     train = raw.get("train")
     if isinstance(train, str):
         train = [train]
@@ -198,10 +198,7 @@ def _phase(source: str, index: int, raw: Any) -> Phase:
     if plateau is not None:
         if not isinstance(plateau, dict) or not isinstance(plateau.get("monitor"), str):
             raise _refuse(where, "`on_plateau` must be {monitor: NAME, patience: N, mode: min|max}")
-        bad = sorted(set(map(str, plateau)) - PLATEAU_KEYS)
-        if bad:
-            known = "monitor, patience, mode"
-            raise _refuse(where, f"on_plateau: unknown key {bad[0]!r} (known: {known})")
+        _refuse_unknown_keys(f"{where}: on_plateau", plateau, ["monitor", "patience", "mode"])
         patience = plateau.get("patience", 1)
         if not isinstance(patience, int) or isinstance(patience, bool) or patience < 1:
             what = f"on_plateau: `patience` must be an integer >= 1, got {patience!r}"

@@ -1,30 +1,8 @@
 """``python -m freezeft.report <sweep dir>``: the entry point and the earlier import path of
 the app's sweep report, :mod:`freezeft.app.report`."""
 
-from freezeft.app.report import (
-    Job,
-    ReportCallback,
-    Run,
-    StrategySummary,
-    Sweep,
-    collect,
-    main,
-    ranking,
-    summarise,
-    welch_p,
-    write_report,
-)
+from freezeft.app.report import *  # noqa: F403
+from freezeft.app.report import __all__ as _all
+from freezeft.app.report import main
 
-__all__ = [
-    "Job",
-    "Run",
-    "StrategySummary",
-    "Sweep",
-    "collect",
-    "ranking",
-    "summarise",
-    "welch_p",
-    "write_report",
-    "ReportCallback",
-    "main",
-]
+__all__ = [*_all, "main"]
