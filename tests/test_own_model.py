@@ -115,3 +115,6 @@ def test_a_sweep_exits_non_zero_when_a_job_failed_and_names_it(tmp_path, monitor
     assert f"freezeft: {failed} of the sweep's {jobs} jobs did not finish" in proc.stderr
     assert f"  job {jobs - 1}: failed: The run watches `val_nope` (monitor)" in proc.stderr
     assert (sweep / "report.md").exists() == (failed < jobs)  # the finished ones' report
+    output = proc.stdout + proc.stderr
+    # each failed job's reason twice: when it fails, and in the list the sweep ends with
+    assert output.count("The run watches `val_nope` (monitor)") == 2 * failed

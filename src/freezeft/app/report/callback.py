@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 from freezeft.app.report.cli import interrupted
 from freezeft.app.report.jobs import FINISHED
 from freezeft.app.report.sweep import collect
-from freezeft.app.report.write import write_report
+from freezeft.app.report.write import NothingFinished, write_report
 from freezeft.files import Terminated, signals_raise
 
 log = logging.getLogger(__name__)
@@ -36,6 +36,10 @@ class ReportCallback(Callback):
                 raise interrupted(
                     stop, sweep_dir, f"write it with `python -m freezeft.report {sweep_dir}`"
                 ) from None
+            except NothingFinished as err:  # the jobs and their reasons are listed below
+                log.error(f"No sweep report: {err.summary}")
+                print(f"freezeft: no sweep report: {err.summary}", flush=True)
+                path = None
             except Exception as err:  # the jobs' own results stay; say why there is no report
                 log.error(f"No sweep report: {err}")
                 print(f"freezeft: no sweep report: {err}", flush=True)

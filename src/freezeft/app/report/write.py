@@ -45,6 +45,14 @@ from freezeft.machine import summary as machine_summary
 RUN_FILE_LIMIT = 512 * 2**20
 
 
+class NothingFinished(ValueError):
+    """No job of the sweep finished; ``summary`` is the message without the job list."""
+
+    def __init__(self, message: str, summary: str) -> None:
+        super().__init__(message)
+        self.summary = summary
+
+
 def write_report(sweep_dir: str | Path) -> Path:
     """Write ``report.md``, ``report.csv`` and the plots into ``sweep_dir``; returns report.md.
 
@@ -68,10 +76,8 @@ def write_report(sweep_dir: str | Path) -> Path:
         listed = "; ".join(
             f"{_label(job.dir, sweep_dir)}: {job.state}: {job.detail}" for job in sweep.jobs
         )
-        raise ValueError(
-            f"No finished job under {sweep_dir.resolve()} ({_counts(sweep)}), so there is "
-            f"nothing to compare. Jobs: {listed}"
-        )
+        summary = f"No finished job under {sweep_dir.resolve()} ({_counts(sweep)})"
+        raise NothingFinished(f"{summary}, so there is nothing to compare. Jobs: {listed}", summary)
     spec = ranking(runs)
     summaries = summarise(runs, spec)
     metrics = metric_columns(spec)
