@@ -15,44 +15,20 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import own_model_app
 import pytest
 from omegaconf import OmegaConf
+from own_model_app import PROJECT, own_model_importable  # noqa: F401 (an autouse fixture)
 
-PROJECT = Path(__file__).parents[1] / "examples" / "own_model"
-
-
-@pytest.fixture(autouse=True)
-def own_model_importable(monkeypatch):
-    monkeypatch.syspath_prepend(str(PROJECT))  # features.py, as a user's cwd makes it
+EPOCHS = "trainer.max_epochs=2"
 
 
 def compose(*overrides: str):
-    from hydra import compose, initialize_config_module
-
-    with initialize_config_module(config_module="freezeft.conf", version_base="1.3"):
-        return compose(
-            config_name="config",
-            overrides=[
-                f"hydra.searchpath=[pkg://freezeft.speech.conf,file://{PROJECT / 'conf'}]",
-                "model=mynet",
-                "data=mydata",
-                "monitor=val_acc",
-                "monitor_mode=max",
-                "trainer.max_epochs=2",
-                *overrides,
-            ],
-        )
+    return own_model_app.compose(EPOCHS, *overrides)
 
 
 def run(out: Path, *overrides: str) -> dict:
-    """One run into ``out``, its config saved where Hydra saves it."""
-    from freezeft.app.train import train
-
-    cfg = compose(*overrides)
-    if not cfg.get("resume"):
-        (out / ".hydra").mkdir(parents=True)
-        OmegaConf.save(cfg, out / ".hydra" / "config.yaml")
-    return train(cfg, out)
+    return own_model_app.run(out, EPOCHS, *overrides)
 
 
 def history(out: Path) -> list[dict]:

@@ -10,44 +10,20 @@ import subprocess
 import sys
 from pathlib import Path
 
+import own_model_app
 import pytest
 import yaml
-from omegaconf import OmegaConf
+from own_model_app import PROJECT, own_model_importable  # noqa: F401 (an autouse fixture)
 
-PROJECT = Path(__file__).parents[1] / "examples" / "own_model"
-
-
-@pytest.fixture(autouse=True)
-def own_model_importable(monkeypatch):
-    monkeypatch.syspath_prepend(str(PROJECT))
+SETTINGS = ("trainer.max_epochs=4", "transfer.source=null")
 
 
 def compose(*overrides: str):
-    from hydra import compose, initialize_config_module
-
-    with initialize_config_module(config_module="freezeft.conf", version_base="1.3"):
-        return compose(
-            config_name="config",
-            overrides=[
-                f"hydra.searchpath=[pkg://freezeft.speech.conf,file://{PROJECT / 'conf'}]",
-                "model=mynet",
-                "data=mydata",
-                "monitor=val_acc",
-                "monitor_mode=max",
-                "trainer.max_epochs=4",
-                "transfer.source=null",
-                *overrides,
-            ],
-        )
+    return own_model_app.compose(*SETTINGS, *overrides)
 
 
 def run(out: Path, *overrides: str) -> dict:
-    from freezeft.app.train import train
-
-    cfg = compose(*overrides)
-    (out / ".hydra").mkdir(parents=True)
-    OmegaConf.save(cfg, out / ".hydra" / "config.yaml")
-    return train(cfg, out)
+    return own_model_app.run(out, *SETTINGS, *overrides)
 
 
 @pytest.mark.parametrize(
