@@ -9,8 +9,12 @@ import re
 
 import pytest
 import torch
+from tiny_models import quiet_trainer
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
+from freezeft._lightning import pl
+from freezeft.callbacks import FrozenEncoder
 from freezeft.callbacks.frozen_encoder import head_indices
 from freezeft.groups import ForwardPass, format_group_table, resolve_groups, trainable_groups
 
@@ -173,3 +177,69 @@ def test_groups_the_user_froze_are_listed_but_not_counted():
     roles = [line.split()[-1] for line in table.splitlines()[1:4]]
     assert roles == ["user-frozen", "head", "user-frozen"]
     assert "not counted by head, n_frozen, stages or LR depths" in table
+
+
+class TopLevel(pl.LightningModule):
+    """The layers on the LightningModule itself, registered head first (``reuse``: fc2
+    called twice as well)."""
+
+    def __init__(self, registered: tuple[str, ...] = ("out", "fc2", "fc1"), reuse=False):
+        super().__init__()
+        sizes = {"fc1": (4, 8), "fc2": (8, 8), "out": (8, 2)}
+        for name in registered:
+            setattr(self, name, nn.Linear(*sizes[name]))
+        self.reuse = reuse
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc2(torch.relu(self.fc1(x)))
+        return self.out(self.fc2(h) if self.reuse else h)
+
+    def training_step(self, batch, _index):
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _fit_top_level(module: TopLevel, strategy) -> None:
+    data = TensorDataset(torch.randn(16, 4), torch.randint(0, 2, (16,)))
+    torch.manual_seed(0)
+    quiet_trainer(max_epochs=1, callbacks=[strategy]).fit(module, DataLoader(data, batch_size=4))
+
+
+def test_the_lightning_modules_own_layers_are_ordered_by_its_forward_pass():
+    """Registered out, fc2, fc1 and called fc1 -> fc2 -> out: `out` is the head, as the
+    forward pass says, and fc1, fc2 end bit-identical (registration order froze `out`)."""
+    module = TopLevel()
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    strategy = FrozenEncoder(head=1)
+    _fit_top_level(module, strategy)
+    assert [g.name for g in strategy.groups] == ["fc1", "fc2", "out"]
+    assert strategy.coordinator.found_by == (
+        "the order TopLevel calls its parts in, watched on one training batch (training_step "
+        "at fit start), containers descended"
+    )
+    after = module.state_dict()
+    assert all(torch.equal(after[k], before[k]) for k in before if not k.startswith("out."))
+    assert not torch.equal(after["out.weight"], before["out.weight"])
+
+
+def test_own_layers_the_pass_cannot_order_stay_registered_with_a_warning_or_are_refused():
+    """fc2 called twice: registered fc1, fc2, out, the first calls agree, so the
+    registration order stands with a warning; registered out, fc2, fc1, the first calls
+    contradict it and the pass cannot settle it: refused at fit start, naming both."""
+    strategy = FrozenEncoder(head=1)
+    with pytest.warns(
+        UserWarning,
+        match=r"in the order __init__ registered them, \['fc1', "
+        r"'fc2', 'out'\], .* parts called more than once: fc2 \(2 times\)",
+    ):
+        _fit_top_level(TopLevel(("fc1", "fc2", "out"), reuse=True), strategy)  # fmt: skip
+    assert [g.name for g in strategy.groups] == ["fc1", "fc2", "out"]
+    expected = (
+        r"cannot order the layer groups of TopLevel: its parts are registered as \['out', "
+        r"'fc2', 'fc1'\], a forward pass first calls them as \['fc1', 'fc2', 'out'\]"
+    )
+    with pytest.raises(ValueError, match=expected):
+        _fit_top_level(TopLevel(reuse=True), FrozenEncoder(head=1))

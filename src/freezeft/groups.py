@@ -17,7 +17,11 @@ Resolution, first that applies:
       down are the stem (one group each), each block is a group, the modules after it
       are the head (one group each, the outermost last);
    c. containers (``nn.Sequential``, ``nn.ModuleList``, ``nn.ModuleDict``) are descended;
-      the parameterised modules reached are the groups, in registration order;
+      the parameterised modules reached are the groups, in registration order. The
+      module's own parts (a LightningModule's ``self.fc1``, ``self.out``, ...) are taken
+      in the order a forward pass calls them, as in (d); where the pass cannot establish
+      that order they stay in registration order and the fit warns, unless the pass
+      calls them first in another order: then it is refused;
    d. a module that is none of these but calls its parameterised children one after
       another (torchaudio's ``DeepSpeech``: ``fc1, fc2, fc3, bi_rnn, fc4, out``): one group
       per child, in the order a real forward pass calls them (:class:`ForwardPass`, given
@@ -92,11 +96,23 @@ class LayerGroup:
 
 class ResolvedGroups(list):
     """The layer groups, input to output (a ``list`` of :class:`LayerGroup`), and
-    ``found_by``: how they were found, in words (the group table's last line)."""
+    ``found_by``: how they were found, in words (the group table's last line).
 
-    def __init__(self, groups: Sequence[LayerGroup] = (), found_by: str = "") -> None:
+    ``unconfirmed``: where discovery took a module's parts in registration order and a
+    forward pass could not confirm that order, why (the fit warns); ``provisional``: the
+    order still waits for a forward pass (none was given), so the fit resolves again."""
+
+    def __init__(
+        self,
+        groups: Sequence[LayerGroup] = (),
+        found_by: str = "",
+        unconfirmed: str = "",
+        provisional: bool = False,
+    ) -> None:
         super().__init__(groups)
         self.found_by = found_by
+        self.unconfirmed = unconfirmed
+        self.provisional = provisional
 
 
 @dataclass(frozen=True)
@@ -322,10 +338,18 @@ def _callable_parts(module: nn.Module, prefix: str) -> list[tuple[str, nn.Module
 
 
 def _watch(
-    module: nn.Module, parts: list[tuple[str, nn.Module]], forward: ForwardPass
+    module: nn.Module,
+    parts: list[tuple[str, nn.Module]],
+    forward: ForwardPass,
+    whole: bool,
+    contradicted: list[str],
 ) -> list[str] | str:
     """The qualified names of ``parts`` in the order ``forward`` calls them inside
-    ``module``'s forward, or a sentence saying why that order does not hold."""
+    ``module``'s forward, or a sentence saying why that order does not hold. ``whole``:
+    ``module`` is the one the pass runs on (the LightningModule), so a pass that ends
+    without calling its ``forward`` (a ``training_step`` that calls the parts itself) was
+    watched whole; for it, ``contradicted`` receives the parts in the order they were
+    first called when that is not their registration order."""
     flow = _DataFlow()
     calls: list[int] = []
     inputs: list[frozenset[int]] = []
@@ -363,12 +387,17 @@ def _watch(
     finally:
         for handle in handles:
             handle.remove()
+    if not returned and error is None and whole:
+        returned.append(True)
     if not returned:
         if error is not None:
             message = str(error).strip().splitlines()
             return f"it raised {type(error).__name__}: {message[0] if message else ''}".rstrip(": ")
         return "it never called this module"
     names = [name for name, _ in parts]
+    first = list(dict.fromkeys(calls))
+    if whole and first != sorted(first):  # called in another order than registered
+        contradicted[:] = [names[i] for i in first]
     twice = [
         f"{names[i]} ({calls.count(i)} times)" for i in dict.fromkeys(calls) if calls.count(i) > 1
     ]
@@ -388,18 +417,21 @@ def _watch(
 
 def _forward_order(
     module: nn.Module, prefix: str, passes: Sequence[ForwardPass]
-) -> tuple[list[str] | None, str]:
-    """The children of ``module`` in forward order and how they were found, or ``None``
-    and why no pass settled the order."""
+) -> tuple[list[str] | None, str, list[str]]:
+    """The children of ``module`` in forward order and how they were found, or ``None``,
+    why no pass settled the order, and (for the module a pass runs on) the order its
+    parts were first called in where that contradicts their registration order."""
     parts = _callable_parts(module, prefix)
     reasons: list[str] = []
+    contradicted: list[str] = []
     for forward in passes:
-        outcome = _watch(module, parts, forward)
+        outcome = _watch(module, parts, forward, not prefix, contradicted)
         if isinstance(outcome, list):
             where = prefix or type(module).__name__
-            return outcome, f"the order {where} calls its parts in, watched on {forward.source}"
+            found = f"the order {where} calls its parts in, watched on {forward.source}"
+            return outcome, found, []
         reasons.append(f"on {forward.source}, {outcome}")
-    return None, "; ".join(reasons)
+    return None, "; ".join(reasons), contradicted
 
 
 def discover_groups(module: nn.Module, forward: Sequence[ForwardPass] = ()) -> list[list[str]]:
@@ -419,9 +451,12 @@ def discover_groups(module: nn.Module, forward: Sequence[ForwardPass] = ()) -> l
 
 def _discover(
     module: nn.Module, forward: Sequence[ForwardPass] = ()
-) -> tuple[list[list[str]], str]:
+) -> tuple[list[list[str]], str, str, bool]:
+    """The groups, how they were found, why their registration order is unconfirmed
+    (or ""), and whether that order still waits for a forward pass."""
     prefix, inner = _unwrap(module)
-    why_not = ""
+    why_not = unconfirmed = ""
+    provisional = False
     if _is_timm(inner):
         groups = _timm_groups(inner, prefix)
         found_by = f"timm's group_matcher() of {prefix or type(inner).__name__}"
@@ -445,11 +480,38 @@ def _discover(
                 and len(_param_children(inner)) >= 2
             )
             if ordered:
-                in_order, why = _forward_order(inner, prefix, forward)
+                in_order, why, _ = _forward_order(inner, prefix, forward)
                 if in_order is not None:
                     names, found_by = in_order, why
                 else:
                     why_not = why
+            elif _unordered_parts(inner, prefix, names):
+                # The LightningModule's own parts: registered in whatever order __init__
+                # wrote them. A forward pass says whether they are called in that order.
+                in_order, why, first = (
+                    _forward_order(inner, prefix, forward) if forward else (None, "", [])
+                )
+                if in_order is not None:
+                    names = [
+                        n for part in in_order for n in _containers(inner.get_submodule(part), part)
+                    ]
+                    found_by = f"{why}, containers descended"
+                elif first:
+                    registered = [name for name, _ in _callable_parts(inner, prefix)]
+                    raise ValueError(
+                        f"freezeft cannot order the layer groups of {type(module).__name__}: "
+                        f"its parts are registered as {registered}, a forward pass first "
+                        f"calls them as {first}, and the pass does not settle the order "
+                        f"either ({why}); freezeft does not guess it. Pass the groups, input "
+                        "to output, as `groups=[...]` to the strategy (fnmatch patterns on "
+                        "module names; a list of patterns makes one group), or define "
+                        "`layer_groups()` on the LightningModule."
+                    )
+                elif forward:
+                    unconfirmed = why
+                    found_by += f" (not confirmed by a forward pass: {why})"
+                else:
+                    provisional = True
         groups = []
         for name in names:
             child = module.get_submodule(name) if name else module
@@ -480,7 +542,18 @@ def _discover(
             f"patterns on module names; a list of patterns makes one group), or define "
             f"`layer_groups()` on the LightningModule. Its top-level parts: {children}.{order}"
         )
-    return groups, found_by
+    return groups, found_by, unconfirmed, provisional
+
+
+def _unordered_parts(module: nn.Module, prefix: str, names: list[str]) -> bool:
+    """``module`` is the one discovery started at, not a container, and holds two or more
+    callable parts: their registration order is not known to be their call order."""
+    return (
+        not prefix
+        and not isinstance(module, _CONTAINERS)
+        and len(names) >= 2
+        and len(_callable_parts(module, prefix)) >= 2
+    )
 
 
 def _covers(member: str, param_name: str) -> bool:
@@ -520,8 +593,9 @@ def resolve_groups(
     where = "`groups`"
     if patterns is None and callable(getattr(module, "layer_groups", None)):
         patterns, where = list(module.layer_groups()), f"{type(module).__name__}.layer_groups()"
+    unconfirmed, provisional = "", False
     if patterns is None:
-        specs, found_by = _discover(module, forward)
+        specs, found_by, unconfirmed, provisional = _discover(module, forward)
     else:
         specs, found_by = list(patterns), f"{where}, as given"
     module_names = [name for name, child in module.named_modules() if name and _has_params(child)]
@@ -564,7 +638,7 @@ def resolve_groups(
         for name, group in zip(names, owners, strict=True):
             if group != owners[last]:
                 by_name[group].tied[name] = (owners[last], names[last])
-    return ResolvedGroups(groups, found_by)
+    return ResolvedGroups(groups, found_by, unconfirmed, provisional)
 
 
 def _owning_group(param_name: str, owner: dict[str, str], groups: list[LayerGroup]) -> str:

@@ -128,12 +128,25 @@ class Coordinator:
         epoch-0 flags. Single-process runs do this at fit start, after the module's
         ``setup()``, ``configure_model()`` and ``configure_optimizers()`` have run."""
         given = next((s.resolved_groups for s in self.strategies if s.resolved_groups), None)
-        if given is not None and _hold_the_parameters_of(given, pl_module):
+        if (
+            given is not None
+            and _hold_the_parameters_of(given, pl_module)
+            and not getattr(given, "provisional", False)
+        ):
             groups = list(given)  # resolved once, by whoever checked the strategies
         else:
             given = resolve_groups(pl_module, self.patterns, forward_passes(trainer, pl_module))
             groups = list(given)
         self.found_by = str(getattr(given, "found_by", ""))
+        if getattr(given, "unconfirmed", "") or getattr(given, "provisional", False):
+            why = given.unconfirmed or "no forward pass can be watched under this strategy"
+            rank_zero_warn(
+                f"freezeft: the layer groups of {type(pl_module).__name__} are its parts in "
+                f"the order __init__ registered them, {[g.name for g in groups]}, and a "
+                f"forward pass did not confirm that they are called in that order ({why}). "
+                "If that is not input to output, pass the groups to the strategy, input to "
+                "output: groups=[...]."
+            )
         self.plan = Plan(groups, bn=self.schedule.bn if self.schedule is not None else "frozen")
         for strategy in self.strategies:
             strategy.groups, strategy.plan = groups, self.plan
