@@ -4,6 +4,8 @@
         --trainer.callbacks+=freezeft.callbacks.FreezeThenUnfreeze \
         --trainer.callbacks.unfreeze_at_epoch=2 \
         --trainer.callbacks+=freezeft.callbacks.LRWarmup --trainer.callbacks.warmup_steps=20
+
+Needs, beside freezeft: ``pip install "jsonargparse[signatures]"`` (LightningCLI's parser).
 """
 
 from __future__ import annotations

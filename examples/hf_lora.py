@@ -11,6 +11,8 @@ A real run starts from a checkpoint, e.g.
 here a tiny BERT is built from a config so the example runs offline in seconds.
 
     python examples/hf_lora.py
+
+Needs, beside freezeft: ``pip install transformers peft``.
 """
 
 from __future__ import annotations

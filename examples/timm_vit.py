@@ -10,6 +10,8 @@ A real run starts from pretrained weights (``timm.create_model("vit_small_patch1
 pretrained=True)``); here a tiny ViT is built from its config so it runs offline.
 
     python examples/timm_vit.py
+
+Needs, beside freezeft: ``pip install timm``.
 """
 
 from __future__ import annotations

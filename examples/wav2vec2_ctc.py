@@ -12,6 +12,8 @@ vocab_size=len(alphabet))``; here a tiny wav2vec2 is built from a config so it r
 offline, on "utterances" of 3 tones whose pitches are the labels.
 
     python examples/wav2vec2_ctc.py
+
+Needs, beside freezeft: ``pip install transformers``.
 """
 
 from __future__ import annotations

@@ -85,7 +85,8 @@ def interrupt(
         check=False,
         signal_at=f"{step}:{signal_name}:{phase}",
     )
-    assert proc.returncode == 143, proc.stdout[-2000:] + proc.stderr[-2000:]
+    code = 130 if signal_name == "SIGINT" else 143  # as a shell reports either signal
+    assert proc.returncode == code, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert not (out / "results.json").exists()
     return out, proc.stdout
 

@@ -5,7 +5,8 @@ inputs into 16 features, and each task labels inputs by a different linear read-
 those features (8 classes for the source task, 4 for the target). A model pretrained on
 the plentiful source task has learnt the features; the target task has few examples, so
 transfer should beat training from scratch. Compare strategies on it with freezeft's app
-(README, "Compare strategies on your own model"):
+(README, "Compare strategies on your own model"). It is written with the ``lightning``
+package (``pip install lightning`` beside ``freezeft[app]``); the app serves either package:
 
     python examples/own_model/features.py pretrain source.ckpt
     python -m freezeft.run -m --config-dir examples/own_model/conf model=mynet data=mydata \\

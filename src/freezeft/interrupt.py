@@ -71,6 +71,8 @@ class InterruptCheckpoint(*CALLBACK_BASES):  # type: ignore[misc]
     def __init__(self, dirpath: str | Path) -> None:
         self.dirpath = Path(dirpath)
         self.saved: Path | None = None
+        #: the stop came from Ctrl+C (SIGINT), not SIGTERM
+        self.ctrl_c = False
         self._previous_sigint: Any = None
         self._rng_to_restore: dict[str, Any] | None = None
         self._mid_validation = False
@@ -173,6 +175,12 @@ class InterruptCheckpoint(*CALLBACK_BASES):  # type: ignore[misc]
             return
         pl_module.lr_scheduler_step(config.scheduler, value)
 
+    @property
+    def exit_code(self) -> int:
+        """The exit code of a process this stopped: 130 for Ctrl+C (128 + SIGINT), else
+        143 (128 + SIGTERM), as a shell reports a process those signals ended."""
+        return 130 if self.ctrl_c else 143
+
     def train_seconds(self) -> float:
         """Seconds the run has trained so far, the processes before a resume included."""
         now = time.perf_counter() - self._started if self._started is not None else 0.0
@@ -182,6 +190,7 @@ class InterruptCheckpoint(*CALLBACK_BASES):  # type: ignore[misc]
         # the first Ctrl+C stops after this batch (via Lightning's SIGTERM path); a second
         # one restores the default handler's behaviour: stop now
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        self.ctrl_c = True
         log.warning("Ctrl+C: stopping after this batch with a checkpoint (Ctrl+C again: now).")
         os.kill(os.getpid(), signal.SIGTERM)
 

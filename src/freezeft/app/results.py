@@ -19,15 +19,16 @@ __all__ = ["write_json", "write_skipped", "strategy_label", "stop_before_results
 log = logging.getLogger(__name__)
 
 
-def stop_before_results(output_dir: Path) -> None:
-    """SIGINT/SIGTERM after training finished: say how to get the results, exit 143."""
+def stop_before_results(output_dir: Path, exit_code: int = 143) -> None:
+    """SIGINT/SIGTERM after training finished: say how to get the results, exit with
+    ``exit_code`` (130 for Ctrl+C, 143 for SIGTERM)."""
     print(
         "freezeft: interrupted before the results were written; training had finished and "
         f"its checkpoints are in {output_dir / 'checkpoints'}. Run the same command with "
         f"resume={output_dir} to test again and write results.json.",
         flush=True,
     )
-    raise SystemExit(143) from None
+    raise SystemExit(exit_code) from None
 
 
 def _standard_json(value: Any) -> Any:

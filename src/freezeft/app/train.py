@@ -61,7 +61,8 @@ def fit_and_test(
     ``parts``: the objects :func:`~freezeft.app.build.build_run` built and checked (else
     they are built here from ``data``, a data config or a built data object, and ``cfg``).
     ``resume_from``: a checkpoint of this run (in ``output_dir``) to continue from.
-    On SIGINT/SIGTERM a resumable checkpoint is written and the process exits with 143.
+    On SIGINT/SIGTERM a resumable checkpoint is written and the process exits with 130
+    (Ctrl+C) or 143 (SIGTERM).
     """
     output_dir.mkdir(parents=True, exist_ok=True)
     if parts is None:
@@ -140,11 +141,11 @@ def fit_and_test(
             )
         else:  # pretraining into a cache entry, which is discarded unfinished
             print("freezeft: interrupted while pretraining; nothing was cached.", flush=True)
-        raise SystemExit(143) from None
+        raise SystemExit(interrupt.exit_code) from None
     # a resumed run counts the seconds its earlier processes trained, too
     train_seconds = time.perf_counter() - start + interrupt.seconds_before
     if trainer.received_sigterm:  # it came with training's last batch: training is complete
-        stop_before_results(output_dir)
+        stop_before_results(output_dir, interrupt.exit_code)
     if resume_from is not None and Path(resume_from).name == INTERRUPTED_CHECKPOINT:
         Path(resume_from).unlink(missing_ok=True)  # done with; last.ckpt is newer
     skipped = task.skipped(datamodule, module)
@@ -170,9 +171,9 @@ def fit_and_test(
             module, datamodule=datamodule, ckpt_path=best or None, weights_only=True, verbose=False
         )
     except SIGTERM_EXCEPTIONS:
-        stop_before_results(output_dir)
+        stop_before_results(output_dir, interrupt.exit_code)
     if trainer.received_sigterm:  # Lightning finishes the last test batch regardless
-        stop_before_results(output_dir)
+        stop_before_results(output_dir, interrupt.exit_code)
     before = len(skipped)
     skipped = task.skipped(datamodule, module)  # with test files that failed to decode
     if trainer.is_global_zero and len(skipped) > before:
