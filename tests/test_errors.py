@@ -27,6 +27,17 @@ CASES = {
         ["model.optimizer.lrr=0.1"],
         "model.optimizer.lrr is not a key of the config: check its spelling",
     ),
+    "a strategy's setting one level too high": (
+        ["strategy=freeze_then_finetune", "strategy.unfreeze_at_epoch=2"],
+        "strategy.unfreeze_at_epoch is not a key of the config: a strategy's own settings are "
+        "under strategy.callbacks.<its key>, e.g. strategy.callbacks.freeze_then_unfreeze."
+        "unfreeze_at_epoch=...",
+    ),
+    "the same, added with + (read by nothing)": (
+        ["strategy=freeze_then_finetune", "+strategy.unfreeze_at_epoch=2"],
+        "strategy.unfreeze_at_epoch is read by nothing: set "
+        "strategy.callbacks.freeze_then_unfreeze.unfreeze_at_epoch=2 instead.",
+    ),
     "an object a config builds": (
         ["experiment=tiny", "+data.foo=1"],
         "SpeechDataModule.__init__() got an unexpected keyword argument 'foo' (config: data)",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -172,6 +173,7 @@ def check_config(cfg: DictConfig) -> None:
         for c in (part or {}).values()
         if c
     ]
+    _refuse_unread_strategy_keys(cfg)
     twice = sorted({t.rsplit(".", 1)[-1] for t in targets if targets.count(t) > 1})
     if twice:
         raise ValueError(
@@ -179,6 +181,34 @@ def check_config(cfg: DictConfig) -> None:
             f"the chosen `strategy` already has, e.g. strategy=warmup addons=[warmup]); drop "
             "it from `addons`."
         )
+
+
+#: The keys of a strategy's config the app reads itself; any other is there for an
+#: interpolation (``n_frozen: ${strategy.n_frozen}``) or is read by nothing.
+STRATEGY_KEYS = ("name", "callbacks", "addons", "path", "phases", "from_scratch")
+
+
+def _refuse_unread_strategy_keys(cfg: DictConfig) -> None:
+    """``+strategy.unfreeze_at_epoch=2`` adds a key nothing reads: refused, with where the
+    setting lives (``strategy.callbacks.<key>.unfreeze_at_epoch``)."""
+    text = OmegaConf.to_yaml(cfg)  # interpolations unresolved
+    for key in cfg.strategy:
+        if key in STRATEGY_KEYS or re.search(r"\$\{[^}]*\b" + re.escape(str(key)) + r"\}", text):
+            continue
+        homes = [
+            f"{section}.{name}.{key}"
+            for section in ("strategy.callbacks", "strategy.addons")
+            for name, part in (OmegaConf.select(cfg, section) or {}).items()
+            if part and key in part
+        ]
+        value = OmegaConf.select(cfg, f"strategy.{key}")
+        where = (
+            f"set {' or '.join(f'{home}={value}' for home in homes)} instead"
+            if homes
+            else "a strategy's own settings are under strategy.callbacks.<its key> (--cfg "
+            "job prints them)"
+        )
+        raise ValueError(f"strategy.{key} is read by nothing: {where}.")
 
 
 #: Config sections a resumed run must share with the run it continues: what it trains, on

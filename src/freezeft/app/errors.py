@@ -86,6 +86,12 @@ def _composition(err: HydraException) -> str:
     typo = re.search(r"Could not override '([^']+)'", text)
     if typo and "is not in struct" in str(cause):
         key = typo.group(1)
+        if key.count(".") == 1 and key.startswith("strategy."):
+            return (
+                f"{key} is not a key of the config: a strategy's own settings are under "
+                f"strategy.callbacks.<its key>, e.g. strategy.callbacks.freeze_then_unfreeze."
+                f"{key.split('.')[1]}=... (--cfg job prints every key)"
+            )
         return (
             f"{key} is not a key of the config: check its spelling (--cfg job prints every "
             f"key), or add a new key with a leading +, as +{key}=..."
