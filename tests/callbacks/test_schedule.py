@@ -176,6 +176,24 @@ def test_the_hand_written_schedule_trains_what_it_says(tmp_path):
     assert late and all(f == pytest.approx(0.5 * h) and h == pytest.approx(0.01) for f, h in late)
 
 
+def test_the_group_table_says_when_a_later_phase_changes_the_lr_multipliers(tmp_path, caplog):
+    """The hand-written schedule halves layer_1..5 from epoch 3: the table's 'LR x' (the
+    first phase that trains each group: layer_5 at 1 from epoch 2) says it is not all."""
+    path = tmp_path / "schedule.yaml"
+    path.write_text(HAND_WRITTEN)
+    with caplog.at_level("INFO"):
+        fit(tmp_path / "run", [Schedule(path)], epochs=1)
+    assert (
+        "LR multipliers change from phase to phase ('LR x': the first phase that trains each "
+        "group); schedule.yaml lists each phase's"
+    ) in caplog.text
+    caplog.clear()
+    path.write_text("phases:\n  - {epoch: 0, train: [layer_6]}\n  - {epoch: 1, train: ['*']}\n")
+    with caplog.at_level("INFO"):
+        fit(tmp_path / "plain", [Schedule(path)], epochs=1)
+    assert "layer groups" in caplog.text and "LR multipliers change" not in caplog.text
+
+
 @pytest.mark.parametrize(
     "text, says",
     [

@@ -128,6 +128,11 @@ class StrategyCallback(*CALLBACK_BASES):  # type: ignore[misc]
         top of :meth:`lr_scale`; applied through :meth:`warmup_factor`)."""
         return 1.0
 
+    def lr_scale_changes(self) -> bool:
+        """True when a later phase changes a group's LR multiplier (:meth:`lr_scale` is
+        the one of the first phase that trains it; the group table says so)."""
+        return False
+
     def warmup_settings(self) -> dict[str, Any] | None:
         """This strategy's warmup as a schedule records it (``steps``, ``start_factor``,
         ``rewarm_on_unfreeze``); ``None``: it warms nothing up."""

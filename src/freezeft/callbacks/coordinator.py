@@ -252,6 +252,12 @@ class Coordinator:
             lr_scales=scales,
             found_by=self.found_by,
         )
+        if any(s.lr_scale_changes() for s in self.strategies):
+            table += (
+                "\nLR multipliers change from phase to phase"
+                + (" ('LR x': the first phase that trains each group)" if "LR x" in table else "")
+                + "; schedule.yaml lists each phase's"
+            )
         rank_zero_info(f"{names}: layer groups\n{table}")
         self._scales = scales
         if not self.phases and schedule is not None:  # resumed: it came with the checkpoint

@@ -143,6 +143,15 @@ class Schedule(StrategyCallback):
         return self._static[index]
 
     @override
+    def lr_scale_changes(self) -> bool:
+        return any(
+            phase.scale(name) != static
+            for name, static in zip(self._names, self._static, strict=True)
+            for phase in self.phases
+            if phase.trains(name)
+        )
+
+    @override
     def phase_lr_factor(self, index: int) -> float:
         phase = self._phase_now()
         name = self._names[index]
