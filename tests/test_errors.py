@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from pyrun import run_python
 
 from freezeft.app.main import TRACEBACKS, cli
@@ -82,6 +83,15 @@ def test_a_user_error_is_one_line_on_stderr(run_cli, tmp_path, case):
     assert said in one_error_line(*run_cli(*overrides, f"hydra.run.dir={run_dir}"))
     if (run_dir / "run.log").exists():  # the run had started: its log says it too
         assert said in (run_dir / "run.log").read_text()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_a_gpu_run_on_a_machine_without_one_says_to_use_the_cpu(run_cli, tmp_path):
+    line = one_error_line(*run_cli("experiment=tiny", "trainer=gpu", f"hydra.run.dir={tmp_path}"))
+    assert line.endswith(
+        "No supported gpu backend found! This machine has no GPU that torch can use: run with "
+        "trainer=cpu (the default)."
+    )
 
 
 @pytest.mark.parametrize(

@@ -137,5 +137,10 @@ def one_line(err: BaseException) -> str | None:
     if isinstance(err, OmegaConfBaseException):
         return _omegaconf(err)
     if is_user_error(err):
-        return _joined(str(err))
+        line = _joined(str(err))
+        if "No supported gpu backend found" in line:
+            line += (
+                " This machine has no GPU that torch can use: run with trainer=cpu (the default)."
+            )
+        return line
     return None
