@@ -68,6 +68,20 @@ def test_a_resume_with_other_trainer_settings_is_refused(tmp_path, changed):
     assert sorted(p.name for p in (tmp_path / "a" / "checkpoints").iterdir()) == before
 
 
+def test_a_resume_with_another_strategy_names_the_strategy_first(tmp_path):
+    """The strategy's name leads, and the callback that is gone is one entry, not one per
+    setting (its settings had pushed the name out of the message)."""
+    run(tmp_path / "a", "strategy=freeze_then_finetune")
+    with pytest.raises(ValueError, match="differs from the run being resumed") as refused:
+        run(tmp_path / "a", f"resume={tmp_path / 'a'}", "strategy=naive")
+    message = str(refused.value)
+    changes = message.split("): ", 1)[1]
+    assert changes.startswith("strategy.name: 'freeze_then_finetune' then, 'naive' now; ")
+    assert "strategy.callbacks.freeze_then_unfreeze: there then, not now" in message
+    assert "strategy.callbacks.naive: not there then, there now" in message
+    assert "more)" not in message and "freeze_then_unfreeze.head" not in message
+
+
 def test_a_resume_never_shortens_the_run(tmp_path):
     run(tmp_path / "a", "trainer.max_epochs=3")
     with pytest.raises(ValueError, match="trainer.max_epochs: 3 then, 2 now .*never shorter"):

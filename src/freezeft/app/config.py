@@ -257,20 +257,27 @@ def check_resume_config(cfg: DictConfig, run_dir: Path) -> DictConfig:
             "transfer.source=PATH instead."
         )
     saved = OmegaConf.load(saved_path)
-    differences = []
+    differences: list[str] = []
     for section in RESUME_MUST_MATCH:
         before, now = _flat(_plain(saved.get(section))), _flat(_plain(cfg.get(section)))
-        for key in sorted(set(before) | set(now)):
+        parts_said: set[str] = set()
+        for key in sorted(set(before) | set(now), key=_names_first):
             if f"{section}{key}" in RESUME_MAY_CHANGE:
                 continue
             if key not in before and key in now and now[key] == _default(section, key, run_dir):
                 # a key this freezeft added since that run, at what that run's overrides give
                 log.info(f"resume: {section}{key} is new since that run; it is {now[key]!r}.")
                 continue
-            if before.get(key) != now.get(key):
+            if before.get(key) == now.get(key):
+                continue
+            part = _one_sided_part(key, before, now)
+            if part is None:
                 differences.append(
                     f"{section}{key}: {before.get(key)!r} then, {now.get(key)!r} now"
                 )
+            elif part[0] not in parts_said:  # a whole callback or part, once
+                parts_said.add(part[0])
+                differences.append(f"{section}{part[0]}: {part[1]}")
     then, now = saved.trainer.get("max_epochs"), cfg.trainer.get("max_epochs")
     if isinstance(then, int) and isinstance(now, int) and now < then:
         differences.append(
@@ -288,6 +295,25 @@ def check_resume_config(cfg: DictConfig, run_dir: Path) -> DictConfig:
             "train longer), or start a new run with the new settings."
         )
     return saved
+
+
+def _names_first(key: str) -> tuple[bool, str]:
+    """What a run is (a section's own ``name``, ``_target_``) before its settings, in a
+    list of changes."""
+    return not (key.count(".") == 1 and key[1:] in ("name", "_target_")), key
+
+
+def _one_sided_part(key: str, before: dict[str, Any], now: dict[str, Any]) -> tuple | None:
+    """The outermost part of ``key`` (``.callbacks.freeze_then_unfreeze``) that only one of
+    the configs has, with which one, or ``None`` where both have it."""
+    parts = key.split(".")
+    for depth in range(2, len(parts)):
+        prefix = ".".join(parts[:depth])
+        then = any(k == prefix or k.startswith(prefix + ".") for k in before)
+        today = any(k == prefix or k.startswith(prefix + ".") for k in now)
+        if then != today:
+            return prefix, "there then, not now" if then else "not there then, there now"
+    return None
 
 
 def _default(section: str, key: str, run_dir: Path) -> Any:
