@@ -118,3 +118,25 @@ def test_a_sweep_exits_non_zero_when_a_job_failed_and_names_it(tmp_path, monitor
     output = proc.stdout + proc.stderr
     # each failed job's reason twice: when it fails, and in the list the sweep ends with
     assert output.count("The run watches `val_nope` (monitor)") == 2 * failed
+
+
+@pytest.mark.parametrize("signal_name, code", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_an_interrupted_sweep_says_so_on_stderr_with_its_exit_code(tmp_path, signal_name, code):
+    """Ctrl+C (or SIGTERM) in job 0 of two: exit 130 (143), the job's resumable checkpoint,
+    and one line on stderr that the sweep stopped and where its jobs are listed."""
+    sweep = tmp_path / "sweep"
+    proc = run_python(
+        ["-m", "freezeft.run", "-m", "--config-dir", str(PROJECT / "conf"), "model=mynet",
+         "data=mydata", "monitor=val_acc", "monitor_mode=max", "strategy=naive,frozen_encoder",
+         "+callbacks.stop._target_=signal_at_step.SignalAtStep", f"hydra.sweep.dir={sweep}"],
+        cwd=PROJECT,
+        env={"PYTHONPATH": str(Path(__file__).parent), "SIGNAL_AT_STEP": f"2:{signal_name}:train"},
+        check=False,
+    )  # fmt: skip
+    assert proc.returncode == code, proc.stderr[-2000:]
+    assert (sweep / "0" / "checkpoints" / "interrupted.ckpt").exists()
+    assert not (sweep / "1").exists()
+    assert (
+        f"freezeft: the sweep was interrupted in job 0; the jobs after it did not run. "
+        f"`python -m freezeft.report {sweep}` lists every job"
+    ) in proc.stderr

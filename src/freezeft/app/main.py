@@ -115,6 +115,17 @@ def main(cfg: DictConfig) -> float:
             print(f"freezeft schedule: wrote a starter schedule to {path}", flush=True)
             return math.nan
         results = train(cfg, output_dir)
+    except SystemExit as stop:
+        if multirun and stop.code in (130, 143):  # the sweep stops with this job
+            sweep_dir = Path(hydra_cfg.sweep.dir)
+            print(
+                f"freezeft: the sweep was interrupted in job {hydra_cfg.job.num}; the jobs "
+                f"after it did not run. `python -m freezeft.report {sweep_dir}` lists every "
+                "job with its state and the command that resumes an interrupted one.",
+                file=sys.stderr,
+                flush=True,
+            )
+        raise
     except Exception as err:
         if not multirun:
             message = _disk_full(err, cfg, output_dir) or one_line(err)
