@@ -350,6 +350,7 @@ def test_the_app_under_ddp_finishes_with_every_app_callback_on(tmp_path, cache_d
         "trainer.max_epochs=2",
     )
     assert len(re.findall(r"^freezeft transfer: ", stdout, re.M)) == 1  # rank 0's line alone
+    assert stdout.count("Testing the best checkpoint") == 1  # ranks > 0 log warnings only
     results = json.loads((out / "results.json").read_text())
     assert results["status"] == "finished" and 0.0 <= results["cer"] <= 1.5
     epochs = read_history(out)

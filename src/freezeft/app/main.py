@@ -100,6 +100,8 @@ def main(cfg: DictConfig) -> float:
     """
     _lightning_logs_to_hydra()
     quiet_console()
+    if os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("NODE_RANK", "0") != "0":
+        logging.getLogger("freezeft").setLevel(logging.WARNING)  # DDP: rank 0 tells the run
     hydra_cfg = HydraConfig.get()
     output_dir = Path(hydra_cfg.runtime.output_dir)
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
