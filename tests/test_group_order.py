@@ -243,3 +243,42 @@ def test_own_layers_the_pass_cannot_order_stay_registered_with_a_warning_or_are_
     )
     with pytest.raises(ValueError, match=expected):
         _fit_top_level(TopLevel(reuse=True), FrozenEncoder(head=1))
+
+
+class HeadFirst(pl.LightningModule):
+    """``self.head`` registered before a backbone whose blocks are a repeated stack, which
+    ``features`` runs block by block (a method: the backbone's own forward never runs)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(8, 2)
+        self.backbone = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 8))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.backbone:
+            x = torch.relu(block(x))
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+    training_step = TopLevel.training_step
+    configure_optimizers = TopLevel.configure_optimizers
+
+
+def test_a_head_registered_before_the_stack_is_still_the_head():
+    """The stack's stem and head were taken in registration order: `head` became the stem
+    and FrozenEncoder trained the backbone's last block. The forward pass orders the
+    module's own parts, a part run through a method (its submodules called) included."""
+    module = HeadFirst()
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    strategy = FrozenEncoder(head=1)
+    data = TensorDataset(torch.randn(16, 4), torch.randint(0, 2, (16,)))
+    quiet_trainer(max_epochs=1, callbacks=[strategy]).fit(module, DataLoader(data, batch_size=4))
+    assert [g.name for g in strategy.groups] == [
+        "backbone.0", "backbone.1", "backbone.2", "head"
+    ]  # fmt: skip
+    assert "in the order HeadFirst calls its parts in" in strategy.coordinator.found_by
+    after = module.state_dict()
+    assert all(torch.equal(after[k], before[k]) for k in before if k.startswith("backbone."))
+    assert not torch.equal(after["head.weight"], before["head.weight"])

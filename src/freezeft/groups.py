@@ -19,9 +19,10 @@ Resolution, first that applies:
    c. containers (``nn.Sequential``, ``nn.ModuleList``, ``nn.ModuleDict``) are descended;
       the parameterised modules reached are the groups, in registration order. The
       module's own parts (a LightningModule's ``self.fc1``, ``self.out``, ...) are taken
-      in the order a forward pass calls them, as in (d); where the pass cannot establish
-      that order they stay in registration order and the fit warns, unless the pass
-      calls them first in another order: then it is refused;
+      in the order a forward pass calls them, as in (d) (for (b) too: a head registered
+      before the stack is still the head); where the pass cannot establish that order
+      they stay in registration order and the fit warns, unless the pass calls them
+      first in another order: then it is refused;
    d. a module that is none of these but calls its parameterised children one after
       another (torchaudio's ``DeepSpeech``: ``fc1, fc2, fc3, bi_rnn, fc4, out``): one group
       per child, in the order a real forward pass calls them (:class:`ForwardPass`, given
@@ -62,6 +63,7 @@ __all__ = [
     "GroupSpec",
     "LayerGroup",
     "ResolvedGroups",
+    "confirm_order",
     "discover_groups",
     "format_group_table",
     "resolve_groups",
@@ -354,17 +356,27 @@ def _watch(
     calls: list[int] = []
     inputs: list[frozenset[int]] = []
     returned: list[bool] = []
+    inside = [0] * len(parts)  # how deep in each part's own forward the pass is
+    latest: list[int] = []  # the part of the latest call seen, of it or inside it
 
-    def called(index: int) -> Callable[..., None]:
+    # A part counts as called when its forward is, or when its submodules are called one
+    # run after another outside it (``self.backbone.forward_features(x)``: a method, not
+    # ``__call__``, so only the submodules' hooks fire).
+    def called(index: int, own: bool) -> Callable[..., None]:
         def hook(_module: nn.Module, args: Any, kwargs: Any) -> None:
-            calls.append(index)
-            inputs.append(flow.of((args, kwargs)))
+            if own or (not inside[index] and latest != [index]):
+                calls.append(index)
+                inputs.append(flow.of((args, kwargs)))
+            inside[index] += own
+            latest[:] = [index]
 
         return hook
 
-    def finished(index: int) -> Callable[..., None]:
+    def finished(index: int, own: bool) -> Callable[..., None]:
         def hook(_module: nn.Module, _args: Any, _kwargs: Any, output: Any) -> None:
+            inside[index] -= own
             flow.mark(output, frozenset({index}))
+            latest[:] = [index]
 
         return hook
 
@@ -374,8 +386,10 @@ def _watch(
 
     handles = [module.register_forward_hook(done)]
     for index, (_, part) in enumerate(parts):
-        handles.append(part.register_forward_pre_hook(called(index), with_kwargs=True))
-        handles.append(part.register_forward_hook(finished(index), with_kwargs=True))
+        for sub in part.modules():
+            own = sub is part
+            handles.append(sub.register_forward_pre_hook(called(index, own), with_kwargs=True))
+            handles.append(sub.register_forward_hook(finished(index, own), with_kwargs=True))
     error: Exception | None = None
     try:
         with flow:
@@ -462,6 +476,7 @@ def _discover(
         found_by = f"timm's group_matcher() of {prefix or type(inner).__name__}"
     else:
         stack = _find_stack(inner)
+        ordered = False
         if stack is not None:
             names = _stack_groups(inner, prefix, stack[0])
             path = ".".join(part for part in (prefix, *stack[0]) if part)
@@ -473,7 +488,7 @@ def _discover(
         else:
             names = _containers(inner, prefix)
             found_by = "containers descended, in registration order"
-            ordered = (
+            ordered = bool(
                 len(names) < 2
                 and prefix
                 and not isinstance(inner, _CONTAINERS)
@@ -485,33 +500,12 @@ def _discover(
                     names, found_by = in_order, why
                 else:
                     why_not = why
-            elif _unordered_parts(inner, prefix, names):
-                # The LightningModule's own parts: registered in whatever order __init__
-                # wrote them. A forward pass says whether they are called in that order.
-                in_order, why, first = (
-                    _forward_order(inner, prefix, forward) if forward else (None, "", [])
-                )
-                if in_order is not None:
-                    names = [
-                        n for part in in_order for n in _containers(inner.get_submodule(part), part)
-                    ]
-                    found_by = f"{why}, containers descended"
-                elif first:
-                    registered = [name for name, _ in _callable_parts(inner, prefix)]
-                    raise ValueError(
-                        f"freezeft cannot order the layer groups of {type(module).__name__}: "
-                        f"its parts are registered as {registered}, a forward pass first "
-                        f"calls them as {first}, and the pass does not settle the order "
-                        f"either ({why}); freezeft does not guess it. Pass the groups, input "
-                        "to output, as `groups=[...]` to the strategy (fnmatch patterns on "
-                        "module names; a list of patterns makes one group), or define "
-                        "`layer_groups()` on the LightningModule."
-                    )
-                elif forward:
-                    unconfirmed = why
-                    found_by += f" (not confirmed by a forward pass: {why})"
-                else:
-                    provisional = True
+        if not ordered and _unordered_parts(inner, prefix, names):
+            # The LightningModule's own parts: registered in whatever order __init__ wrote
+            # them. A forward pass says whether they are called in that order.
+            names, found_by, unconfirmed, provisional = _order_own_parts(
+                inner, names, forward, found_by
+            )
         groups = []
         for name in names:
             child = module.get_submodule(name) if name else module
@@ -543,6 +537,74 @@ def _discover(
             f"`layer_groups()` on the LightningModule. Its top-level parts: {children}.{order}"
         )
     return groups, found_by, unconfirmed, provisional
+
+
+def _order_own_parts(
+    module: nn.Module, names: list[str], forward: Sequence[ForwardPass], found_by: str
+) -> tuple[list[str], str, str, bool]:
+    """``names`` (groups within ``module``'s own parts) in the order a forward pass calls
+    those parts, with how they were found, why their registration order is unconfirmed
+    (or ""), and whether the order still waits for a pass (none was given).
+
+    Raises:
+        ValueError: the pass calls the parts first in another order than registered, and
+            does not settle the order either (a part called twice, never, in parallel).
+    """
+    if not forward:
+        return names, found_by, "", True
+    in_order, why, first = _forward_order(module, "", forward)
+    if in_order is not None:
+        if found_by.startswith("the repeated stack"):
+            return (
+                _in_call_order(names, in_order),
+                found_by.replace("in registration order", f"in {why}"),
+                "",
+                False,
+            )
+        return _in_call_order(names, in_order), f"{why}, containers descended", "", False
+    if first:
+        registered = [name for name, _ in _callable_parts(module, "")]
+        raise ValueError(
+            f"freezeft cannot order the layer groups of {type(module).__name__}: its parts "
+            f"are registered as {registered}, a forward pass first calls them as {first}, "
+            f"and the pass does not settle the order either ({why}); freezeft does not "
+            "guess it. Pass the groups, input to output, as `groups=[...]` to the strategy "
+            "(fnmatch patterns on module names; a list of patterns makes one group), or "
+            "define `layer_groups()` on the LightningModule."
+        )
+    return names, f"{found_by} (not confirmed by a forward pass: {why})", why, False
+
+
+def confirm_order(
+    groups: ResolvedGroups, module: nn.Module, forward: Sequence[ForwardPass]
+) -> ResolvedGroups:
+    """``groups`` whose order waited for a forward pass (``provisional``: resolved where
+    none could run, as the app's config check does), put in the order ``forward`` calls
+    the module's own parts; the same :class:`LayerGroup` objects, not resolved again.
+    Groups that are not provisional are returned as they are.
+
+    Raises:
+        ValueError: as :func:`resolve_groups`, where the pass contradicts the order.
+    """
+    if not getattr(groups, "provisional", False):
+        return groups
+    by_name = {group.name: group for group in groups}
+    names, found_by, unconfirmed, provisional = _order_own_parts(
+        module, list(by_name), forward, groups.found_by
+    )
+    if names != list(by_name) and any(group.tied for group in groups):
+        return resolve_groups(module, None, forward)  # a tied weight's owner is the latest
+    return ResolvedGroups([by_name[n] for n in names], found_by, unconfirmed, provisional)
+
+
+def _in_call_order(names: list[str], parts: list[str]) -> list[str]:
+    """``names`` sorted by the position in ``parts`` (the module's own parts, in the order
+    its forward pass calls them) of the part each lies in; their order within a part kept."""
+
+    def position(name: str) -> int:
+        return next(i for i, p in enumerate(parts) if name == p or name.startswith(f"{p}."))
+
+    return sorted(names, key=position)
 
 
 def _unordered_parts(module: nn.Module, prefix: str, names: list[str]) -> bool:

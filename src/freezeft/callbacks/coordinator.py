@@ -22,6 +22,7 @@ from freezeft.frozen_cache import FrozenOutputCache, PrefixCachable
 from freezeft.groups import (
     LayerGroup,
     canonical_group_name,
+    confirm_order,
     format_group_table,
     resolve_groups,
     trainable_groups,
@@ -128,12 +129,11 @@ class Coordinator:
         epoch-0 flags. Single-process runs do this at fit start, after the module's
         ``setup()``, ``configure_model()`` and ``configure_optimizers()`` have run."""
         given = next((s.resolved_groups for s in self.strategies if s.resolved_groups), None)
-        if (
-            given is not None
-            and _hold_the_parameters_of(given, pl_module)
-            and not getattr(given, "provisional", False)
-        ):
-            groups = list(given)  # resolved once, by whoever checked the strategies
+        if given is not None and _hold_the_parameters_of(given, pl_module):
+            # resolved once, by whoever checked the strategies; an order that waited for a
+            # forward pass is taken from one now
+            given = confirm_order(given, pl_module, forward_passes(trainer, pl_module))
+            groups = list(given)
         else:
             given = resolve_groups(pl_module, self.patterns, forward_passes(trainer, pl_module))
             groups = list(given)
