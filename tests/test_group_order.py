@@ -282,3 +282,82 @@ def test_a_head_registered_before_the_stack_is_still_the_head():
     after = module.state_dict()
     assert all(torch.equal(after[k], before[k]) for k in before if k.startswith("backbone."))
     assert not torch.equal(after["head.weight"], before["head.weight"])
+
+
+class ManualDirect(TopLevel):
+    """Manual optimization, the layers called in training_step itself (no forward), a step
+    counter buffer and an EMA updated after the step: the watched pass must leave no trace
+    (no optimizer or scheduler step, the buffers as they were)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.register_buffer("steps", torch.zeros(()))
+        self.register_buffer("ema", torch.zeros(2, 8))
+
+    def training_step(self, batch, _index):
+        x, y = batch
+        optimizer = self.optimizers()
+        self.steps += 1  # before the layers: runs in the watched pass too, then put back
+        try:
+            logits = self.out(self.fc2(torch.relu(self.fc1(x))))
+        except Exception:  # a user's broad except must not swallow the pass's stop
+            raise
+        loss = nn.functional.cross_entropy(logits, y)
+        optimizer.zero_grad()
+        self.manual_backward(loss)
+        optimizer.step()
+        self.lr_schedulers().step()
+        with torch.no_grad():
+            self.ema.mul_(0.5).add_(self.out.weight, alpha=0.5)
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.SGD(self.parameters(), lr=0.1)
+        return [optimizer], [torch.optim.lr_scheduler.StepLR(optimizer, 1, gamma=0.5)]
+
+
+def test_manual_optimization_calling_the_layers_itself_is_ordered_and_untouched():
+    """The whole training_step is watched until every layer ran (its manual_backward and
+    optimizer and scheduler steps inert): groups fc1, fc2, out, and the fit ends exactly
+    as the same fit with the groups given (no pass at all)."""
+    results = []
+    for groups in (None, ["fc1", "fc2", "out"]):
+        torch.manual_seed(0)
+        module = ManualDirect()
+        strategy = FrozenEncoder(head=1, groups=groups)
+        _fit_top_level(module, strategy)
+        results.append((module, strategy))
+    (watched, strategy), (given, _) = results
+    assert [g.name for g in strategy.groups] == ["fc1", "fc2", "out"]
+    assert watched.steps.item() == given.steps.item() == 4  # 4 batches, not 5
+    after, expected = watched.state_dict(), given.state_dict()
+    assert all(torch.equal(after[k], expected[k]) for k in expected)
+    assert watched.lr_schedulers().get_last_lr() == given.lr_schedulers().get_last_lr()
+
+
+class WithTeacher(TopLevel):
+    """A frozen teacher the forward never calls (its every parameter frozen by the user)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.teacher = nn.Linear(4, 2).requires_grad_(False)
+
+
+def test_a_part_the_user_froze_need_not_be_called():
+    strategy = FrozenEncoder(head=1)
+    _fit_top_level(WithTeacher(), strategy)
+    assert [g.name for g in strategy.groups] == ["fc1", "fc2", "out", "teacher"]
+    table = strategy.coordinator.found_by
+    assert table.startswith("the order WithTeacher calls its parts in")
+
+
+def test_compiled_layers_are_watched_as_plain_python():
+    """torch.compile'd parts (and a compiled module) ran the watch through Dynamo, which
+    failed on its hooks: the order was left unconfirmed or refused."""
+    module = TopLevel()
+    module.out = torch.compile(module.out, backend="eager")
+    module.fc1 = torch.compile(module.fc1, backend="eager")
+    strategy = FrozenEncoder(head=1)
+    _fit_top_level(module, strategy)
+    assert [g.name for g in strategy.groups] == ["fc1._orig_mod", "fc2", "out._orig_mod"]
+    assert strategy.coordinator.found_by.startswith("the order TopLevel calls its parts in")

@@ -48,8 +48,9 @@ table says so.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -283,9 +284,11 @@ def _timm_groups(model: nn.Module, prefix: str) -> list[list[str]]:
     return result
 
 
-class _Returned(Exception):
-    """Raised through a watched forward pass once the module being ordered has returned:
-    what the pass does after that (a loss, logging) is not needed."""
+class _Returned(BaseException):
+    """Raised through a watched forward pass once the module being ordered has returned
+    (or, watching the whole pass, every part that trains has been called): what the pass
+    does after that (a loss, logging, an optimizer step) is not needed. Not an
+    ``Exception``, so a user's ``except Exception`` around the forward lets it through."""
 
 
 class _DataFlow(TorchFunctionMode):
@@ -372,11 +375,20 @@ def _watch(
 
         return hook
 
+    # Parts whose every parameter the user froze (a teacher, an EMA copy) need no place in
+    # the order: uncalled, they are no reason to doubt it.
+    needed = {
+        i for i, (_, part) in enumerate(parts) if any(p.requires_grad for p in part.parameters())
+    }
+
     def finished(index: int, own: bool) -> Callable[..., None]:
         def hook(_module: nn.Module, _args: Any, _kwargs: Any, output: Any) -> None:
             inside[index] -= own
             flow.mark(output, frozenset({index}))
             latest[:] = [index]
+            if whole and not any(inside) and needed <= set(calls):
+                returned.append(True)  # every part has run: the rest of the step is not needed
+                raise _Returned
 
         return hook
 
@@ -393,7 +405,8 @@ def _watch(
     error: Exception | None = None
     try:
         with flow:
-            forward.run()
+            with _eager():  # compiled code would trace the hooks (and fail on them)
+                forward.run()
     except _Returned:
         pass
     except Exception as caught:  # the pass itself failed: the order stays unknown
@@ -403,21 +416,21 @@ def _watch(
             handle.remove()
     if not returned and error is None and whole:
         returned.append(True)
+    names = [name for name, _ in parts]
+    first = list(dict.fromkeys(calls))
+    if whole and first != sorted(first):  # called in another order than registered
+        contradicted[:] = [names[i] for i in first]
     if not returned:
         if error is not None:
             message = str(error).strip().splitlines()
             return f"it raised {type(error).__name__}: {message[0] if message else ''}".rstrip(": ")
         return "it never called this module"
-    names = [name for name, _ in parts]
-    first = list(dict.fromkeys(calls))
-    if whole and first != sorted(first):  # called in another order than registered
-        contradicted[:] = [names[i] for i in first]
     twice = [
         f"{names[i]} ({calls.count(i)} times)" for i in dict.fromkeys(calls) if calls.count(i) > 1
     ]
     if twice:
         return f"parts called more than once: {', '.join(twice)}"
-    never = [names[i] for i in range(len(parts)) if i not in calls]
+    never = [names[i] for i in sorted(needed) if i not in calls]
     if never:
         return f"parts never called: {', '.join(never)}"
     for k in range(1, len(calls)):
@@ -426,7 +439,19 @@ def _watch(
                 f"{names[calls[k]]} does not take the output of {names[calls[k - 1]]}, called "
                 "just before it (parallel branches)"
             )
-    return [names[i] for i in calls]
+    return [names[i] for i in calls] + [n for i, n in enumerate(names) if i not in calls]
+
+
+@contextlib.contextmanager
+def _eager() -> Iterator[None]:
+    """``torch.compile``d modules and functions run as plain Python for the watched pass."""
+    try:
+        import torch._dynamo
+    except ImportError:  # a torch without the compiler
+        yield
+        return
+    with torch._dynamo.config.patch(disable=True):
+        yield
 
 
 def _forward_order(

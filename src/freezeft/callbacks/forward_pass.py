@@ -11,16 +11,19 @@ a module that needs it runs it, once per fit, before the plan is made:
   loss, ``self.log`` and any optimizer call after it never run.
 
 Either runs without gradients, every module in eval mode (no norm statistics move, no
-dropout), ``self.log`` silenced, and every random state (Python, numpy, torch, CUDA and
-the dataloader's own generators) and ``requires_grad`` flag put back: the fit that
-follows is the one it would have been without it.
+dropout), ``self.log`` silenced, ``self.optimizers()``/``self.lr_schedulers()`` and
+``manual_backward`` inert (manual optimization steps nothing), and every random state
+(Python, numpy, torch, CUDA and the dataloader's own generators), buffer and
+``requires_grad`` flag put back: the fit that follows is the one it would have been
+without it. (What your code keeps in plain Python attributes, a counter it adds to in
+``forward``, it adds to once more; pass ``groups=`` and no pass runs.)
 """
 
 from __future__ import annotations
 
 import contextlib
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy
@@ -102,10 +105,12 @@ def _untouched(pl_module: Any, loaders: Any) -> Iterator[None]:
     ``requires_grad`` flags as they were afterwards."""
     modes = [(module, module.training) for module in pl_module.modules()]
     flags = [(param, param.requires_grad) for param in pl_module.parameters()]
+    buffers = [(buffer, buffer.clone()) for buffer in pl_module.buffers()]
     generators = [(g, g.get_state()) for g in _generators(loaders)]
-    silenced = [name for name in ("log", "log_dict") if name not in vars(pl_module)]
+    stand_ins = _stand_ins(pl_module)
+    silenced = [name for name in stand_ins if name not in vars(pl_module)]
     for name in silenced:
-        setattr(pl_module, name, _ignore)
+        setattr(pl_module, name, stand_ins[name])
     states = _random_states()
     try:
         with torch.no_grad():
@@ -115,6 +120,8 @@ def _untouched(pl_module: Any, loaders: Any) -> Iterator[None]:
         _set_random_states(states)
         for name in silenced:
             vars(pl_module).pop(name, None)
+        for buffer, value in buffers:  # a step counter, an EMA the module keeps by hand
+            buffer.copy_(value)
         for module, training in modes:
             module.training = training
         for param, flag in flags:
@@ -139,4 +146,37 @@ def _set_random_states(states: tuple[Any, ...]) -> None:
 
 
 def _ignore(*args: Any, **kwargs: Any) -> None:
-    """``self.log`` during the watched pass: nothing is logged."""
+    """``self.log`` (and the other stand-ins) during the watched pass: nothing happens."""
+
+
+class _InertOptimizer:
+    """What ``self.optimizers()`` and ``self.lr_schedulers()`` give during the watched
+    pass: ``zero_grad()``, ``step()`` and every other call do nothing."""
+
+    param_groups: list[dict[str, Any]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return _ignore
+
+
+def _stand_ins(pl_module: Any) -> dict[str, Any]:
+    """The LightningModule methods that, during the watched pass, must not log, step an
+    optimizer or scheduler, or run a backward (manual optimization): their stand-ins."""
+    trainer = getattr(pl_module, "_trainer", None)
+    n_optimizers = len(getattr(trainer, "optimizers", None) or []) or 1  # none yet: DDP setup
+    n_schedulers = len(getattr(trainer, "lr_scheduler_configs", None) or [])
+
+    def several(n: int) -> Callable[..., Any]:
+        inert = [_InertOptimizer() for _ in range(n)]
+        return lambda *args, **kwargs: inert[0] if len(inert) == 1 else inert
+
+    return {
+        "log": _ignore,
+        "log_dict": _ignore,
+        "manual_backward": _ignore,
+        "toggle_optimizer": _ignore,
+        "untoggle_optimizer": _ignore,
+        "clip_gradients": _ignore,
+        "optimizers": several(n_optimizers),
+        "lr_schedulers": several(n_schedulers or 1),
+    }
