@@ -26,7 +26,12 @@ CASES = {
     ),
     "a misspelt key": (
         ["model.optimizer.lrr=0.1"],
-        "model.optimizer.lrr is not a key of the config: check its spelling",
+        "model.optimizer.lrr is not a key of the config. Did you mean model.optimizer.lr? "
+        "Check its spelling",
+    ),
+    "a misspelt trainer key": (
+        ["trainer.max_epoch=3"],
+        "trainer.max_epoch is not a key of the config. Did you mean trainer.max_epochs? ",
     ),
     "a strategy's setting one level too high": (
         ["strategy=freeze_then_finetune", "strategy.unfreeze_at_epoch=2"],

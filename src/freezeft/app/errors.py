@@ -92,9 +92,19 @@ def _composition(err: HydraException) -> str:
                 f"strategy.callbacks.<its key>, e.g. strategy.callbacks.freeze_then_unfreeze."
                 f"{key.split('.')[1]}=... (--cfg job prints every key)"
             )
+        parent, last = getattr(cause, "parent_node", None), key.rsplit(".", 1)[-1]
+        there = [str(k) for k in parent.keys()] if hasattr(parent, "keys") else []
+        close = difflib.get_close_matches(last, there, n=2)
+        section = key.rsplit(".", 1)[0] + "." if "." in key else ""
+        if close:
+            hint = f"Did you mean {' or '.join(f'{section}{c}' for c in close)}? "
+        elif there and len(there) <= 30:
+            hint = f"The keys there: {', '.join(there)}. "
+        else:
+            hint = ""
         return (
-            f"{key} is not a key of the config: check its spelling (--cfg job prints every "
-            f"key), or add a new key with a leading +, as +{key}=..."
+            f"{key} is not a key of the config. {hint}Check its spelling (--cfg job prints "
+            f"every key), or add a new key with a leading +, as +{key}=..."
         )
     if cause is not None and not isinstance(cause, HydraException):
         first = str(cause).splitlines()[0].strip() if str(cause).strip() else ""
