@@ -37,6 +37,8 @@ from types import TracebackType
 from typing import IO, Any
 
 __all__ = [
+    "EXIT_CTRL_C",
+    "EXIT_SIGTERM",
     "WriteError",
     "Terminated",
     "atomic_write",
@@ -168,6 +170,11 @@ def disk_full_message(err: BaseException, folder: str | Path) -> str | None:
         room = f" ({free / 2**20:.0f} MiB free)" if free is not None else ""
         return f"no space left on {folder}{room} while writing into it"
     return no_space_left(path)
+
+
+#: the exit codes of a process stopped by Ctrl+C (128 + SIGINT) and by SIGTERM (128 + 15),
+#: as a shell reports a process those signals ended
+EXIT_CTRL_C, EXIT_SIGTERM = 130, 143
 
 
 class Terminated(BaseException):

@@ -103,7 +103,8 @@ class ResolvedGroups(list):
 
     ``unconfirmed``: where discovery took a module's parts in registration order and a
     forward pass could not confirm that order, why (the fit warns); ``provisional``: the
-    order still waits for a forward pass (none was given), so the fit resolves again."""
+    order still waits for a forward pass (none was given), which the fit takes through
+    :func:`confirm_order`."""
 
     def __init__(
         self,
@@ -282,6 +283,14 @@ def _timm_groups(model: nn.Module, prefix: str) -> list[list[str]]:
                 members.append(_join(prefix, cover))
         result.append(members)
     return result
+
+
+#: How to name the groups where discovery cannot: the end of its errors.
+NAME_THE_GROUPS = (
+    "Pass the groups, input to output, as `groups=[...]` to the strategy (fnmatch patterns "
+    "on module names; a list of patterns makes one group), or define `layer_groups()` on "
+    "the LightningModule."
+)
 
 
 class _Returned(BaseException):
@@ -557,9 +566,7 @@ def _discover(
         raise ValueError(
             f"freezeft found {len(groups)} layer group in {where} "
             f"({[group_name(g) for g in groups]}), so no strategy can freeze part of it. "
-            f"Pass the groups, input to output, as `groups=[...]` to the strategy (fnmatch "
-            f"patterns on module names; a list of patterns makes one group), or define "
-            f"`layer_groups()` on the LightningModule. Its top-level parts: {children}.{order}"
+            f"{NAME_THE_GROUPS} Its top-level parts: {children}.{order}"
         )
     return groups, found_by, unconfirmed, provisional
 
@@ -593,9 +600,7 @@ def _order_own_parts(
             f"freezeft cannot order the layer groups of {type(module).__name__}: its parts "
             f"are registered as {registered}, a forward pass first calls them as {first}, "
             f"and the pass does not settle the order either ({why}); freezeft does not "
-            "guess it. Pass the groups, input to output, as `groups=[...]` to the strategy "
-            "(fnmatch patterns on module names; a list of patterns makes one group), or "
-            "define `layer_groups()` on the LightningModule."
+            f"guess it. {NAME_THE_GROUPS}"
         )
     return names, f"{found_by} (not confirmed by a forward pass: {why})", why, False
 

@@ -29,6 +29,7 @@ from freezeft._lightning import (
     rank_zero_info,
     rank_zero_warn,
 )
+from freezeft.files import EXIT_CTRL_C, EXIT_SIGTERM
 
 __all__ = [
     "INTERRUPTED_CHECKPOINT",
@@ -177,9 +178,8 @@ class InterruptCheckpoint(*CALLBACK_BASES):  # type: ignore[misc]
 
     @property
     def exit_code(self) -> int:
-        """The exit code of a process this stopped: 130 for Ctrl+C (128 + SIGINT), else
-        143 (128 + SIGTERM), as a shell reports a process those signals ended."""
-        return 130 if self.ctrl_c else 143
+        """The exit code of a process this stopped: 130 for Ctrl+C, else 143 (SIGTERM)."""
+        return EXIT_CTRL_C if self.ctrl_c else EXIT_SIGTERM
 
     def train_seconds(self) -> float:
         """Seconds the run has trained so far, the processes before a resume included."""

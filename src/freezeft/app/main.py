@@ -40,7 +40,7 @@ from freezeft.app.run_dir import run_dir_of
 from freezeft.app.starter import write_starter_schedule
 from freezeft.app.train import train
 from freezeft.extras import missing_extra
-from freezeft.files import disk_full_message, write_text_atomic
+from freezeft.files import EXIT_CTRL_C, EXIT_SIGTERM, disk_full_message, write_text_atomic
 
 __all__ = ["main", "cli"]
 
@@ -118,7 +118,7 @@ def main(cfg: DictConfig) -> float:
             return math.nan
         results = train(cfg, output_dir)
     except SystemExit as stop:
-        if multirun and stop.code in (130, 143):  # the sweep stops with this job
+        if multirun and stop.code in (EXIT_CTRL_C, EXIT_SIGTERM):  # the sweep stops here
             sweep_dir = Path(hydra_cfg.sweep.dir)
             print(
                 f"freezeft: the sweep was interrupted in job {hydra_cfg.job.num}; the jobs "
@@ -213,7 +213,7 @@ def cli() -> None:
             return
         except KeyboardInterrupt:  # before training (it stops training in its own words)
             print("freezeft: interrupted", file=sys.stderr, flush=True)
-            raise SystemExit(130) from None
+            raise SystemExit(EXIT_CTRL_C) from None
         except Exception as err:
             message = None if _wants_tracebacks() else one_line(err)
             if message is None:

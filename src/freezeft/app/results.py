@@ -12,14 +12,14 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from freezeft.files import atomic_write, write_text_atomic
+from freezeft.files import EXIT_SIGTERM, atomic_write, write_text_atomic
 
 __all__ = ["write_json", "write_skipped", "strategy_label", "stop_before_results"]
 
 log = logging.getLogger(__name__)
 
 
-def stop_before_results(output_dir: Path, exit_code: int = 143) -> None:
+def stop_before_results(output_dir: Path, exit_code: int = EXIT_SIGTERM) -> None:
     """SIGINT/SIGTERM after training finished: say how to get the results, exit with
     ``exit_code`` (130 for Ctrl+C, 143 for SIGTERM)."""
     print(

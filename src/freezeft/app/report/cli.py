@@ -8,10 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from freezeft.app.report.write import write_report
-from freezeft.files import Terminated, signals_raise
-
-#: the exit codes of a report stopped by Ctrl+C (128 + SIGINT) and by SIGTERM (128 + 15)
-EXIT_CTRL_C, EXIT_SIGTERM = 130, 143
+from freezeft.files import EXIT_CTRL_C, EXIT_SIGTERM, Terminated, signals_raise
 
 
 def interrupted(stop: BaseException, sweep_dir: Path, how_to_write: str) -> SystemExit:
