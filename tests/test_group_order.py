@@ -273,8 +273,7 @@ def test_a_head_registered_before_the_stack_is_still_the_head():
     module = HeadFirst()
     before = {k: v.clone() for k, v in module.state_dict().items()}
     strategy = FrozenEncoder(head=1)
-    data = TensorDataset(torch.randn(16, 4), torch.randint(0, 2, (16,)))
-    quiet_trainer(max_epochs=1, callbacks=[strategy]).fit(module, DataLoader(data, batch_size=4))
+    _fit_top_level(module, strategy)
     assert [g.name for g in strategy.groups] == [
         "backbone.0", "backbone.1", "backbone.2", "head"
     ]  # fmt: skip
