@@ -202,7 +202,7 @@ class TopLevel(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-def _fit_top_level(module: TopLevel, strategy) -> None:
+def _fit_top_level(module: pl.LightningModule, strategy) -> None:
     data = TensorDataset(torch.randn(16, 4), torch.randint(0, 2, (16,)))
     torch.manual_seed(0)
     quiet_trainer(max_epochs=1, callbacks=[strategy]).fit(module, DataLoader(data, batch_size=4))
